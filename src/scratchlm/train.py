@@ -1,0 +1,513 @@
+"""``scratchlm train``: pretrain a Phi model from random weights, with full logs and exact resume.
+
+setup (config, data, model, optimizer, resume) → fit (the step loop: stop rules, logs, evaluation,
+checkpoints) → final export in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import ConfigBase, ConfigError, add_arguments, load, overrides_from_args, read_yaml, to_yaml
+from .data import Batch, BlockLoader, DataError, DataPosition, eval_blocks, prefetch, tokenize_corpus
+from .metrics import Window, gpu_peak_flops, memory_gib, mfu
+from .model.config import ModelConfig, get_preset
+from .model.hf import save_hf, unwrap
+from .model.model import Phi
+from .parallelize import parallelize
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger("scratchlm.train")
+
+
+class TrainConfig(ConfigBase):
+    """Everything a training run needs; saved as ``config.yaml`` in the run folder and in every checkpoint."""
+
+    model: str = "phi-tiny"
+    """Model preset (see `scratchlm model-info --list`)."""
+    data: str | None = None
+    """Training text: a folder, .zip, .txt, .jsonl(.gz) or .parquet (default: $SCRATCHLM_DATA)."""
+    out: str = "runs/train"
+    """Run folder: logs, metrics.jsonl, checkpoints/, final/."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id (default: $SCRATCHLM_TOKENIZER, else microsoft/phi-2)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    max_tokens: int | None = None
+    """Stop after this many training tokens."""
+    max_time: float | None = None
+    """Stop after this many seconds of training (summed over resumed sessions)."""
+    target_loss: Literal["auto"] | float | None = None
+    """Stop when the evaluation loss reaches this; 'auto' = the initial evaluation loss minus 1."""
+    continue_after_target: bool = False
+    """Log the target when reached but keep training until another stop rule."""
+    resume: str | None = None
+    """'auto' = continue from the newest complete checkpoint in the run folder (if any); or a checkpoint path."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (global batch = micro_batch_size × grad_accum_steps × ranks)."""
+    block_size: int | None = None
+    """Tokens per training sequence (default: the model's block size)."""
+    lr: float = 6e-4
+    """Peak learning rate, reached after warmup."""
+    min_lr: float = 6e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Linear warmup steps from 0 to lr."""
+    lr_decay_steps: int | None = None
+    """Steps of warmup + cosine decay (default: max_steps, else max_tokens / tokens per step; else constant lr)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices and embeddings only (not biases, not LayerNorm)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    seed: int = 1337
+    """Seed for weight init and data order."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; 'auto' = cuda if available."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'bf16' = bf16 autocast with fp32 weights; 'auto' = bf16 on a GPU that supports it, fp32 on CPU."""
+    compile: bool = False
+    """torch.compile each block."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in backward to save memory."""
+    eval_interval: int = 50
+    """Evaluate on the held-out set every this many steps (also before step 1 and at the end)."""
+    eval_batches: int = 8
+    """Micro-batches in each evaluation (always the same held-out blocks)."""
+    eval_fraction: float = 0.005
+    """Share of documents held out for evaluation (fixed by a hash of each document's id)."""
+    chunk_chars: int = 8000
+    """Text files are cut into documents of at most this many characters at paragraph breaks."""
+    log_interval: int = 1
+    """Write a console/train.log line every this many steps (metrics.jsonl gets every step)."""
+    log_format: Literal["default", "seed", "litgpt"] = "default"
+    """Console line style: ours, the seed's 'Epoch: … Step count: … loss = …', or litgpt's 'iter … step …'."""
+    checkpoint_interval: int = 100
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept (older ones are deleted after a newer one is complete)."""
+    on_nonfinite_loss: Literal["stop", "skip"] = "stop"
+    """On a NaN/inf loss or gradient: stop with a message (the last checkpoint stays intact) or skip the step."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to the run folder (needs the tensorboard package)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces with arithmetic worth testing on their own
+
+
+def lr_at(step: int, cfg: TrainConfig, decay_steps: int | None) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine down to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if decay_steps is None:
+        return cfg.lr
+    if step >= decay_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (Linear weights, embedding) only; biases and LayerNorm parameters get none."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def format_line(fmt: str, rec: dict) -> str:
+    """One console/train.log line for a step record, in the chosen style."""
+    if fmt == "seed":
+        head = f"Epoch: {rec['epoch']:04d}" if rec.get("epoch_start") else "\t\t"
+        return f"{head} Step count:  {rec['step']} loss = {rec['loss']:.6f}"
+    if fmt == "litgpt":
+        return (f"iter {rec['iter']} step {rec['step']}: loss {rec['loss']:.4f}, LR: {rec['lr']:.6f}, "
+                f"iter time: {rec['step_time_s'] * 1000:.2f}ms (optimizer.step)")
+    mfu_text = f"MFU {rec['mfu'] * 100:.1f}% of {rec['peak']}" if rec.get("mfu") is not None else "MFU n/a"
+    total = f"/{rec['max_steps']}" if rec.get("max_steps") else ""
+    return (f"step {rec['step']}{total} | epoch {rec['epoch']} | loss {rec['loss']:.4f} (smoothed "
+            f"{rec['loss_smooth']:.4f}) | lr {rec['lr']:.2e} | grad norm {rec['grad_norm']:.3f} | tokens "
+            f"{rec['tokens']:,} | {rec['tokens_per_s']:,.0f} tok/s | {mfu_text} | data wait "
+            f"{rec['data_wait'] * 100:.1f}% | mem {rec['mem_gib']:.2f} GiB")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup
+
+
+def _setup_logging(out: Path) -> logging.Handler:
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+
+    class TqdmHandler(logging.StreamHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            tqdm.write(self.format(record), file=sys.stdout)
+
+    console = TqdmHandler()
+    file = logging.FileHandler(out / "train.log", encoding="utf-8")
+    for h in (console, file):
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+    logging.getLogger("scratchlm.data").addHandler(file)
+    return file
+
+
+def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype or None for fp32)."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA device is available")
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          cfg.device if cfg.device != "auto" else "cpu")
+    if cfg.precision == "bf16":
+        return device, torch.bfloat16
+    if cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return device, torch.bfloat16
+    return device, None
+
+
+def _check_stop_rules(cfg: TrainConfig) -> None:
+    if not any(x is not None for x in (cfg.max_steps, cfg.max_tokens, cfg.max_time, cfg.target_loss)):
+        raise ConfigError("no stop rule: give --max-steps, --max-tokens, --max-time or --target-loss")
+    for name in ("micro_batch_size", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval",
+                 "checkpoint_interval"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"key '{name}' must be at least 1 (got {getattr(cfg, name)})")
+
+
+# Settings that only say when to stop or how to log may change on resume; the rest would change the run.
+RESUMABLE_CHANGES = {"max_steps", "max_tokens", "max_time", "target_loss", "continue_after_target", "resume",
+                     "log_interval", "log_format", "eval_interval", "checkpoint_interval", "keep_checkpoints",
+                     "tensorboard", "compile", "activation_checkpointing", "device", "out", "data", "tokenizer"}
+
+
+def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
+    existing = ckpt.latest_checkpoint(out)
+    if cfg.resume is None:
+        if existing is not None:
+            raise ConfigError(f"{out} already holds checkpoints of a run; pass --resume auto to continue it, "
+                              "or choose another --out")
+        return None
+    if cfg.resume == "auto":
+        return existing
+    path = Path(cfg.resume)
+    if not (path / "state.json").exists():
+        raise ConfigError(f"--resume {cfg.resume}: not a checkpoint folder (no state.json)")
+    return path
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint we resume from, so no step appears twice."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    ckpt_text = "".join(line + "\n" for line in kept)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(ckpt_text, encoding="utf-8")
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device,
+             amp_dtype: torch.dtype | None) -> float:
+    """Mean token loss over the fixed held-out blocks."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        batch = blocks[i : i + batch_size].to(device)
+        with _autocast(device, amp_dtype):
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        total += loss.item()
+        count += batch[:, 1:].numel()
+    model.train(was_training)
+    return total / count
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) a training run; returns the final summary (also written to ``summary.json``)."""
+    import os
+
+    _check_stop_rules(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    file_handler = _setup_logging(out)
+    try:
+        return _run(cfg, out, os.environ.get("SCRATCHLM_DATA"))
+    finally:
+        log.removeHandler(file_handler)
+        logging.getLogger("scratchlm.data").removeHandler(file_handler)
+        file_handler.close()
+
+
+def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
+    model_cfg: ModelConfig = get_preset(cfg.model)
+    block_size = cfg.block_size or model_cfg.block_size
+    if block_size > model_cfg.block_size:
+        raise ConfigError(f"block_size {block_size} exceeds {cfg.model}'s maximum of {model_cfg.block_size}")
+    data_source = cfg.data or env_data
+    if not data_source:
+        raise ConfigError("no training data: pass --data PATH or set SCRATCHLM_DATA")
+    resume_from = _resume_point(cfg, out)
+    if resume_from is not None:
+        saved = read_yaml(resume_from / "config.yaml")
+        changed = {k for k, v in cfg.model_dump(mode="json").items() if saved.get(k) != v} - RESUMABLE_CHANGES
+        if changed:
+            log.warning("resuming with changed settings %s (was %s)", sorted(changed),
+                        {k: saved.get(k) for k in sorted(changed)})
+    ckpt.remove_partial(out)
+    config_yaml = to_yaml(cfg)
+    (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
+
+    device, amp_dtype = resolve_device(cfg)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    corpus = tokenize_corpus(data_source, tokenizer, chunk_chars=cfg.chunk_chars, eval_fraction=cfg.eval_fraction,
+                             progress=sys.stderr.isatty())
+    skipped = corpus.stats["skipped"]
+    log.info("data: %s: %s train tokens, %s held-out tokens (%d documents); files skipped: %s", data_source,
+             f"{corpus.meta['train_tokens']:,}", f"{corpus.meta['val_tokens']:,}", corpus.meta["val_documents"],
+             skipped or "none")
+    eval_set = eval_blocks(corpus.val, block_size, cfg.eval_batches * cfg.micro_batch_size)
+
+    model = Phi(model_cfg).to(device)
+    peak = gpu_peak_flops(device)
+    log.info("model %s: %s parameters on %s, %s%s", model_cfg.name, f"{model_cfg.num_parameters:,}", device,
+             "bf16 autocast" if amp_dtype else "fp32", f" (MFU against {peak[0]} peak {peak[1] / 1e12:.0f} TFLOP/s)"
+             if peak else "")
+    train_model = parallelize(model, cfg.activation_checkpointing, cfg.compile)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  fused=device.type == "cuda")
+
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * block_size
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps or (cfg.max_tokens // tokens_per_step if cfg.max_tokens else None)
+    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "data_position": DataPosition().to_dict(),
+             "initial_eval_loss": None, "target_loss": None, "target_reached": None, "loss_smooth": None,
+             "skipped_steps": 0}
+    if resume_from is not None:
+        state.update(ckpt.load_checkpoint(resume_from, model, optimizer))
+        _truncate_metrics(out / "metrics.jsonl", state["step"])
+        log.info("resumed from %s: step %d, %s tokens, data at %s", resume_from, state["step"],
+                 f"{state['tokens']:,}", state["data_position"])
+
+    loader = BlockLoader(corpus.train, block_size, cfg.micro_batch_size, cfg.seed,
+                         DataPosition(**state["data_position"]))
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
+    writer = _tensorboard(out) if cfg.tensorboard else None
+
+    def record(rec: dict) -> None:
+        metrics.write(json.dumps(rec) + "\n")
+        metrics.flush()
+        if writer is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    writer.add_scalar(k, v, rec["step"])
+
+    def run_eval() -> float:
+        loss = evaluate(train_model, eval_set, cfg.micro_batch_size, device, amp_dtype)
+        record({"step": state["step"], "tokens": state["tokens"], "elapsed_s": state["elapsed_s"],
+                "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
+        log.info("eval at step %d: loss %.4f, perplexity %.2f", state["step"], loss, math.exp(min(loss, 50.0)))
+        return loss
+
+    def save() -> None:
+        state["data_position"] = loader_position.to_dict()
+        path = ckpt.save_checkpoint(out, state["step"], model, optimizer, state, config_yaml, cfg.keep_checkpoints)
+        log.info("checkpoint saved: %s", path)
+
+    loader_position = loader.position
+    if state["initial_eval_loss"] is None:
+        state["initial_eval_loss"] = run_eval()
+        if cfg.target_loss is not None:
+            state["target_loss"] = (state["initial_eval_loss"] - 1.0 if cfg.target_loss == "auto"
+                                    else float(cfg.target_loss))
+            log.info("target loss: %.4f (%s)", state["target_loss"],
+                     "initial evaluation loss - 1" if cfg.target_loss == "auto" else "given")
+    elif cfg.target_loss is not None and cfg.target_loss != "auto":
+        state["target_loss"] = float(cfg.target_loss)
+
+    batches: Iterator[Batch] = prefetch(iter(loader))
+    window = Window()
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="training", unit="step", dynamic_ncols=True,
+               disable=not sys.stderr.isatty())
+    reason = None
+    epoch_logged = -1
+    session_start, session_elapsed0 = time.perf_counter(), state["elapsed_s"]
+    train_model.train()
+    try:
+        while reason is None:
+            if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
+                reason = f"max_steps {cfg.max_steps} reached"
+                break
+            if cfg.max_tokens is not None and state["tokens"] >= cfg.max_tokens:
+                reason = f"max_tokens {cfg.max_tokens:,} reached"
+                break
+            if cfg.max_time is not None and state["elapsed_s"] >= cfg.max_time:
+                reason = f"max_time {cfg.max_time:.0f} s reached"
+                break
+            t0 = time.perf_counter()
+            data_s = 0.0
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(cfg.grad_accum_steps):
+                td = time.perf_counter()
+                batch = next(batches)
+                inputs, targets = batch.inputs.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True)
+                data_s += time.perf_counter() - td
+                with _autocast(device, amp_dtype):
+                    logits = train_model(inputs)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                (loss / cfg.grad_accum_steps).backward()
+                loss_sum += loss.detach()
+            lr = lr_at(state["step"], cfg, decay_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0
+                                                       else float("inf"))
+            step_loss = (loss_sum / cfg.grad_accum_steps).item()  # one device sync per step, here
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm.item())):
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.on_nonfinite_loss == "stop":
+                    raise NonFiniteLoss(
+                        f"non-finite loss ({step_loss}) or gradient norm ({grad_norm.item()}) at step "
+                        f"{state['step'] + 1}; stopped. The last checkpoint is intact: lower --lr or use "
+                        "--on-nonfinite-loss skip, then --resume auto")
+                state["skipped_steps"] += 1
+                log.warning("skipped step %d: non-finite loss or gradient", state["step"] + 1)
+                loader_position = batch.position
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loader_position = batch.position
+            step_time = time.perf_counter() - t0
+            state["step"] += 1
+            state["tokens"] += tokens_per_step
+            state["elapsed_s"] = session_elapsed0 + (time.perf_counter() - session_start)
+            prev = state["loss_smooth"]
+            state["loss_smooth"] = step_loss if prev is None else 0.9 * prev + 0.1 * step_loss
+            window.add(tokens_per_step, step_time, data_s)
+            tps = tokens_per_step / step_time
+            rec = {"step": state["step"], "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                   "tokens": state["tokens"], "tokens_per_s": tps, "elapsed_s": state["elapsed_s"],
+                   "epoch": loader_position.epoch, "step_time_s": step_time, "data_wait_s": data_s}
+            if peak:
+                rec["mfu"] = mfu(model_cfg.flops_per_token(block_size), tps, peak[1])
+            record(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tps:,.0f}")
+            if state["step"] % cfg.log_interval == 0:
+                line_rec = {**rec, "loss_smooth": state["loss_smooth"], "tokens_per_s": window.tokens_per_s,
+                            "data_wait": window.data_wait_share, "mem_gib": memory_gib(device),
+                            "iter": state["step"] * cfg.grad_accum_steps - 1, "max_steps": cfg.max_steps,
+                            "epoch_start": loader_position.epoch != epoch_logged, "peak": peak[0] if peak else None}
+                epoch_logged = loader_position.epoch
+                log.info(format_line(cfg.log_format, line_rec))
+                window.reset()
+            if state["step"] % cfg.eval_interval == 0:
+                eval_loss = run_eval()
+                target = state["target_loss"]
+                if target is not None and state["target_reached"] is None and eval_loss <= target:
+                    state["target_reached"] = {"step": state["step"], "tokens": state["tokens"],
+                                               "elapsed_s": state["elapsed_s"], "eval_loss": eval_loss}
+                    record({"step": state["step"], "event": "target_reached", "target_loss": target,
+                            "eval_loss": eval_loss, "tokens": state["tokens"], "elapsed_s": state["elapsed_s"]})
+                    log.info("target reached: eval loss %.4f <= %.4f at step %d, %s tokens, %.1f s", eval_loss,
+                             target, state["step"], f"{state['tokens']:,}", state["elapsed_s"])
+                    if not cfg.continue_after_target:
+                        reason = "target loss reached"
+            if state["step"] % cfg.checkpoint_interval == 0 and reason is None:
+                save()
+    except torch.OutOfMemoryError:
+        raise ConfigError(f"out of memory at step {state['step'] + 1} with micro-batch {cfg.micro_batch_size} × "
+                          f"{block_size} tokens: lower --micro-batch-size (raise --grad-accum-steps to keep the "
+                          "batch) or add --activation-checkpointing") from None
+    finally:
+        bar.close()
+        metrics.close() if reason is None else None
+
+    log.info("stopping: %s", reason)
+    final_eval = run_eval() if state["step"] % cfg.eval_interval else None
+    metrics.close()
+    save()
+    final_dir = save_hf(unwrap(model), out / "final")
+    tokenizer.save(final_dir)
+    summary = {"reason": reason, "model": model_cfg.name, "parameters": model_cfg.num_parameters,
+               "steps": state["step"], "tokens": state["tokens"], "elapsed_s": state["elapsed_s"],
+               "initial_eval_loss": state["initial_eval_loss"], "target_loss": state["target_loss"],
+               "target_reached": state["target_reached"], "final_eval_loss": final_eval if final_eval is not None
+               else _last_eval(out / "metrics.jsonl"), "skipped_steps": state["skipped_steps"],
+               "tokens_per_s": state["tokens"] / state["elapsed_s"] if state["elapsed_s"] else 0.0,
+               "final": str(final_dir)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    log.info("wrote %s (Hugging Face format) and %s", final_dir, out / "summary.json")
+    if writer is not None:
+        writer.close()
+    return summary
+
+
+def _last_eval(path: Path) -> float | None:
+    evals = [json.loads(line)["eval_loss"] for line in path.read_text().splitlines() if '"eval_loss"' in line]
+    return evals[-1] if evals else None
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="pretrain a model from random weights",
+                       description="Pretrain a Phi model from random weights. Values: defaults < --config YAML < flags.")
+    p.add_argument("--config", help="YAML file of TrainConfig keys (see configs/)")
+    add_arguments(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    cfg = load(TrainConfig, args.config, overrides_from_args(args, TrainConfig))
+    try:
+        summary = train(cfg)
+    except (DataError, NonFiniteLoss) as err:
+        raise ConfigError(str(err)) from None
+    print(json.dumps(summary, indent=2))
