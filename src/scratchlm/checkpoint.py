@@ -24,7 +24,8 @@ from .model.hf import unwrap
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 FAULT_SLEEP_ENV = "SCRATCHLM_FAULT_CHECKPOINT_SLEEP"
-"""Fault injection for tests: seconds to pause mid-write, so a test can kill the process during a write."""
+"""Fault injection for tests, "STEP:SECONDS": pause that long in the middle of writing checkpoint STEP, so a test
+can kill the process during a write."""
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -106,8 +107,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     tmp.mkdir()
     weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"))
-    if os.environ.get(FAULT_SLEEP_ENV):
-        time.sleep(float(os.environ[FAULT_SLEEP_ENV]))
+    fault_step, _, fault_seconds = os.environ.get(FAULT_SLEEP_ENV, "").partition(":")
+    if fault_step and int(fault_step) == step:
+        time.sleep(float(fault_seconds))
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta))

@@ -31,13 +31,20 @@ C = TypeVar("C", bound=ConfigBase)
 
 
 def _describe_errors(err: ValidationError, source: str) -> str:
-    lines = []
+    """One line per offending key; a union's alternatives (``int | None``…) are folded into that line."""
+    problems: dict[str, list[str]] = {}
+    inputs: dict[str, object] = {}
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(root)"
-        if e["type"] == "extra_forbidden":
+        key = str(e["loc"][0]) if e["loc"] else "(root)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        problems.setdefault(key, []).append(msg)
+        inputs[key] = e.get("input")
+    lines = []
+    for key, msgs in problems.items():
+        if msgs == ["unknown key"]:
             lines.append(f"{source}: unknown key '{key}'")
         else:
-            lines.append(f"{source}: key '{key}': {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{source}: key '{key}': {' or '.join(dict.fromkeys(msgs))} (got {inputs[key]!r})")
     return "\n".join(lines)
 
 

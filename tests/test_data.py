@@ -1,0 +1,78 @@
+"""Corpus reading, the held-out split and the block loader's contract: coverage, determinism, disjointness."""
+
+import zipfile
+
+import numpy as np
+
+from scratchlm.data import (
+    BlockLoader,
+    CorpusStats,
+    DataPosition,
+    is_held_out,
+    iter_documents,
+    split_paragraphs,
+    tokenize_corpus,
+)
+
+
+def test_split_paragraphs_respects_the_limit_and_keeps_text():
+    text = "\n\n".join(f"paragraph {i} " + "word " * (i % 40) for i in range(300)) + "\n\n" + "x" * 5000
+    pieces = list(split_paragraphs(text, 1000))
+    assert all(len(p) <= 1000 for p in pieces)
+    assert "".join(pieces).replace("\n", "") == text.replace("\n", "")
+
+
+def test_bad_files_are_skipped_and_counted(tmp_path, corpus_dir):
+    good = (corpus_dir / "books" / "pg11_alices_adventures_in_wonderland.txt").read_bytes()
+    zpath = tmp_path / "sample.zip"
+    with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("good.txt", good)
+        z.writestr("corrupt.txt", b"some text that will be damaged " * 500)
+        z.writestr("empty.txt", b"")
+        z.writestr("binary.txt", bytes(range(256)) * 50)
+    raw = bytearray(zpath.read_bytes())
+    at = raw.find(b"corrupt.txt") + 40  # inside the compressed data of that member
+    raw[at : at + 20] = b"\xff" * 20
+    zpath.write_bytes(bytes(raw))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1") * 100)
+    stats = CorpusStats()
+    docs = list(iter_documents(tmp_path, stats=stats))
+    assert docs and all(doc_id.startswith("sample.zip/good.txt") for doc_id, _ in docs)
+    assert "".join(t for _, t in docs).replace("\n", "") == good.decode().replace("\n", "")
+    assert stats.skipped["empty"] == 1 and stats.skipped["binary"] == 1 and stats.skipped["not UTF-8"] == 1
+    assert sum(n for reason, n in stats.skipped.items() if reason.startswith("corrupt zip member")) == 1
+
+
+def test_held_out_split_is_fixed_and_proportional():
+    ids = [f"file{i}.txt#0.{j}" for i in range(100) for j in range(100)]
+    held = [d for d in ids if is_held_out(d, 0.05)]
+    assert held == [d for d in ids if is_held_out(d, 0.05)]
+    assert 0.04 < len(held) / len(ids) < 0.06
+
+
+def test_tokenized_corpus_keeps_eval_documents_out_of_training(small_corpus, tokenizer):
+    corpus = tokenize_corpus(small_corpus, tokenizer, eval_fraction=0.1, progress=False)
+    held_texts = [t for d, t in iter_documents(small_corpus) if is_held_out(d, 0.1)]
+    assert corpus.meta["val_documents"] == len(held_texts) > 0
+    expected_val = sum(len(ids) + 1 for ids in tokenizer.encode_batch(held_texts))
+    assert corpus.meta["val_tokens"] == expected_val == len(corpus.val)
+    eot_positions = np.flatnonzero(np.asarray(corpus.train) == tokenizer.eot_id)
+    assert len(eot_positions) == corpus.meta["train_documents"]  # one <|endoftext|> after each document
+
+
+def test_block_loader_is_deterministic_disjoint_and_resumable():
+    tokens = np.arange(65 * 40, dtype=np.uint16)  # 40 blocks of T+1 = 65
+    ranks = [BlockLoader(tokens, 64, 4, seed=7, rank=r, world_size=2) for r in range(2)]
+    seen = []
+    for _ in range(5):  # one epoch: 40 blocks / (2 ranks × 4)
+        for loader in ranks:
+            batch = loader.next_batch()
+            assert batch.inputs.shape == (4, 64)
+            assert (batch.targets[:, :-1] == batch.inputs[:, 1:]).all()
+            seen += [int(b[0]) // 65 for b in batch.inputs]
+    assert sorted(seen) == list(range(40))  # each block exactly once per epoch, no rank overlap
+    again = BlockLoader(tokens, 64, 4, seed=7, rank=0, world_size=2)
+    first = [again.next_batch().inputs for _ in range(3)]
+    resumed = BlockLoader(tokens, 64, 4, seed=7, rank=0, world_size=2, position=DataPosition(0, 16))
+    assert (resumed.next_batch().inputs == first[2]).all()
+    assert ranks[0].next_batch().position.epoch == 1

@@ -1,0 +1,92 @@
+"""Our Phi against transformers' PhiForCausalLM: same logits both ways, same parameter counts."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import PhiConfig, PhiForCausalLM
+
+from scratchlm.model.config import PRESETS, ModelConfig
+from scratchlm.model.hf import hf_config, load_hf, save_hf
+from scratchlm.model.model import Phi
+
+TINY = ModelConfig(name="parity", vocab_size=1000, padded_vocab_size=1024, n_layer=3, n_embd=64, n_head=4,
+                   intermediate_size=256, rotary_pct=0.4, block_size=128)
+
+
+def _randomise(model: torch.nn.Module) -> None:
+    # Non-trivial values everywhere (biases and LayerNorms too), so every converted tensor matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+
+
+def test_ours_to_transformers_logits_match(tmp_path):
+    torch.manual_seed(0)
+    ours = Phi(TINY).eval()
+    _randomise(ours)
+    save_hf(ours, tmp_path)
+    theirs, info = PhiForCausalLM.from_pretrained(tmp_path, output_loading_info=True, attn_implementation="eager")
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    idx = torch.randint(0, TINY.vocab_size, (2, 77))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), theirs.eval()(idx).logits, rtol=0, atol=1e-5)
+
+
+def test_transformers_to_ours_logits_match(tmp_path):
+    torch.manual_seed(1)
+    theirs = PhiForCausalLM(PhiConfig(**{k: v for k, v in hf_config(TINY).items() if k != "architectures"}))
+    _randomise(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = load_hf(str(tmp_path)).eval()
+    assert ours.config.n_layer == 3 and ours.config.rotary_dim == 6
+    idx = torch.randint(0, TINY.vocab_size, (3, 50))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), theirs.eval()(idx).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,expected", [("phi-2", 2_779_683_840), ("phi-1.5", 1_418_270_720)])
+def test_parameter_count_equals_transformers(name, expected):
+    cfg = PRESETS[name]
+    with torch.device("meta"):
+        theirs = PhiForCausalLM(PhiConfig(**{k: v for k, v in hf_config(cfg).items() if k != "architectures"}))
+        ours = Phi(cfg)
+    assert sum(p.numel() for p in theirs.parameters()) == ours.num_parameters() == cfg.num_parameters
+    if name == "phi-2":
+        assert cfg.num_parameters == expected
+
+
+def test_over_three_billion_is_refused():
+    with pytest.raises(ValueError, match="over scratchlm's limit"):
+        PRESETS["phi-2"].replace(n_layer=40)
+
+
+def test_fresh_model_loss_is_near_uniform(tokenizer, corpus_dir):
+    torch.manual_seed(0)
+    model = Phi(PRESETS["phi-tiny"]).eval()
+    text = (corpus_dir / "wikipedia" / "enwiki2015_AA_wiki_01.txt").read_text()[:30000]
+    ids = torch.tensor(tokenizer.encode(text)[: 4 * 257]).view(4, 257)
+    with torch.no_grad():
+        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).item()
+    assert abs(loss - math.log(50295)) < 0.5, loss
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    torch.manual_seed(0)
+    model = Phi(TINY).eval()
+    _randomise(model)
+    idx = torch.randint(0, TINY.vocab_size, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        model.setup_kv_cache(batch_size=2, max_seq_len=32)
+        prefill = model(idx[:, :12], input_pos=torch.arange(12))
+        steps = [model(idx[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(12, 20)]
+        model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_sequence_longer_than_block_size_is_refused():
+    model = Phi(TINY)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, TINY.block_size + 1, dtype=torch.long))

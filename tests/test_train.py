@@ -1,0 +1,135 @@
+"""The trainer on the real tokenizer and real corpus text, on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PhiForCausalLM
+
+from scratchlm import checkpoint as ckpt
+from scratchlm.config import ConfigError
+from scratchlm.model.config import PRESETS
+from scratchlm.model.model import Phi
+from scratchlm.train import NonFiniteLoss, TrainConfig, train
+
+FAST = dict(model="phi-tiny", block_size=64, micro_batch_size=4, eval_batches=2, eval_fraction=0.05,
+            warmup_steps=5, lr=3e-3, min_lr=3e-4, device="cpu")
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
+
+
+def test_reaches_initial_loss_minus_one_and_writes_final(small_corpus, tmp_path):
+    run = tmp_path / "run"
+    summary = train(TrainConfig(**FAST, data=str(small_corpus), out=str(run), target_loss="auto", max_steps=200,
+                                eval_interval=5, log_interval=5))
+    assert summary["reason"] == "target loss reached"
+    reached = summary["target_reached"]
+    assert reached["eval_loss"] <= summary["initial_eval_loss"] - 1 + 1e-9
+    assert abs(summary["initial_eval_loss"] - math.log(50295)) < 0.5
+
+    records = read_metrics(run)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, summary["steps"] + 1))
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"):
+        assert all(key in r for r in steps), key
+    assert steps[-1]["tokens"] == summary["steps"] * 4 * 64
+    assert any(r.get("event") == "target_reached" and r["step"] == reached["step"] for r in records)
+    assert sum("eval_loss" in r for r in records) >= 2
+
+    log_text = (run / "train.log").read_text()
+    assert "target reached" in log_text and "tok/s" in log_text and "data wait" in log_text
+    model, info = PhiForCausalLM.from_pretrained(run / "final", output_loading_info=True)
+    assert not any(info.values())
+    assert (run / "final" / "tokenizer.json").exists()
+
+
+def test_resume_continues_exactly(small_corpus, tmp_path):
+    common = dict(FAST, data=str(small_corpus), lr_decay_steps=20, eval_interval=100, checkpoint_interval=5)
+    straight = tmp_path / "straight"
+    train(TrainConfig(**common, out=str(straight), max_steps=20))
+    resumed = tmp_path / "resumed"
+    train(TrainConfig(**common, out=str(resumed), max_steps=10))
+    train(TrainConfig(**common, out=str(resumed), max_steps=20, resume="auto"))
+
+    a, b = step_losses(straight), step_losses(resumed)
+    assert sorted(b) == list(range(1, 21))  # every step once: nothing repeated, nothing skipped
+    for step in range(1, 21):
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    w_a = ckpt.load_file(str(ckpt.latest_checkpoint(straight) / "model.safetensors"))
+    w_b = ckpt.load_file(str(ckpt.latest_checkpoint(resumed) / "model.safetensors"))
+    for k in w_a:
+        torch.testing.assert_close(w_a[k], w_b[k], rtol=0, atol=1e-6)
+    assert len(ckpt.checkpoint_dirs(straight)) == 2  # keep_checkpoints
+
+
+def test_refuses_to_overwrite_a_run_without_resume(small_corpus, tmp_path):
+    cfg = dict(FAST, data=str(small_corpus), out=str(tmp_path / "r"), max_steps=2, eval_interval=100)
+    train(TrainConfig(**cfg))
+    with pytest.raises(ConfigError, match="--resume auto"):
+        train(TrainConfig(**cfg))
+
+
+def test_kill_during_checkpoint_write_keeps_previous(small_corpus, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, ckpt.FAULT_SLEEP_ENV: "6:60"}
+    args = [sys.executable, "-m", "scratchlm", "train", "--model", "phi-tiny", "--data", str(small_corpus),
+            "--out", str(run), "--block-size", "64", "--micro-batch-size", "4", "--eval-batches", "1",
+            "--eval-fraction", "0.05", "--max-steps", "50", "--checkpoint-interval", "3", "--eval-interval", "100",
+            "--device", "cpu"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = run / "checkpoints" / "step-00000006.tmp"
+    deadline = time.monotonic() + 120
+    while not (partial / "model.safetensors").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "trainer ended before the checkpoint write"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    assert ckpt.latest_checkpoint(run).name == "step-00000003"
+    model = Phi(PRESETS["phi-tiny"])
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run), model, None)
+    assert state["step"] == 3
+
+    summary = train(TrainConfig(**FAST, data=str(small_corpus), out=str(run), max_steps=8, eval_interval=100,
+                                checkpoint_interval=3, resume="auto"))
+    assert summary["steps"] == 8
+    assert not partial.exists()
+    assert sorted(step_losses(run)) == list(range(1, 9))
+
+
+def test_nonfinite_loss_stops_with_message_and_intact_checkpoint(small_corpus, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match="last checkpoint is intact"):
+        train(TrainConfig(**dict(FAST, lr=1e12, warmup_steps=1), grad_clip=0.0, data=str(small_corpus),
+                          out=str(run), max_steps=50, checkpoint_interval=1, eval_interval=100))
+    last = ckpt.latest_checkpoint(run)
+    assert last is not None
+    state = ckpt.load_checkpoint(last, Phi(PRESETS["phi-tiny"]), None)
+    assert state["step"] >= 1
+
+
+def test_empty_corpus_and_unknown_model_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    r = subprocess.run([sys.executable, "-m", "scratchlm", "train", "--data", str(empty), "--out",
+                        str(tmp_path / "r"), "--max-steps", "1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no usable text" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "scratchlm", "train", "--model", "phi-99", "--out",
+                        str(tmp_path / "r2"), "--max-steps", "1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown model 'phi-99'" in r.stderr and "Traceback" not in r.stderr
