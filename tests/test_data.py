@@ -75,4 +75,4 @@ def test_block_loader_is_deterministic_disjoint_and_resumable():
     first = [again.next_batch().inputs for _ in range(3)]
     resumed = BlockLoader(tokens, 64, 4, seed=7, rank=0, world_size=2, position=DataPosition(0, 16))
     assert (resumed.next_batch().inputs == first[2]).all()
-    assert ranks[0].next_batch().position.epoch == 1
+    assert ranks[0].next_batch().position["epoch"] == 1

@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init)
 
     from . import train
+    from .feed import server
 
     train.add_parser(sub)
+    server.add_parser(sub)
     return parser
 
 

@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -186,8 +187,8 @@ def _zip_documents(path: Path, label: str, chunk_chars: int, stats: CorpusStats)
             try:
                 with archive.open(member) as f:
                     raw = _read_capped(f, member_label, stats)
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as err:
-                stats.skip(member_label, f"corrupt zip member ({type(err).__name__})")
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError, NotImplementedError):
+                stats.skip(member_label, "corrupt zip member")
                 continue
             if raw is not None:
                 yield from _member_documents(member_label, raw, chunk_chars, stats)
@@ -350,7 +351,7 @@ class DataPosition:
 class Batch:
     inputs: torch.Tensor  # (B, T)
     targets: torch.Tensor  # (B, T)
-    position: DataPosition  # the stream position after this batch
+    position: dict  # the stream position after this batch (loader-specific, JSON-serialisable)
 
 
 class BlockLoader:
@@ -391,7 +392,7 @@ class BlockLoader:
         blocks = np.stack([self.tokens[i * span : (i + 1) * span] for i in ids]).astype(np.int64)
         data = torch.from_numpy(blocks)
         self.position = DataPosition(epoch, index + self.per_step)
-        return Batch(data[:, :-1], data[:, 1:], self.position)
+        return Batch(data[:, :-1], data[:, 1:], self.position.to_dict())
 
     def __iter__(self) -> Iterator[Batch]:
         while True:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -40,7 +41,14 @@ class TrainConfig(ConfigBase):
     model: str = "phi-tiny"
     """Model preset (see `scratchlm model-info --list`)."""
     data: str | None = None
-    """Training text: a folder, .zip, .txt, .jsonl(.gz) or .parquet (default: $SCRATCHLM_DATA)."""
+    """Training text: a folder, .zip, .txt, .jsonl(.gz), .parquet, or a feed URL http(s)://host:port
+    (default: $SCRATCHLM_DATA)."""
+    feed_url: str | None = None
+    """The seed's setting: a feed server URL to train from (same as --data http://...)."""
+    feed_api_key_file: str | None = None
+    """File holding the feed's API key (else $SCRATCHLM_API_KEY)."""
+    feed_texts_per_request: int = 16
+    """Texts asked of the feed per request (4 requests are prefetched)."""
     out: str = "runs/train"
     """Run folder: logs, metrics.jsonl, checkpoints/, final/."""
     tokenizer: str | None = None
@@ -158,24 +166,21 @@ class NonFiniteLoss(RuntimeError):
 # Setup
 
 
-def _setup_logging(out: Path) -> logging.Handler:
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
+def _setup_logging(out: Path) -> list[logging.Handler]:
+    """Console (above the progress bar) and DIR/train.log for every scratchlm logger (train, data, feed)."""
+    root = logging.getLogger("scratchlm")
+    root.setLevel(logging.INFO)
+    root.propagate = False
 
     class TqdmHandler(logging.StreamHandler):
         def emit(self, record: logging.LogRecord) -> None:
             tqdm.write(self.format(record), file=sys.stdout)
 
-    console = TqdmHandler()
-    file = logging.FileHandler(out / "train.log", encoding="utf-8")
-    for h in (console, file):
+    handlers: list[logging.Handler] = [TqdmHandler(), logging.FileHandler(out / "train.log", encoding="utf-8")]
+    for h in handlers:
         h.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(h)
-    logging.getLogger("scratchlm.data").addHandler(file)
-    return file
+        root.addHandler(h)
+    return handlers
 
 
 def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
@@ -266,13 +271,13 @@ def train(cfg: TrainConfig) -> dict:
     _check_stop_rules(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    file_handler = _setup_logging(out)
+    handlers = _setup_logging(out)
     try:
         return _run(cfg, out, os.environ.get("SCRATCHLM_DATA"))
     finally:
-        log.removeHandler(file_handler)
-        logging.getLogger("scratchlm.data").removeHandler(file_handler)
-        file_handler.close()
+        for h in handlers:
+            logging.getLogger("scratchlm").removeHandler(h)
+            h.close()
 
 
 def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
@@ -280,7 +285,7 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
     block_size = cfg.block_size or model_cfg.block_size
     if block_size > model_cfg.block_size:
         raise ConfigError(f"block_size {block_size} exceeds {cfg.model}'s maximum of {model_cfg.block_size}")
-    data_source = cfg.data or env_data
+    data_source = cfg.feed_url or cfg.data or env_data
     if not data_source:
         raise ConfigError("no training data: pass --data PATH or set SCRATCHLM_DATA")
     resume_from = _resume_point(cfg, out)
@@ -297,13 +302,24 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
     device, amp_dtype = resolve_device(cfg)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    corpus = tokenize_corpus(data_source, tokenizer, chunk_chars=cfg.chunk_chars, eval_fraction=cfg.eval_fraction,
-                             progress=sys.stderr.isatty())
-    skipped = corpus.stats["skipped"]
-    log.info("data: %s: %s train tokens, %s held-out tokens (%d documents); files skipped: %s", data_source,
-             f"{corpus.meta['train_tokens']:,}", f"{corpus.meta['val_tokens']:,}", corpus.meta["val_documents"],
-             skipped or "none")
-    eval_set = eval_blocks(corpus.val, block_size, cfg.eval_batches * cfg.micro_batch_size)
+    n_eval_blocks = cfg.eval_batches * cfg.micro_batch_size
+    is_feed = data_source.startswith(("http://", "https://"))
+    if is_feed:
+        from .feed.client import client_from_env
+
+        client = client_from_env(data_source, cfg.feed_api_key_file)
+        # Held-out documents come from the server: never part of its training stream.
+        heldout = tokenizer.encode_batch(client.heldout(size=1024))
+        val_tokens = np.fromiter((t for doc in heldout for t in (*doc, tokenizer.eot_id)), dtype=np.int64)
+        eval_set = eval_blocks(val_tokens, block_size, n_eval_blocks)
+        log.info("data: feed %s; %s held-out tokens from the server", data_source, f"{len(val_tokens):,}")
+    else:
+        corpus = tokenize_corpus(data_source, tokenizer, chunk_chars=cfg.chunk_chars,
+                                 eval_fraction=cfg.eval_fraction, progress=sys.stderr.isatty())
+        log.info("data: %s: %s train tokens, %s held-out tokens (%d documents); files skipped: %s", data_source,
+                 f"{corpus.meta['train_tokens']:,}", f"{corpus.meta['val_tokens']:,}",
+                 corpus.meta["val_documents"], corpus.stats["skipped"] or "none")
+        eval_set = eval_blocks(corpus.val, block_size, n_eval_blocks)
 
     model = Phi(model_cfg).to(device)
     peak = gpu_peak_flops(device)
@@ -316,17 +332,25 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
 
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * block_size
     decay_steps = cfg.lr_decay_steps or cfg.max_steps or (cfg.max_tokens // tokens_per_step if cfg.max_tokens else None)
-    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "data_position": DataPosition().to_dict(),
+    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "data_position": {},
              "initial_eval_loss": None, "target_loss": None, "target_reached": None, "loss_smooth": None,
              "skipped_steps": 0}
     if resume_from is not None:
         state.update(ckpt.load_checkpoint(resume_from, model, optimizer))
         _truncate_metrics(out / "metrics.jsonl", state["step"])
+        shown = {k: (f"{len(v)} tokens" if k == "leftover" else v) for k, v in state["data_position"].items()}
         log.info("resumed from %s: step %d, %s tokens, data at %s", resume_from, state["step"],
-                 f"{state['tokens']:,}", state["data_position"])
+                 f"{state['tokens']:,}", shown)
 
-    loader = BlockLoader(corpus.train, block_size, cfg.micro_batch_size, cfg.seed,
-                         DataPosition(**state["data_position"]))
+    if is_feed:
+        from .feed.client import FeedBlockLoader
+
+        batches: Iterator[Batch] = iter(FeedBlockLoader(client, tokenizer, block_size, cfg.micro_batch_size,
+                                                        state["data_position"], cfg.feed_texts_per_request))
+    else:
+        loader = BlockLoader(corpus.train, block_size, cfg.micro_batch_size, cfg.seed,
+                             DataPosition(**state["data_position"]))
+        batches = prefetch(iter(loader))
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
     writer = _tensorboard(out) if cfg.tensorboard else None
 
@@ -346,11 +370,11 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
         return loss
 
     def save() -> None:
-        state["data_position"] = loader_position.to_dict()
+        state["data_position"] = loader_position
         path = ckpt.save_checkpoint(out, state["step"], model, optimizer, state, config_yaml, cfg.keep_checkpoints)
         log.info("checkpoint saved: %s", path)
 
-    loader_position = loader.position
+    loader_position = state["data_position"]
     if state["initial_eval_loss"] is None:
         state["initial_eval_loss"] = run_eval()
         if cfg.target_loss is not None:
@@ -361,7 +385,6 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
     elif cfg.target_loss is not None and cfg.target_loss != "auto":
         state["target_loss"] = float(cfg.target_loss)
 
-    batches: Iterator[Batch] = prefetch(iter(loader))
     window = Window()
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="training", unit="step", dynamic_ncols=True,
                disable=not sys.stderr.isatty())
@@ -423,7 +446,7 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
             tps = tokens_per_step / step_time
             rec = {"step": state["step"], "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(),
                    "tokens": state["tokens"], "tokens_per_s": tps, "elapsed_s": state["elapsed_s"],
-                   "epoch": loader_position.epoch, "step_time_s": step_time, "data_wait_s": data_s}
+                   "epoch": loader_position.get("epoch", 0), "step_time_s": step_time, "data_wait_s": data_s}
             if peak:
                 rec["mfu"] = mfu(model_cfg.flops_per_token(block_size), tps, peak[1])
             record(rec)
@@ -433,8 +456,8 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
                 line_rec = {**rec, "loss_smooth": state["loss_smooth"], "tokens_per_s": window.tokens_per_s,
                             "data_wait": window.data_wait_share, "mem_gib": memory_gib(device),
                             "iter": state["step"] * cfg.grad_accum_steps - 1, "max_steps": cfg.max_steps,
-                            "epoch_start": loader_position.epoch != epoch_logged, "peak": peak[0] if peak else None}
-                epoch_logged = loader_position.epoch
+                            "epoch_start": loader_position.get("epoch", 0) != epoch_logged, "peak": peak[0] if peak else None}
+                epoch_logged = loader_position.get("epoch", 0)
                 log.info(format_line(cfg.log_format, line_rec))
                 window.reset()
             if state["step"] % cfg.eval_interval == 0:

@@ -1,0 +1,145 @@
+"""The trainer's side of the feed: an HTTP client that retries, and a loader that tokenizes and packs.
+
+The loader's position is ``{"cursor", "leftover"}``: the cursor from which the next batch of texts is fetched, and
+the tokens already fetched but not yet trained on. Saved in checkpoints, it resumes the stream exactly: corpus
+texts from the cursor and the leftover tokens as they were (teacher texts among them included).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import torch
+
+from ..data import Batch, DataError
+from ..tokenizer import Tokenizer
+from .server import API_KEY_ENV, read_api_key
+
+log = logging.getLogger("scratchlm.feed")
+
+
+class FeedError(DataError):
+    """The feed refused a request (4xx) or stayed unreachable longer than allowed."""
+
+
+class FeedClient:
+    """GET the feed's routes with the API key; retry connection errors and 5xx with backoff and jitter."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 30.0, max_wait_s: float = 600.0,
+                 backoff_s: float = 0.5, max_backoff_s: float = 15.0) -> None:
+        self.url = url.rstrip("/")
+        self.max_wait_s, self.backoff_s, self.max_backoff_s = max_wait_s, backoff_s, max_backoff_s
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(headers=headers, timeout=timeout_s)
+        self.waits = 0  # outages survived, for logs and tests
+
+    def get(self, path: str, **params) -> dict | list:
+        delay, started = self.backoff_s, None
+        while True:
+            try:
+                r = self.http.get(self.url + path, params={k: v for k, v in params.items() if v is not None})
+                if r.status_code < 500:
+                    break
+                problem = f"HTTP {r.status_code}"
+            except httpx.TransportError as err:
+                problem = f"{type(err).__name__}: {err}"
+            now = time.monotonic()
+            if started is None:
+                started = now
+                self.waits += 1
+                log.warning("feed %s unreachable (%s); waiting for it, retrying with backoff", self.url, problem)
+            if now - started > self.max_wait_s:
+                raise FeedError(f"feed {self.url} unreachable for {self.max_wait_s:.0f} s ({problem})")
+            time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: replicas' clients do not retry in lockstep
+            delay = min(delay * 2, self.max_backoff_s)
+        if started is not None:
+            log.info("feed %s is back after %.1f s; carrying on", self.url, time.monotonic() - started)
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail")
+            except ValueError:
+                detail = r.text[:200]
+            raise FeedError(f"feed {self.url}{path} answered {r.status_code}: {detail}")
+        return r.json()
+
+    def batch(self, size: int, cursor: str | None, rank: int = 0, world_size: int = 1) -> dict:
+        return self.get("/v1/batch", size=size, cursor=cursor, rank=rank, world_size=world_size)
+
+    def heldout(self, size: int) -> list[str]:
+        return self.get("/v1/heldout", size=size)["texts"]
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def client_from_env(url: str, api_key_file: str | None = None) -> FeedClient:
+    """A client with the key from a file or $SCRATCHLM_API_KEY."""
+    return FeedClient(url, read_api_key(api_key_file))
+
+
+class FeedBlockLoader:
+    """Batches of (inputs, targets) packed from feed texts: documents joined by <|endoftext|>, no padding.
+
+    A background thread fetches and tokenizes ``prefetch`` requests ahead. Ranks ask the server for disjoint
+    streams (``rank``/``world_size``).
+    """
+
+    def __init__(self, client: FeedClient, tokenizer: Tokenizer, block_size: int, batch_size: int,
+                 position: dict | None = None, texts_per_request: int = 16, prefetch: int = 4, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.client, self.tokenizer = client, tokenizer
+        self.block_size, self.batch_size = block_size, batch_size
+        self.texts_per_request, self.prefetch, self.rank, self.world_size = texts_per_request, prefetch, rank, world_size
+        position = position or {}
+        self.cursor: str | None = position.get("cursor")
+        self.buffer = np.asarray(position.get("leftover", []), dtype=np.int64)
+
+    def _fetch(self, out: queue.Queue, stop: threading.Event) -> None:
+        cursor = self.cursor
+        try:
+            while not stop.is_set():
+                reply = self.client.batch(self.texts_per_request, cursor, self.rank, self.world_size)
+                ids = self.tokenizer.encode_batch(reply["texts"])
+                tokens = np.fromiter((t for doc in ids for t in (*doc, self.tokenizer.eot_id)), dtype=np.int64)
+                cursor = reply["cursor"]
+                while not stop.is_set():
+                    try:
+                        out.put((tokens, cursor), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as err:
+            out.put(err)
+
+    def __iter__(self) -> Iterator[Batch]:
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        threading.Thread(target=self._fetch, args=(q, stop), daemon=True, name="scratchlm-feed").start()
+        need = self.batch_size * (self.block_size + 1)
+        try:
+            while True:
+                while len(self.buffer) < need:
+                    item = q.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    tokens, self.cursor = item
+                    self.buffer = np.concatenate([self.buffer, tokens])
+                blocks = torch.from_numpy(self.buffer[:need].reshape(self.batch_size, self.block_size + 1).copy())
+                self.buffer = self.buffer[need:]
+                yield Batch(blocks[:, :-1], blocks[:, 1:], self.position())
+        finally:
+            stop.set()
+
+    def position(self) -> dict:
+        epoch = int(self.cursor.split("-")[2]) if self.cursor else 0
+        return {"cursor": self.cursor, "leftover": self.buffer.tolist(), "epoch": epoch}
+
+
+__all__ = ["API_KEY_ENV", "FeedBlockLoader", "FeedClient", "FeedError", "client_from_env"]

@@ -1,0 +1,100 @@
+"""The corpus side of the feed: documents in a seeded order, addressable by a cursor.
+
+Documents are read once into memory (the 100 MB ``sample.zip`` class of corpus fits easily). Training order is
+a per-epoch permutation seeded by ``seed``; a cursor names a place in that order, so any replica, asked from the
+same cursor, returns the same texts. Held-out documents (``data.is_held_out``) are never in the stream; they are
+served separately for evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..data import CorpusStats, DataError, is_held_out, iter_documents
+
+
+class CursorError(ValueError):
+    """A cursor that this server did not issue (another corpus or seed) or that is malformed."""
+
+
+@dataclass(frozen=True)
+class Cursor:
+    epoch: int
+    index: int
+
+    def encode(self, fingerprint: str) -> str:
+        return f"v1-{fingerprint}-{self.epoch}-{self.index}"
+
+    @staticmethod
+    def decode(text: str, fingerprint: str) -> Cursor:
+        parts = text.split("-")
+        if len(parts) != 4 or parts[0] != "v1" or not parts[2].isdigit() or not parts[3].isdigit():
+            raise CursorError(f"malformed cursor {text[:80]!r}")
+        if parts[1] != fingerprint:
+            raise CursorError("cursor was issued for another corpus or seed")
+        return Cursor(int(parts[2]), int(parts[3]))
+
+
+class CorpusSource:
+    """Training documents in a seeded, resumable order; held-out documents apart."""
+
+    def __init__(self, path: str, seed: int = 1337, chunk_chars: int = 8000, eval_fraction: float = 0.005) -> None:
+        self.stats = CorpusStats()
+        self.ids: list[str] = []
+        self.texts: list[str] = []
+        self.held_out: list[str] = []
+        for doc_id, text in iter_documents(path, chunk_chars, self.stats):
+            self.stats.documents += 1
+            self.stats.bytes += len(text)
+            if is_held_out(doc_id, eval_fraction):
+                self.held_out.append(text)
+            else:
+                self.ids.append(doc_id)
+                self.texts.append(text)
+        if not self.texts:
+            raise DataError(f"corpus '{path}' has no usable text (files skipped: {dict(self.stats.skipped) or 'none'})")
+        self.seed = seed
+        h = hashlib.blake2b(f"{seed}|{chunk_chars}|{eval_fraction}|{len(self.texts)}".encode(), digest_size=4)
+        h.update("\n".join(self.ids).encode())
+        self.fingerprint = h.hexdigest()
+        self._orders: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._stream = Cursor(0, 0)  # the shared stream behind the cursor-less /generate
+
+    def order(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            if epoch not in self._orders:
+                if len(self._orders) > 4:
+                    self._orders.clear()
+                self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.texts))
+            return self._orders[epoch]
+
+    def take(self, cursor: Cursor, n: int, rank: int = 0, world_size: int = 1) -> tuple[list[int], Cursor]:
+        """Indices of the next ``n`` documents for ``rank`` of ``world_size`` from ``cursor``, and the cursor after.
+
+        Position ``index`` of an epoch's order goes to rank ``index % world_size``: ranks get disjoint streams.
+        """
+        epoch, index = cursor.epoch, cursor.index
+        out: list[int] = []
+        while len(out) < n:
+            order = self.order(epoch)
+            start = index + ((rank - index) % world_size)  # first position ≥ index that belongs to this rank
+            picked = order[start::world_size][: n - len(out)]
+            out.extend(int(i) for i in picked)
+            index = start + len(picked) * world_size
+            if index >= len(order):  # this rank's share of the epoch is used up
+                epoch, index = epoch + 1, 0
+        return out, Cursor(epoch, index)
+
+    def take_shared(self, n: int) -> list[int]:
+        """The next ``n`` documents of the server's own stream (the seed's ``/generate``)."""
+        with self._lock:
+            cursor = self._stream
+        picked, after = self.take(cursor, n)
+        with self._lock:
+            self._stream = after
+        return picked
