@@ -167,6 +167,8 @@ class Feed:
         depth = Gauge("scratchlm_buffer_depth", "Texts ready to serve, per source", ["source"], registry=self.registry)
         depth.labels("corpus").set_function(lambda: len(corpus.texts))  # in memory: always all of it
         depth.labels("teacher").set_function(lambda: len(teacher.texts) if teacher else 0)
+        Gauge("scratchlm_teacher_texts_generated", "Texts the teacher has produced since start",
+              registry=self.registry).set_function(lambda: teacher.generated if teacher else 0)
         Gauge("scratchlm_teacher_up", "1 when the teacher answers", registry=self.registry).set_function(
             lambda: 1 if teacher and teacher.up else 0)
         Gauge("scratchlm_teacher_ratio_realised", "Share of served texts that came from the teacher",
