@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 
 ENV_VAR = "SCRATCHLM_TOKENIZER"
@@ -45,6 +46,12 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+        """Documents tokenized in one batch and joined, each followed by <|endoftext|> (int64)."""
+        ids = self.encode_batch(texts)
+        return np.fromiter((t for doc in ids for t in (*doc, self.eot_id)), dtype=np.int64,
+                           count=sum(len(d) + 1 for d in ids))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -309,8 +308,7 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
 
         client = client_from_env(data_source, cfg.feed_api_key_file)
         # Held-out documents come from the server: never part of its training stream.
-        heldout = tokenizer.encode_batch(client.heldout(size=1024))
-        val_tokens = np.fromiter((t for doc in heldout for t in (*doc, tokenizer.eot_id)), dtype=np.int64)
+        val_tokens = tokenizer.encode_documents(client.heldout(size=1024))
         eval_set = eval_blocks(val_tokens, block_size, n_eval_blocks)
         log.info("data: feed %s; %s held-out tokens from the server", data_source, f"{len(val_tokens):,}")
     else:

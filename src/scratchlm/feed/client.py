@@ -106,8 +106,7 @@ class FeedBlockLoader:
         try:
             while not stop.is_set():
                 reply = self.client.batch(self.texts_per_request, cursor, self.rank, self.world_size)
-                ids = self.tokenizer.encode_batch(reply["texts"])
-                tokens = np.fromiter((t for doc in ids for t in (*doc, self.tokenizer.eot_id)), dtype=np.int64)
+                tokens = self.tokenizer.encode_documents(reply["texts"])
                 cursor = reply["cursor"]
                 while not stop.is_set():
                     try:
