@@ -20,6 +20,7 @@ import uvicorn
 from scratchlm.config import ConfigError
 from scratchlm.feed.client import FeedClient, FeedError
 from scratchlm.feed.server import ServeConfig, build
+from scratchlm.train import TrainConfig, train
 
 
 def free_port() -> int:
@@ -242,3 +243,21 @@ def test_training_survives_feed_restart(small_corpus, tmp_path):
     assert "waiting for it" in (run / "train.log").read_text()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 120
+
+
+def test_training_from_the_feed_resumes_exactly(open_server, tmp_path):
+    # Training reads /v1/batch from cursors, so a resumed run sees the same tokens as an uninterrupted one.
+    common = dict(model="phi-tiny", data=open_server.url, block_size=64, micro_batch_size=4, eval_batches=1,
+                  lr_decay_steps=12, warmup_steps=2, eval_interval=100, checkpoint_interval=6, device="cpu",
+                  feed_texts_per_request=2)
+    train(TrainConfig(**common, out=str(tmp_path / "straight"), max_steps=12))
+    train(TrainConfig(**common, out=str(tmp_path / "resumed"), max_steps=6))
+    train(TrainConfig(**common, out=str(tmp_path / "resumed"), max_steps=12, resume="auto"))
+
+    def losses(run: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(b) == list(range(1, 13))
+    assert all(abs(a[s] - b[s]) <= 1e-6 for s in range(1, 13)), (a, b)
