@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
-import uvicorn
+from servers import UvicornThread, free_port
 
 from scratchlm.config import ConfigError
 from scratchlm.feed.client import FeedClient, FeedError
@@ -23,33 +22,15 @@ from scratchlm.feed.server import ServeConfig, build
 from scratchlm.train import TrainConfig, train
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ThreadServer:
-    """The real app under uvicorn on a loopback port, in a background thread."""
+class ThreadServer(UvicornThread):
+    """The real feed app, built from a config, served on a loopback port."""
 
     def __init__(self, cfg: ServeConfig, teacher=None) -> None:
-        self.app, self.feed = build(cfg, teacher)
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ThreadServer:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
+        app, self.feed = build(cfg, teacher)
+        super().__init__(app)
 
     def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        super().__exit__(*exc)
         if self.feed.teacher:
             self.feed.teacher.stop()
 

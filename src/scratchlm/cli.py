@@ -78,9 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import train
     from .feed import server
+    from .teacher import commands as teacher_commands
 
     train.add_parser(sub)
     server.add_parser(sub)
+    teacher_commands.add_parsers(sub)
     return parser
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from ..data import Batch, DataError
+from ..serving import API_KEY_ENV, read_api_key
 from ..tokenizer import Tokenizer
-from .server import API_KEY_ENV, read_api_key
 
 log = logging.getLogger("scratchlm.feed")
 

@@ -13,15 +13,12 @@ A server bound to anything but loopback refuses to start without a key.
 
 
 import argparse
-import hmac
-import ipaddress
 import logging
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -31,11 +28,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..config import ConfigBase, ConfigError, add_arguments, load, overrides_from_args
+from ..serving import API_KEY_ENV, check_bind, key_checker, read_api_key
 from .corpus import CorpusSource, Cursor, CursorError
 
 log = logging.getLogger("scratchlm.feed")
 
-API_KEY_ENV = "SCRATCHLM_API_KEY"
 MAX_URL_BYTES = 4096
 
 
@@ -60,36 +57,26 @@ class ServeConfig(ConfigBase):
     """Documents longer than this are served in pieces cut at paragraph breaks."""
     eval_fraction: float = 0.005
     """Share of documents held out (served only by /v1/heldout)."""
+    teacher: str | None = None
+    """Teacher spec: local:PATH_OR_HUB_ID or openai:URL[#model] (none = corpus only)."""
     teacher_ratio: float = 0.0
     """Share of served texts that should come from the teacher, when one is attached."""
+    teacher_api_key_file: str | None = None
+    """API key file of an openai: teacher (else $SCRATCHLM_API_KEY)."""
+    teacher_max_new_tokens: int = 256
+    """Tokens the teacher writes per text."""
+    teacher_temperature: float = 0.8
+    """Teacher sampling temperature (0 = greedy)."""
+    teacher_top_p: float = 0.95
+    """Teacher nucleus sampling mass."""
+    prompts: list[str] = ["words", "topic", "snippet"]
+    """Prompt strategies for the teacher, mixed: token (the seed's), words, topic, snippet."""
     teacher_deadline_s: float = 0.05
     """How long a request waits for teacher texts before answering from the corpus instead."""
     teacher_buffer: int = 256
     """Teacher texts kept ready (bounded buffer)."""
     public: bool = False
     """Open an ngrok tunnel (needs pyngrok and NGROK_AUTHTOKEN, and an API key)."""
-
-
-def read_api_key(key_file: str | None) -> str | None:
-    """The API key from a file or $SCRATCHLM_API_KEY; None when neither is set."""
-    if key_file:
-        try:
-            key = Path(key_file).read_text(encoding="utf-8").strip()
-        except OSError as err:
-            raise ConfigError(f"cannot read API key file {key_file}: {err.strerror}") from None
-        if not key:
-            raise ConfigError(f"API key file {key_file} is empty")
-        return key
-    return os.environ.get(API_KEY_ENV) or None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class TeacherBuffer:
@@ -169,6 +156,16 @@ class Feed:
         depth.labels("teacher").set_function(lambda: len(teacher.texts) if teacher else 0)
         Gauge("scratchlm_teacher_texts_generated", "Texts the teacher has produced since start",
               registry=self.registry).set_function(lambda: teacher.generated if teacher else 0)
+        self.teacher_stats = {"tokens": 0, "busy_s": 0.0}
+        self.diversity = None
+        Gauge("scratchlm_teacher_tokens", "Tokens the teacher has generated", registry=self.registry).set_function(
+            lambda: self.teacher_stats["tokens"])
+        Gauge("scratchlm_teacher_tokens_per_second", "Teacher tokens per second of generation",
+              registry=self.registry).set_function(
+            lambda: self.teacher_stats["tokens"] / self.teacher_stats["busy_s"] if self.teacher_stats["busy_s"] else 0)
+        for key in ("exact_duplicate_rate", "near_duplicate_rate", "top_opening_share"):
+            Gauge(f"scratchlm_teacher_{key}", f"Teacher texts: {key.replace('_', ' ')}",
+                  registry=self.registry).set_function(lambda k=key: self.diversity.summary()[k] if self.diversity else 0)
         Gauge("scratchlm_teacher_up", "1 when the teacher answers", registry=self.registry).set_function(
             lambda: 1 if teacher and teacher.up else 0)
         Gauge("scratchlm_teacher_ratio_realised", "Share of served texts that came from the teacher",
@@ -217,16 +214,7 @@ class Feed:
 
 
 def create_app(cfg: ServeConfig, feed: Feed, api_key: str | None) -> FastAPI:
-    def require_key(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise HTTPException(status_code=401, detail="missing or wrong API key (Authorization: Bearer KEY)",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    authed = [Depends(require_key)]
+    authed = [Depends(key_checker(api_key))]
     app = FastAPI(title="scratchlm feed", docs_url=None, redoc_url=None, openapi_url=None,
                   description=__doc__)
     Size = Annotated[int, Query(ge=1, le=cfg.max_batch_size, description="number of texts")]
@@ -282,20 +270,54 @@ def create_app(cfg: ServeConfig, feed: Feed, api_key: str | None) -> FastAPI:
 def build(cfg: ServeConfig, teacher: Callable[[int], list[str]] | None = None) -> tuple[FastAPI, Feed]:
     """Check the settings, read the corpus and make the app (no socket yet)."""
     api_key = read_api_key(cfg.api_key_file)
-    if api_key is None and not is_loopback(cfg.host):
-        raise ConfigError(f"refusing to bind {cfg.host} without an API key: anyone who can reach it could read "
-                          f"the feed. Set {API_KEY_ENV} or pass --api-key-file, or bind 127.0.0.1")
+    check_bind(cfg.host, api_key, "feed")
     if cfg.public and api_key is None:
         raise ConfigError(f"--public exposes the feed to the internet: set {API_KEY_ENV} or pass --api-key-file")
     corpus_path = cfg.corpus or os.environ.get("SCRATCHLM_DATA")
     if not corpus_path:
         raise ConfigError("no corpus: pass --corpus PATH or set SCRATCHLM_DATA")
     corpus = CorpusSource(corpus_path, cfg.seed, cfg.chunk_chars, cfg.eval_fraction)
+    stats = {"tokens": 0, "busy_s": 0.0}
+    meter = None
+    if teacher is None and cfg.teacher:
+        teacher, stats, meter = _teacher_producer(cfg, corpus)
     buffer = TeacherBuffer(teacher, cfg.teacher_buffer) if teacher is not None else None
     feed = Feed(cfg, corpus, buffer)
+    feed.teacher_stats, feed.diversity = stats, meter
     log.info("corpus %s: %d documents (%d held out), files skipped: %s", corpus_path, len(corpus.texts),
              len(corpus.held_out), dict(corpus.stats.skipped) or "none")
     return create_app(cfg, feed, api_key), feed
+
+
+def _teacher_producer(cfg: ServeConfig, corpus: CorpusSource):
+    """produce(n) for the teacher buffer: diverse prompts → the teacher's backend → texts, with counters."""
+    from ..teacher.backends import load_teacher
+    from ..teacher.diversity import DiversityMeter
+    from ..teacher.prompts import PromptSource
+    from ..teacher.sampling import SamplingParams
+
+    backend = load_teacher(cfg.teacher, cfg.teacher_api_key_file)
+    decode = backend.tokenizer.decode if hasattr(backend, "tokenizer") else None
+    strategies = [s for s in cfg.prompts if s != "token" or decode is not None]
+    prompts = PromptSource(strategies, corpus.texts, seed=cfg.seed, decode=decode)
+    params = SamplingParams(max_new_tokens=cfg.teacher_max_new_tokens, temperature=cfg.teacher_temperature,
+                            top_p=cfg.teacher_top_p)
+    stats = {"tokens": 0, "busy_s": 0.0}
+    meter = DiversityMeter()
+
+    def produce(n: int) -> list[str]:
+        t0 = time.perf_counter()
+        completions = backend.complete(prompts.sample(n), params)
+        stats["busy_s"] += time.perf_counter() - t0
+        stats["tokens"] += sum(c.tokens for c in completions)
+        texts = [c.text.strip() for c in completions if c.text.strip()]
+        for t in texts:
+            meter.add(t)
+        return texts
+
+    log.info("teacher %s: %d%% of served texts, prompts %s", cfg.teacher, round(cfg.teacher_ratio * 100),
+             ", ".join(strategies))
+    return produce, stats, meter
 
 
 def open_tunnel(port: int) -> str:

@@ -1,0 +1,168 @@
+"""The teacher: batched generation against transformers, the OpenAI-compatible server, the feed's teacher
+source, and build-corpus, all on a small real model exported in Hugging Face format."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from servers import UvicornThread
+from transformers import PhiForCausalLM
+
+from scratchlm.feed.client import FeedClient
+from scratchlm.feed.server import ServeConfig, build
+from scratchlm.model.config import PRESETS
+from scratchlm.model.hf import load_hf, save_hf
+from scratchlm.model.model import Phi
+from scratchlm.teacher.backends import LocalTeacher
+from scratchlm.teacher.diversity import DiversityMeter
+from scratchlm.teacher.prompts import PromptSource
+from scratchlm.teacher.sampling import BatchGenerator, SamplingParams
+from scratchlm.teacher.serve_model import create_app
+
+EOT = 50256
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tokenizer) -> Path:
+    """A freshly initialised phi-tiny in Hugging Face format, with Phi-2's tokenizer beside it.
+
+    Its weights are perturbed so greedy outputs vary, and the LM-head bias of the padding ids (50295..51199) is set
+    low, as training does to ids that never occur; our sampler only draws real token ids.
+    """
+    torch.manual_seed(0)
+    model = Phi(PRESETS["phi-tiny"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        model.lm_head.bias[model.config.vocab_size :] = -30.0
+    out = tmp_path_factory.mktemp("teacher")
+    save_hf(model, out)
+    tokenizer.save(out)
+    return out
+
+
+PROMPTS = ["Hello world, I", "The", "In the beginning the quick brown fox jumped over", "def main():\n    "]
+
+
+def test_greedy_batched_generation_equals_transformers(teacher_dir, tokenizer):
+    ours = BatchGenerator(load_hf(str(teacher_dir)), EOT, batch_size=2, max_seq_len=96)  # 4 prompts, 2 slots
+    ids = tokenizer.encode_batch(PROMPTS)
+    got = ours.generate(ids, SamplingParams(max_new_tokens=24, temperature=0))
+    hf = PhiForCausalLM.from_pretrained(teacher_dir).eval()
+    for prompt, out in zip(ids, got, strict=True):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=EOT,
+                          pad_token_id=EOT)[0, len(prompt) :].tolist()
+        ref = ref[: ref.index(EOT)] if EOT in ref else ref
+        assert out == ref
+    assert any(len(o) == 24 for o in got)
+
+
+def test_seeded_sampling_is_reproducible(teacher_dir):
+    teacher = LocalTeacher(str(teacher_dir), device="cpu", batch_size=3)
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=100, top_p=0.9)
+    a = [c.text for c in teacher.complete(PROMPTS, params, seed=7)]
+    b = [c.text for c in teacher.complete(PROMPTS, params, seed=7)]
+    c = [c.text for c in teacher.complete(PROMPTS, params, seed=8)]
+    assert a == b and a != c
+
+
+def test_openai_client_against_serve_model(teacher_dir):
+    teacher = LocalTeacher(str(teacher_dir), device="cpu", batch_size=8)
+    with UvicornThread(create_app(teacher, "phi-tiny-test", "k3y")) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="k3y")
+        assert [m.id for m in client.models.list().data] == ["phi-tiny-test"]
+        reply = client.completions.create(model="phi-tiny-test", prompt=["Once upon a time", "The cat"],
+                                          max_tokens=12, temperature=0.7, seed=1)
+        assert len(reply.choices) == 2 and all(isinstance(c.text, str) for c in reply.choices)
+        assert reply.usage.completion_tokens > 0
+        assert {c.finish_reason for c in reply.choices} <= {"stop", "length"}
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0).completions.create(
+                model="phi-tiny-test", prompt="x", max_tokens=2)
+        assert httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 0},
+                          headers={"Authorization": "Bearer k3y"}).status_code == 422
+
+
+def test_feed_with_openai_teacher_holds_the_ratio(teacher_dir, small_corpus):
+    teacher = LocalTeacher(str(teacher_dir), device="cpu", batch_size=32)
+    with UvicornThread(create_app(teacher, "phi-tiny-test", None)) as model_server:
+        cfg = ServeConfig(corpus=str(small_corpus), teacher=f"openai:{model_server.url}", teacher_ratio=0.3,
+                          teacher_max_new_tokens=8, teacher_buffer=400)
+        app, feed = build(cfg)
+        with UvicornThread(app) as feed_server:
+            deadline = time.monotonic() + 240
+            while len(feed.teacher.texts) < 320:  # let the teacher fill its buffer first
+                assert time.monotonic() < deadline, f"teacher produced {len(feed.teacher.texts)} texts"
+                time.sleep(0.2)
+            client = FeedClient(feed_server.url)
+            sources = [s for _ in range(50) for s in client.batch(20, None)["sources"]]
+            metrics = httpx.get(feed_server.url + "/metrics").text
+            health = httpx.get(feed_server.url + "/health").json()
+        feed.teacher.stop()
+    share = sources.count("teacher") / len(sources)
+    assert len(sources) == 1000 and abs(share - 0.3) <= 0.05, share
+    assert health["teacher"] == "up"
+    for name in ("scratchlm_teacher_tokens_per_second", "scratchlm_teacher_exact_duplicate_rate",
+                 "scratchlm_teacher_near_duplicate_rate", "scratchlm_teacher_top_opening_share"):
+        assert name in metrics
+
+
+def test_build_corpus_resumes_without_duplicates(teacher_dir, small_corpus, tmp_path):
+    out = tmp_path / "generated.zip"
+    args = [sys.executable, "-m", "scratchlm", "build-corpus", "--teacher", f"local:{teacher_dir}", "--size",
+            "24KB", "--out", str(out), "--max-new-tokens", "40", "--batch-size", "8", "--prompt-corpus",
+            str(small_corpus), "--device", "cpu"]
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = out.with_name(out.name + ".parts")
+    deadline = time.monotonic() + 120
+    while len(list(parts.glob("*.txt"))) < 10:
+        assert first.poll() is None and time.monotonic() < deadline, "build-corpus ended before it was stopped"
+        time.sleep(0.05)
+    first.kill()
+    first.wait()
+    assert not out.exists()
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    with zipfile.ZipFile(out) as z:
+        assert z.testzip() is None
+        names = z.namelist()
+        texts = [z.read(n).decode() for n in names]
+    assert len(names) == len(set(names)) == summary["texts"]
+    assert len(set(texts)) == len(texts)  # no duplicated member
+    assert sum(len(t.encode()) for t in texts) == summary["bytes"] >= 24_000
+    assert not parts.exists()
+    for key in ("exact_duplicate_rate", "near_duplicate_rate", "top_opening_share"):
+        assert 0.0 <= summary["diversity"][key] <= 1.0
+
+
+def test_diversity_meter_counts_duplicates_and_openings():
+    meter = DiversityMeter()
+    base = " ".join(f"word{i}" for i in range(200))
+    for text in [base, base, base.replace("word100 ", "other "), "Once upon a time there was a king",
+                 "Once upon a time a cat sat", "Something else entirely, with many words " * 3]:
+        meter.add(text)
+    s = meter.summary()
+    assert s["texts"] == 6
+    assert s["exact_duplicate_rate"] == pytest.approx(1 / 6)
+    assert s["near_duplicate_rate"] == pytest.approx(2 / 6)  # the repeat and the one-word edit
+    assert s["top_opening"] == "word0 word1 word2" and s["top_opening_share"] == pytest.approx(3 / 6)
+
+
+def test_prompts_are_seeded_and_varied(corpus_dir, tokenizer):
+    docs = [(corpus_dir / "books" / "pg84_frankenstein.txt").read_text()[i : i + 3000] for i in range(0, 60000, 3000)]
+    a = PromptSource(["token", "words", "topic", "snippet"], docs, seed=1, decode=tokenizer.decode).sample(200)
+    b = PromptSource(["token", "words", "topic", "snippet"], docs, seed=1, decode=tokenizer.decode).sample(200)
+    assert a == b
+    assert len(set(a)) > 190
+    openings = {" ".join(p.split()[:3]) for p in a}
+    assert len(openings) > 50
