@@ -67,7 +67,7 @@ def main() -> None:
         return (out.shape[1] - args.prompt_len) * out.shape[0]
 
     results: dict[str, list[float]] = {"ours": [], "transformers": []}
-    for name, fn in (("ours", run_ours), ("transformers", run_theirs)):
+    for _name, fn in (("ours", run_ours), ("transformers", run_theirs)):
         fn()  # full-size warm-up
         fn()
     for _ in range(args.repeats):
