@@ -102,8 +102,9 @@ class Attention(nn.Module):
                 cache_rows: torch.Tensor | None = None) -> torch.Tensor:
         """With a cache, ``mask`` is (B or 1, 1, T, L): attention covers the first L cached positions only."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_size).permute(2, 0, 3, 1, 4)  # 3 × (B, nh, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_size).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        q, k = apply_rope(qkv[:2], cos, sin)  # q and k rotated together: half the small ops when decoding
+        v = qkv[2]
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, nh, max_seq_len, hs)
             L = mask.shape[-1]
@@ -182,14 +183,23 @@ class Phi(nn.Module):
         self.rope_cos, self.rope_sin = cos, sin
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
-                cache_rows: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
-        """idx (B, T) token ids → logits (B, T, padded_vocab_size).
+                cache_rows: torch.Tensor | None = None, kv_len: int | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) token ids → logits (B, T, padded_vocab_size); see ``features`` for the other arguments."""
+        return self.lm_head(self.features(idx, input_pos, cache_rows, kv_len, logits_at))
+
+    def features(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
+                 cache_rows: torch.Tensor | None = None, kv_len: int | None = None,
+                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) token ids → final hidden states (B, T, n_embd), the LM head's input.
 
         With a KV cache set up (``setup_kv_cache``), ``input_pos`` gives the positions of idx's tokens, (T,) shared
         by all rows or (B, T) per row; their keys and values are stored there and each token attends to every cached
         position up to its own. ``cache_rows`` (B,) says which cache rows idx's rows are (default: all).
         ``kv_len``, if given, must exceed every position in input_pos: attention then reads only that many cached
         positions instead of the whole cache (decoding cost grows with the text, not with the cache size).
+        ``logits_at`` (B,), if given, keeps that one position per row only (B, 1, n_embd): a prefill needs just the
+        last prompt token's logits, and the LM head is the costliest layer of a small model.
         """
         B, T = idx.shape
         mask = None
@@ -209,7 +219,9 @@ class Phi(nn.Module):
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cos, sin, input_pos, mask, cache_rows)
-        return self.lm_head(self.final_norm(x))
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)
+        return self.final_norm(x)
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None,
                        dtype: torch.dtype | None = None) -> None:

@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..model.model import Phi
 
@@ -63,7 +64,14 @@ class BatchGenerator:
         self.max_seq_len = min(max_seq_len or model.config.block_size, model.config.block_size)
         self.vocab_size = model.config.vocab_size
         self.device = model.lm_head.weight.device
+        # The LM head restricted to real token ids: padding rows are never sampled, so never computed.
+        self.head_weight = model.lm_head.weight[: self.vocab_size]
+        self.head_bias = model.lm_head.bias[: self.vocab_size]
         model.setup_kv_cache(batch_size, self.max_seq_len)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, 1, n_embd) → logits over the real vocabulary (B, vocab_size)."""
+        return F.linear(hidden[:, -1], self.head_weight, self.head_bias)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None) -> list[list[int]]:
@@ -105,10 +113,9 @@ class BatchGenerator:
                 for j, (_, p) in enumerate(group):
                     idx[j, : len(p)] = torch.tensor(p, device=self.device)
                 pos = torch.arange(width, device=self.device).expand(len(group), width)
-                logits = self.model(idx, input_pos=pos, cache_rows=torch.tensor(free, device=self.device),
-                                    kv_len=width)
-                last = logits[torch.arange(len(group), device=self.device), lengths - 1, : self.vocab_size]
-                tokens = sample_next(last, params, generator).tolist()
+                hidden = self.model.features(idx, input_pos=pos, cache_rows=torch.tensor(free, device=self.device),
+                                             kv_len=width, logits_at=lengths - 1)
+                tokens = sample_next(self._logits(hidden), params, generator).tolist()
                 for row, (i, p), tok in zip(free, group, tokens, strict=True):
                     slots[row] = _Slot(i, len(p), tok, [])
                     accept(row, tok)
@@ -124,8 +131,8 @@ class BatchGenerator:
                 pos = torch.tensor(positions, device=self.device)[:, None]
             # Attend over the cache only as far as the longest sequence (rounded up: fewer distinct shapes).
             kv_len = min(self.max_seq_len, -(-(max(positions) + 1) // 16) * 16)
-            logits = self.model(idx, input_pos=pos, cache_rows=rows, kv_len=kv_len)[:, -1, : self.vocab_size]
-            tokens = sample_next(logits, params, generator).tolist()
+            hidden = self.model.features(idx, input_pos=pos, cache_rows=rows, kv_len=kv_len)
+            tokens = sample_next(self._logits(hidden), params, generator).tolist()
             for row, tok in zip(active, tokens, strict=True):
                 slots[row].pos += 1
                 accept(row, tok)
