@@ -115,6 +115,10 @@ def main() -> None:
     for k, v in med.items():
         print(f"{k:>14} {v['tokens_per_s']:>12,.0f} {v['peak_mem_gib']:>9.2f}")
     print(f"ratio ours/transformers: {ratio:.3f}")
+    print(f"RESULT train {args.model} {args.batch}x{args.block} {args.precision}{' compiled' if args.compile else ''}: "
+          f"ours {med['ours']['tokens_per_s']:,.0f} tok/s {med['ours']['peak_mem_gib']:.1f} GiB, transformers "
+          f"{med['transformers']['tokens_per_s']:,.0f} tok/s {med['transformers']['peak_mem_gib']:.1f} GiB, "
+          f"ratio {ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
 """Training checkpoints: written atomically, the last k kept, loaded without pickle.
 
-Layout: ``RUN/checkpoints/step-00000100/`` holding ``model.safetensors`` (our keys, never a compile or DDP
-prefix), ``optimizer.safetensors`` + ``optimizer.json``, ``rng.safetensors``, ``state.json`` (step, tokens, time,
-data position, ...) and ``config.yaml``. A checkpoint is written into ``step-….tmp``, each file fsynced, then the
-folder is renamed: a crash at any moment leaves the previous checkpoints whole.
+Layout: ``RUN/checkpoints/step-00000100/`` holding ``model.safetensors`` (our keys, never a compile, DDP or
+FSDP prefix), ``optimizer.safetensors`` + ``optimizer.json`` (keyed by parameter name), ``rng.safetensors``,
+``state.json`` (step, tokens, time, data positions, ...) and ``config.yaml``. A checkpoint is written into
+``step-….tmp``, each file fsynced, then the folder is renamed: a crash at any moment leaves the previous
+checkpoints whole.
+
+Checkpoints are consolidated: ``torch.distributed.checkpoint.state_dict`` gathers the full model and optimizer
+state (from DDP replicas or FSDP shards) and rank 0 writes it, so a run can be inspected, exported or resumed
+(with the same world size, for the data streams) from one folder.
 """
 
 from __future__ import annotations
@@ -19,13 +24,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-
-from .model.hf import unwrap
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 FAULT_SLEEP_ENV = "SCRATCHLM_FAULT_CHECKPOINT_SLEEP"
 """Fault injection for tests, "STEP:SECONDS": pause that long in the middle of writing checkpoint STEP, so a test
 can kill the process during a write."""
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on the CPU under our own keys, from a plain, compiled, DDP or FSDP model
+    (collective under FSDP; complete on rank 0)."""
+    return get_model_state_dict(model, options=FULL)
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -42,7 +58,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into tensors (safetensors) and the rest (JSON)."""
+    """Split an optimizer state_dict (keyed by parameter name) into tensors (safetensors) and the rest (JSON)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
     for pid, pstate in state["state"].items():
@@ -56,11 +72,14 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {int(pid): dict(s) for pid, s in meta["scalars"].items()}
+    state: dict[str, dict] = {pid: dict(s) for pid, s in meta["scalars"].items()}
     for key, t in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = t
+        pid, name = key.rsplit(".", 1)  # parameter names have dots; AdamW's state names do not
+        state.setdefault(pid, {})[name] = t
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -96,21 +115,32 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, config_yaml: str, keep: int) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``."""
+                    state: dict, config_yaml: str, keep: int, is_main: bool = True) -> Path:
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``.
+
+    Collective under DDP/FSDP: every rank calls it (to gather the state); rank 0 (``is_main``) writes.
+    """
+    weights = full_weights(model)
+    optim = get_optimizer_state_dict(model, optimizer, options=FULL)
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
+    if not is_main:
+        return final
+    return _write(root, final, step, weights, optim, state, config_yaml, run_dir, keep)
+
+
+def _write(root: Path, final: Path, step: int, weights: dict, optim: dict, state: dict, config_yaml: str,
+           run_dir: Path, keep: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f"step-{step:08d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
     fault_step, _, fault_seconds = os.environ.get(FAULT_SLEEP_ENV, "").partition(":")
     if fault_step and int(fault_step) == step:
         time.sleep(float(fault_seconds))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    opt_tensors, opt_meta = _flatten_optimizer(optim)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
     rng_tensors, rng_meta = rng_state()
@@ -131,14 +161,18 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restore weights, optimizer and RNG from a checkpoint folder; returns its ``state.json``."""
+    """Restore weights, optimizer and RNG from a checkpoint folder; returns its ``state.json``.
+
+    Works for a plain, compiled, DDP or FSDP model alike (every rank reads the consolidated files).
+    """
     path = Path(path)
-    unwrap(model).load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    set_model_state_dict(model, load_file(str(path / "model.safetensors")), options=StateDictOptions(
+        full_state_dict=True, strict=True))
     if optimizer is not None:
         opt_meta = json.loads((path / "optimizer.json").read_text())
-        # load_state_dict moves each state tensor to its parameter's device (and keeps "step" where AdamW wants it)
         tensors = load_file(str(path / "optimizer.safetensors"))
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, opt_meta))
+        set_optimizer_state_dict(model, optimizer, _unflatten_optimizer(tensors, opt_meta),
+                                 options=StateDictOptions(full_state_dict=True))
     state = json.loads((path / "state.json").read_text())
     set_rng_state(load_file(str(path / "rng.safetensors")), state.pop("rng"))
     return state

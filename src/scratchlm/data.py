@@ -427,7 +427,10 @@ def prefetch(batches: Iterator[Batch], depth: int = 4) -> Iterator[Batch]:
                 raise item
             yield item
     finally:
+        # Closing the generator stops and joins the producer: a thread still in torch code while the
+        # interpreter exits can abort the process.
         stop.set()
+        thread.join(timeout=10)
 
 
 def eval_blocks(tokens: np.ndarray, block_size: int, max_blocks: int) -> torch.Tensor:

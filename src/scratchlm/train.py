@@ -13,7 +13,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Literal
 
@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import ConfigBase, ConfigError, add_arguments, load, overrides_from_args, read_yaml, to_yaml
 from .data import Batch, BlockLoader, DataError, DataPosition, eval_blocks, prefetch, tokenize_corpus
 from .metrics import Window, gpu_peak_flops, memory_gib, mfu
 from .model.config import ModelConfig, get_preset
-from .model.hf import save_hf, unwrap
+from .model.hf import phi_from_weights, save_hf
 from .model.model import Phi
-from .parallelize import parallelize
+from .parallelize import parallelize, resolve_strategy
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger("scratchlm.train")
@@ -96,6 +97,11 @@ class TrainConfig(ConfigBase):
     """torch.compile each block."""
     activation_checkpointing: bool = False
     """Recompute block activations in backward to save memory."""
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
+    """Data parallelism under torchrun: DDP (replicas) or FSDP2 (sharded); 'auto' = single for one process, FSDP
+    from 1B parameters, else DDP."""
+    fsdp_reduce_fp32: bool = True
+    """With FSDP and bf16: reduce gradients in fp32 (more exact, twice the traffic) rather than bf16."""
     eval_interval: int = 50
     """Evaluate on the held-out set every this many steps (also before step 1 and at the end)."""
     eval_batches: int = 8
@@ -165,11 +171,20 @@ class NonFiniteLoss(RuntimeError):
 # Setup
 
 
-def _setup_logging(out: Path) -> list[logging.Handler]:
-    """Console (above the progress bar) and DIR/train.log for every scratchlm logger (train, data, feed)."""
+def _setup_logging(out: Path, env: distributed.DistEnv) -> list[logging.Handler]:
+    """Console (above the progress bar) and DIR/train.log for every scratchlm logger (train, data, feed).
+
+    Only rank 0 logs; other ranks report warnings alone, on stderr, marked with their rank.
+    """
     root = logging.getLogger("scratchlm")
-    root.setLevel(logging.INFO)
     root.propagate = False
+    if not env.is_main:
+        root.setLevel(logging.WARNING)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"[rank {env.rank}] %(message)s"))
+        root.addHandler(handler)
+        return [handler]
+    root.setLevel(logging.INFO)
 
     class TqdmHandler(logging.StreamHandler):
         def emit(self, record: logging.LogRecord) -> None:
@@ -182,12 +197,12 @@ def _setup_logging(out: Path) -> list[logging.Handler]:
     return handlers
 
 
-def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
-    """(device, autocast dtype or None for fp32)."""
+def resolve_device(cfg: TrainConfig, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype or None for fp32); under torchrun each process takes the GPU of its local rank."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for but no CUDA device is available")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          cfg.device if cfg.device != "auto" else "cpu")
+    kind = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device if cfg.device != "auto" else "cpu"
+    device = torch.device(kind, local_rank) if kind == "cuda" else torch.device(kind)
     if cfg.precision == "bf16":
         return device, torch.bfloat16
     if cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -264,22 +279,27 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) a training run; returns the final summary (also written to ``summary.json``)."""
+    """Run (or resume) a training run; returns the final summary (also written to ``summary.json``).
+
+    Under ``torchrun`` every process calls this; they join one process group and train one model together.
+    """
     import os
 
     _check_stop_rules(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    handlers = _setup_logging(out)
+    env = distributed.init("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    handlers = _setup_logging(out, env)
     try:
-        return _run(cfg, out, os.environ.get("SCRATCHLM_DATA"))
+        return _run(cfg, out, os.environ.get("SCRATCHLM_DATA"), env)
     finally:
         for h in handlers:
             logging.getLogger("scratchlm").removeHandler(h)
             h.close()
+        distributed.shutdown(env)
 
 
-def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
+def _run(cfg: TrainConfig, out: Path, env_data: str | None, env: distributed.DistEnv) -> dict:
     model_cfg: ModelConfig = get_preset(cfg.model)
     block_size = cfg.block_size or model_cfg.block_size
     if block_size > model_cfg.block_size:
@@ -294,11 +314,12 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
         if changed:
             log.warning("resuming with changed settings %s (was %s)", sorted(changed),
                         {k: saved.get(k) for k in sorted(changed)})
-    ckpt.remove_partial(out)
     config_yaml = to_yaml(cfg)
-    (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    if env.is_main:
+        ckpt.remove_partial(out)
+        (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
 
-    device, amp_dtype = resolve_device(cfg)
+    device, amp_dtype = resolve_device(cfg, env.local_rank)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer)
     n_eval_blocks = cfg.eval_batches * cfg.micro_batch_size
@@ -312,47 +333,65 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
         eval_set = eval_blocks(val_tokens, block_size, n_eval_blocks)
         log.info("data: feed %s; %s held-out tokens from the server", data_source, f"{len(val_tokens):,}")
     else:
+        if not env.is_main:
+            distributed.barrier(env)  # rank 0 tokenizes into the cache first; the others then read it
         corpus = tokenize_corpus(data_source, tokenizer, chunk_chars=cfg.chunk_chars,
-                                 eval_fraction=cfg.eval_fraction, progress=sys.stderr.isatty())
+                                 eval_fraction=cfg.eval_fraction, progress=sys.stderr.isatty() and env.is_main)
+        if env.is_main:
+            distributed.barrier(env)
         log.info("data: %s: %s train tokens, %s held-out tokens (%d documents); files skipped: %s", data_source,
                  f"{corpus.meta['train_tokens']:,}", f"{corpus.meta['val_tokens']:,}",
                  corpus.meta["val_documents"], corpus.stats["skipped"] or "none")
         eval_set = eval_blocks(corpus.val, block_size, n_eval_blocks)
 
-    model = Phi(model_cfg).to(device)
+    model = Phi(model_cfg).to(device)  # same seed on every rank: the same initial weights
     peak = gpu_peak_flops(device)
-    log.info("model %s: %s parameters on %s, %s%s", model_cfg.name, f"{model_cfg.num_parameters:,}", device,
-             "bf16 autocast" if amp_dtype else "fp32", f" (MFU against {peak[0]} peak {peak[1] / 1e12:.0f} TFLOP/s)"
-             if peak else "")
-    train_model = parallelize(model, cfg.activation_checkpointing, cfg.compile)
+    try:
+        strategy = resolve_strategy(cfg.strategy, env.world_size, model_cfg.num_parameters)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    log.info("model %s: %s parameters on %s, %s, %s%s", model_cfg.name, f"{model_cfg.num_parameters:,}", device,
+             "bf16 autocast" if amp_dtype else "fp32",
+             f"{strategy} over {env.world_size} processes" if env.enabled else "one process",
+             f" (MFU per device against {peak[0]} peak {peak[1] / 1e12:.0f} TFLOP/s)" if peak else "")
+    train_model = parallelize(model, cfg.activation_checkpointing, cfg.compile, strategy, device,
+                              param_dtype=amp_dtype, reduce_fp32=cfg.fsdp_reduce_fp32)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type == "cuda")
 
-    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * block_size
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * block_size * env.world_size
     decay_steps = cfg.lr_decay_steps or cfg.max_steps or (cfg.max_tokens // tokens_per_step if cfg.max_tokens else None)
-    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "data_position": {},
+    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "data_positions": [{}] * env.world_size,
              "initial_eval_loss": None, "target_loss": None, "target_reached": None, "loss_smooth": None,
              "skipped_steps": 0}
     if resume_from is not None:
-        state.update(ckpt.load_checkpoint(resume_from, model, optimizer))
-        _truncate_metrics(out / "metrics.jsonl", state["step"])
-        shown = {k: (f"{len(v)} tokens" if k == "leftover" else v) for k, v in state["data_position"].items()}
+        state.update(ckpt.load_checkpoint(resume_from, train_model, optimizer))
+        if len(state["data_positions"]) != env.world_size:
+            raise ConfigError(f"{resume_from} was saved by {len(state['data_positions'])} processes; resume it with "
+                              f"the same number (this run has {env.world_size}) so every data stream continues")
+        if env.is_main:
+            _truncate_metrics(out / "metrics.jsonl", state["step"])
+        shown = {k: (f"{len(v)} tokens" if k == "leftover" else v)
+                 for k, v in state["data_positions"][env.rank].items()}
         log.info("resumed from %s: step %d, %s tokens, data at %s", resume_from, state["step"],
                  f"{state['tokens']:,}", shown)
 
     if is_feed:
         from .feed.client import FeedBlockLoader
 
-        batches: Iterator[Batch] = iter(FeedBlockLoader(client, tokenizer, block_size, cfg.micro_batch_size,
-                                                        state["data_position"], cfg.feed_texts_per_request))
+        batches: Generator[Batch, None, None] = iter(FeedBlockLoader(
+            client, tokenizer, block_size, cfg.micro_batch_size, state["data_positions"][env.rank],
+            cfg.feed_texts_per_request, rank=env.rank, world_size=env.world_size))
     else:
         loader = BlockLoader(corpus.train, block_size, cfg.micro_batch_size, cfg.seed,
-                             DataPosition(**state["data_position"]))
+                             DataPosition(**state["data_positions"][env.rank]), env.rank, env.world_size)
         batches = prefetch(iter(loader))
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
-    writer = _tensorboard(out) if cfg.tensorboard else None
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if env.is_main else None
+    writer = _tensorboard(out) if cfg.tensorboard and env.is_main else None
 
     def record(rec: dict) -> None:
+        if metrics is None:
+            return
         metrics.write(json.dumps(rec) + "\n")
         metrics.flush()
         if writer is not None:
@@ -361,18 +400,21 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
                     writer.add_scalar(k, v, rec["step"])
 
     def run_eval() -> float:
-        loss = evaluate(train_model, eval_set, cfg.micro_batch_size, device, amp_dtype)
+        loss = distributed.mean(torch.tensor(evaluate(train_model, eval_set, cfg.micro_batch_size, device, amp_dtype)),
+                                env).item()
         record({"step": state["step"], "tokens": state["tokens"], "elapsed_s": state["elapsed_s"],
                 "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
         log.info("eval at step %d: loss %.4f, perplexity %.2f", state["step"], loss, math.exp(min(loss, 50.0)))
         return loss
 
     def save() -> None:
-        state["data_position"] = loader_position
-        path = ckpt.save_checkpoint(out, state["step"], model, optimizer, state, config_yaml, cfg.keep_checkpoints)
+        state["data_positions"] = distributed.gather_objects(loader_position, env)
+        path = ckpt.save_checkpoint(out, state["step"], train_model, optimizer, state, config_yaml,
+                                    cfg.keep_checkpoints, env.is_main)
+        distributed.barrier(env)
         log.info("checkpoint saved: %s", path)
 
-    loader_position = state["data_position"]
+    loader_position = state["data_positions"][env.rank]
     if state["initial_eval_loss"] is None:
         state["initial_eval_loss"] = run_eval()
         if cfg.target_loss is not None:
@@ -385,7 +427,7 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
 
     window = Window()
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="training", unit="step", dynamic_ncols=True,
-               disable=not sys.stderr.isatty())
+               disable=not (sys.stderr.isatty() and env.is_main))
     reason = None
     epoch_logged = -1
     session_start, session_elapsed0 = time.perf_counter(), state["elapsed_s"]
@@ -398,7 +440,7 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
             if cfg.max_tokens is not None and state["tokens"] >= cfg.max_tokens:
                 reason = f"max_tokens {cfg.max_tokens:,} reached"
                 break
-            if cfg.max_time is not None and state["elapsed_s"] >= cfg.max_time:
+            if cfg.max_time is not None and distributed.any_rank(state["elapsed_s"] >= cfg.max_time, env, device):
                 reason = f"max_time {cfg.max_time:.0f} s reached"
                 break
             t0 = time.perf_counter()
@@ -417,9 +459,12 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
             lr = lr_at(state["step"], cfg, decay_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0
+            grad_norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0
                                                        else float("inf"))
-            step_loss = (loss_sum / cfg.grad_accum_steps).item()  # one device sync per step, here
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the shards
+                grad_norm = grad_norm.full_tensor()
+            # The mean over ranks: with equal batches, the loss of the global batch. One device sync, here.
+            step_loss = distributed.mean(loss_sum / cfg.grad_accum_steps, env).item()
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm.item())):
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.on_nonfinite_loss == "stop":
@@ -443,10 +488,11 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
             window.add(tokens_per_step, step_time, data_s)
             tps = tokens_per_step / step_time
             rec = {"step": state["step"], "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                   "tokens": state["tokens"], "tokens_per_s": tps, "elapsed_s": state["elapsed_s"],
+                   "tokens": state["tokens"], "tokens_per_s": tps, "tokens_per_s_per_device": tps / env.world_size,
+                   "elapsed_s": state["elapsed_s"],
                    "epoch": loader_position.get("epoch", 0), "step_time_s": step_time, "data_wait_s": data_s}
             if peak:
-                rec["mfu"] = mfu(model_cfg.flops_per_token(block_size), tps, peak[1])
+                rec["mfu"] = mfu(model_cfg.flops_per_token(block_size), tps, peak[1], env.world_size)
             record(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tps:,.0f}")
@@ -478,13 +524,20 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
                           "batch) or add --activation-checkpointing") from None
     finally:
         bar.close()
-        metrics.close() if reason is None else None
+        batches.close()  # stop the loader's background thread now, not at interpreter exit
+        if metrics is not None and reason is None:
+            metrics.close()
 
     log.info("stopping: %s", reason)
     final_eval = run_eval() if state["step"] % cfg.eval_interval else None
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
     save()
-    final_dir = save_hf(unwrap(model), out / "final")
+    weights = ckpt.full_weights(train_model)  # collective under FSDP
+    if not env.is_main:
+        distributed.barrier(env)  # leave together: a rank that exits early can break rank 0's last collectives
+        return {"reason": reason, "steps": state["step"], "main": False}
+    final_dir = save_hf(phi_from_weights(model_cfg, weights), out / "final")
     tokenizer.save(final_dir)
     summary = {"reason": reason, "model": model_cfg.name, "parameters": model_cfg.num_parameters,
                "steps": state["step"], "tokens": state["tokens"], "elapsed_s": state["elapsed_s"],
@@ -497,6 +550,7 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None) -> dict:
     log.info("wrote %s (Hugging Face format) and %s", final_dir, out / "summary.json")
     if writer is not None:
         writer.close()
+    distributed.barrier(env)
     return summary
 
 
@@ -531,4 +585,5 @@ def cmd_train(args: argparse.Namespace) -> None:
         summary = train(cfg)
     except (DataError, NonFiniteLoss) as err:
         raise ConfigError(str(err)) from None
-    print(json.dumps(summary, indent=2))
+    if summary.get("main", True):  # under torchrun, rank 0 alone reports
+        print(json.dumps(summary, indent=2))

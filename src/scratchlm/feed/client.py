@@ -120,7 +120,8 @@ class FeedBlockLoader:
     def __iter__(self) -> Iterator[Batch]:
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        threading.Thread(target=self._fetch, args=(q, stop), daemon=True, name="scratchlm-feed").start()
+        thread = threading.Thread(target=self._fetch, args=(q, stop), daemon=True, name="scratchlm-feed")
+        thread.start()
         need = self.batch_size * (self.block_size + 1)
         try:
             while True:
@@ -135,6 +136,7 @@ class FeedBlockLoader:
                 yield Batch(blocks[:, :-1], blocks[:, 1:], self.position())
         finally:
             stop.set()
+            thread.join(timeout=1)  # it may be inside a request; it ends at the next check of ``stop``
 
     def position(self) -> dict:
         epoch = int(self.cursor.split("-")[2]) if self.cursor else 0

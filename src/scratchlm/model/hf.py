@@ -139,6 +139,15 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     return out
 
 
+def phi_from_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> Phi:
+    """A ``Phi`` holding the given weights (our keys), without allocating a second copy."""
+    with torch.device("meta"):
+        model = Phi(cfg)
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.reset_rope()  # rotary tables are not stored; rebuild them off the meta device
+    return model
+
+
 def save_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``PhiForCausalLM.from_pretrained`` loads strictly."""
     model = unwrap(model)
@@ -205,9 +214,5 @@ def load_hf(path_or_hub_id: str, device: torch.device | str = "cpu", dtype: torc
     if not config_path.exists():
         raise CheckpointError(f"{model_dir} has no config.json")
     cfg = config_from_hf(json.loads(config_path.read_text()))
-    state = from_hf_state_dict(read_safetensors(model_dir), cfg)
-    with torch.device("meta"):
-        model = Phi(cfg)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.reset_rope()  # rotary tables are not stored; rebuild them off the meta device
+    model = phi_from_weights(cfg, from_hf_state_dict(read_safetensors(model_dir), cfg))
     return model.to(device=device, dtype=dtype)
