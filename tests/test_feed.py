@@ -19,7 +19,7 @@ from servers import UvicornThread, free_port
 from scratchlm.config import ConfigError
 from scratchlm.feed.client import FeedClient, FeedError
 from scratchlm.feed.server import ServeConfig, build
-from scratchlm.train import TrainConfig, train
+from scratchlm.trainer import TrainConfig, train
 
 
 class ThreadServer(UvicornThread):

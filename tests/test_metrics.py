@@ -6,7 +6,7 @@ import pytest
 
 from scratchlm.metrics import Window, mfu, tokens_per_second
 from scratchlm.model.config import PRESETS
-from scratchlm.train import TrainConfig, format_line, lr_at
+from scratchlm.trainer import TrainConfig, format_line, lr_at
 
 
 def test_tokens_per_second_is_tokens_over_window_duration():

@@ -76,13 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.set_defaults(func=cmd_init)
 
-    from . import train
+    from . import demo, evaluation, reporting, trainer
     from .feed import server
     from .teacher import commands as teacher_commands
 
-    train.add_parser(sub)
+    trainer.add_parser(sub)
     server.add_parser(sub)
     teacher_commands.add_parsers(sub)
+    evaluation.add_parser(sub)
+    reporting.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 

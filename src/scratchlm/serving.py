@@ -5,6 +5,9 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 from fastapi import HTTPException, Request
@@ -55,3 +58,46 @@ def key_checker(api_key: str | None):
                                 headers={"WWW-Authenticate": "Bearer"})
 
     return require_key
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class BackgroundServer:
+    """An ASGI app served by uvicorn from a background thread (for the demo, notebooks and tests).
+
+    ``with BackgroundServer(app) as server: ... server.url ...``, or ``start()`` / ``stop()``.
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, on_stop=None) -> None:
+        import uvicorn
+
+        self.host, self.port = host, port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="scratchlm-server")
+        self.on_stop = on_stop
+
+    def start(self, timeout_s: float = 30.0):
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server on {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        if self.on_stop is not None:
+            self.on_stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -333,6 +333,17 @@ def open_tunnel(port: int) -> str:
     return tunnel.public_url
 
 
+def serve_background(cfg: ServeConfig, teacher: Callable[[int], list[str]] | None = None):
+    """Start the feed server in a background thread; returns the started ``BackgroundServer`` (``.url``,
+    ``.stop()``, ``.feed``)."""
+    from ..serving import BackgroundServer
+
+    app, feed = build(cfg, teacher)
+    server = BackgroundServer(app, cfg.host, cfg.port or None, on_stop=feed.teacher.stop if feed.teacher else None)
+    server.feed = feed
+    return server.start()
+
+
 def serve(cfg: ServeConfig) -> None:
     import uvicorn
 

@@ -32,7 +32,7 @@ from .model.model import Phi
 from .parallelize import parallelize, resolve_strategy
 from .tokenizer import load_tokenizer
 
-log = logging.getLogger("scratchlm.train")
+log = logging.getLogger("scratchlm.trainer")
 
 
 class TrainConfig(ConfigBase):

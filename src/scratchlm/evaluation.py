@@ -1,0 +1,109 @@
+"""``scratchlm eval``: token-level loss, perplexity and bits per byte of a causal LM on text.
+
+Protocol (the one behind Phi-2's published WikiText-2 perplexity of 9.705): the documents are joined into one token
+stream (here with ``<|endoftext|>`` between them, as in training) and cut into non-overlapping windows of
+``block_size`` tokens; every token but each window's first is predicted from the tokens before it in its window.
+Loss is the mean over predicted tokens (nats), perplexity its exponential, and bits per byte the total loss in bits
+over the UTF-8 bytes of the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import iter_documents
+from .tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    bits_per_byte: float
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_causal_lm(path_or_hub_id: str, device: torch.device, dtype: torch.dtype | None = None):
+    """(forward(idx) → logits, model) for a Hugging Face folder or hub id: Phi on our model, others on transformers."""
+    import json as _json
+
+    from .model.hf import load_hf, resolve_model_dir
+
+    model_dir = resolve_model_dir(path_or_hub_id)
+    model_type = _json.loads((model_dir / "config.json").read_text()).get("model_type")
+    if model_type == "phi":
+        model = load_hf(str(model_dir), device=device, dtype=dtype).eval()
+        return model, model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    return (lambda idx: model(input_ids=idx, use_cache=False).logits), model
+
+
+@torch.no_grad()
+def evaluate_texts(forward, texts: Sequence[str], tokenizer: Tokenizer, block_size: int, device: torch.device,
+                   batch_size: int = 4, max_tokens: int | None = None, progress: bool = True) -> EvalResult:
+    """Loss over non-overlapping windows of ``block_size`` tokens of the joined texts."""
+    stream = torch.from_numpy(tokenizer.encode_documents(list(texts)))
+    if max_tokens is not None:
+        stream = stream[:max_tokens]
+    if len(stream) < 2:
+        raise ValueError("the text has fewer than two tokens: nothing to predict")
+    # Bytes of the text these tokens stand for (decoding the evaluated tokens counts a truncated stream right).
+    n_bytes = len(tokenizer.decode(stream.tolist()).encode("utf-8"))
+    windows = list(stream.split(block_size))
+    total_nats, predicted = 0.0, 0
+    bar = tqdm(total=len(stream), unit="tok", unit_scale=True, desc="evaluating", disable=not progress or None)
+    # Full windows go in batches; the last, shorter one on its own.
+    full = [w for w in windows if len(w) == block_size]
+    rest = [w for w in windows if len(w) != block_size and len(w) > 1]
+    for group in [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [[w] for w in rest]:
+        idx = torch.stack(group).to(device)
+        logits = forward(idx[:, :-1]).float()
+        total_nats += F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten(), reduction="sum").item()
+        predicted += idx[:, 1:].numel()
+        bar.update(idx.numel())
+    bar.close()
+    loss = total_nats / predicted
+    return EvalResult(loss=loss, perplexity=math.exp(loss), bits_per_byte=total_nats / math.log(2) / n_bytes,
+                      tokens=predicted)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    forward, _ = load_causal_lm(args.model, device, dtype)
+    tokenizer = load_tokenizer(args.tokenizer)
+    texts = [t for _, t in iter_documents(args.data, chunk_chars=10**9)]  # whole documents, joined
+    result = evaluate_texts(forward, texts, tokenizer, args.block_size, device, args.batch_size, args.max_tokens,
+                            progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"{args.model} on {args.data}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f}, "
+              f"{result.bits_per_byte:.4f} bits/byte over {result.tokens:,} tokens (windows of {args.block_size})")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on text")
+    p.add_argument("--model", required=True, help="Hugging Face folder or hub id (ours, microsoft/phi-2, ...)")
+    p.add_argument("--data", required=True, help="text: folder, .zip, .txt, .jsonl(.gz), .parquet")
+    p.add_argument("--block-size", type=int, default=2048, help="window length in tokens (default 2048)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: $SCRATCHLM_TOKENIZER)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help='print {"loss", "perplexity", "bits_per_byte", "tokens"}')
+    p.set_defaults(func=cmd_eval)

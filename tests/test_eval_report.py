@@ -1,0 +1,126 @@
+"""eval, the loss-curve fit, the report, the demo and the example notebooks."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scratchlm.evaluation import evaluate_texts
+from scratchlm.model.config import PRESETS
+from scratchlm.model.hf import save_hf
+from scratchlm.model.model import Phi
+from scratchlm.reporting import TOKEN_UNIT, build_report, extrapolate, fit_power_law
+from scratchlm.trainer import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_eval_equals_a_hand_computed_cross_entropy(tokenizer, corpus_dir, tmp_path):
+    torch.manual_seed(0)
+    model = Phi(PRESETS["phi-tiny"]).eval()
+    texts = [(corpus_dir / "books" / "pg84_frankenstein.txt").read_text()[:700], "A second, short document."]
+    result = evaluate_texts(model, texts, tokenizer, block_size=32, device=torch.device("cpu"), progress=False)
+
+    ids = []
+    for t in texts:  # joined with <|endoftext|> after each document
+        ids += tokenizer.encode(t) + [50256]
+    nats, count = 0.0, 0
+    for start in range(0, len(ids), 32):  # non-overlapping windows; each window's first token is not predicted
+        window = ids[start : start + 32]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([window[:-1]]))[0].double(), dim=-1)
+        for pos, target in enumerate(window[1:]):
+            nats -= logp[pos, target].item()
+            count += 1
+    assert result.tokens == count
+    assert result.loss == pytest.approx(nats / count, rel=1e-6)
+    assert result.perplexity == pytest.approx(math.exp(nats / count), rel=1e-6)
+    n_bytes = len(tokenizer.decode(ids).encode())
+    assert result.bits_per_byte == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-6)
+
+    save_hf(model, tmp_path / "m")
+    tokenizer.save(tmp_path / "m")
+    (tmp_path / "text.txt").write_text(texts[0])
+    r = subprocess.run([sys.executable, "-m", "scratchlm", "eval", "--model", str(tmp_path / "m"), "--data",
+                        str(tmp_path / "text.txt"), "--block-size", "32", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)) == {"loss", "perplexity", "bits_per_byte", "tokens"}
+
+
+@pytest.mark.parametrize("E,B,beta", [(3.0, 4.0, 0.35), (2.0, 1.5, 0.6), (4.5, 8.0, 0.2)])
+def test_fit_recovers_a_known_power_law(E, B, beta):
+    rng = np.random.default_rng(1)
+    tokens = np.geomspace(1e5, 1e8, 30)
+    losses = E + B * (tokens / TOKEN_UNIT) ** (-beta) + rng.normal(0, 0.005, len(tokens))
+    fit = fit_power_law(tokens, losses)
+    assert fit.E == pytest.approx(E, abs=0.1)
+    assert fit.beta == pytest.approx(beta, rel=0.15)
+    target = E + 0.2
+    result = extrapolate(tokens, losses, target, samples=50)
+    true = TOKEN_UNIT * (B / 0.2) ** (1 / beta)
+    assert result["reachable"] and result["tokens"] == pytest.approx(true, rel=0.5)
+    lo, hi = result["tokens_90pct_interval"]
+    assert lo < result["tokens"] < hi
+    assert not extrapolate(tokens, losses, E - 0.5, samples=20)["reachable"]  # below the floor: out of reach
+
+
+def test_report_over_two_runs(small_corpus, tmp_path):
+    settings = dict(model="phi-tiny", data=str(small_corpus), block_size=64, micro_batch_size=4, eval_batches=2,
+                    eval_fraction=0.05, warmup_steps=3, max_steps=16, eval_interval=4, device="cpu",
+                    target_loss="auto", continue_after_target=True)
+    train(TrainConfig(**settings, out=str(tmp_path / "clean"), lr=3e-3))
+    train(TrainConfig(**settings, out=str(tmp_path / "other"), lr=1e-3))
+    out = tmp_path / "report"
+    report = build_report([tmp_path / "clean", tmp_path / "other"], out, ("Phi-2", 2.273))
+    for png in ("loss_curves.png", "extrapolation.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "loss_curves.json").read_text())
+    for name in ("clean", "other"):
+        metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert data[name]["train"]["loss"] == [m["loss"] for m in metrics if "loss" in m]
+        assert data[name]["eval"]["loss"] == [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    md = (out / "report.md").read_text()
+    assert "| clean |" in md and "| other |" in md and "Phi-2" in md and "1.4T tokens" in md
+    assert {r["run"] for r in report["runs"]} == {"clean", "other"}
+    for r in report["runs"]:
+        assert r["gap_to_reference"] == pytest.approx(r["final_eval_loss"] - 2.273)
+        assert "fit" in report["extrapolation"][r["run"]]
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "scratchlm", "demo", "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert set(summary["runs"]) == {"clean", "stream"}
+    assert summary["runs"]["clean"]["target_reached"] is not None
+    assert 0.0 < summary["teacher_share_served"] <= 0.5  # the stream run really got teacher texts
+    assert (tmp_path / "report" / "loss_curves.png").exists() and (tmp_path / "report" / "report.md").exists()
+    for stage in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6", "target reached"):
+        assert stage in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook", ["feed_server.ipynb", "training.ipynb"])
+def test_example_notebooks_run_top_to_bottom(notebook, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("SCRATCHLM_EXAMPLE_OUT", str(tmp_path))
+    nb = nbformat.read(REPO / "examples" / notebook, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "Traceback" not in outputs
+    if notebook == "training.ipynb":
+        assert (tmp_path / "notebook" / "final" / "model.safetensors").exists()
+        assert "scratchlm report" in outputs
+    else:
+        assert "replay from the start gives the same first texts: True" in outputs
