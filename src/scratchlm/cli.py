@@ -60,7 +60,9 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scratchlm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="scratchlm", description="Pretrain a small Phi-style language model from random weights: feed server, "
+        "trainer, teacher, evaluation and reports. Start with: scratchlm demo")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("model-info", help="parameter counts and FLOPs per token of a preset")
