@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -42,6 +43,10 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's weights on the CPU under our own keys, from a plain, compiled, DDP or FSDP model
     (collective under FSDP; complete on rank 0)."""
     return get_model_state_dict(model, options=FULL)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, file too large, permissions); the previous ones are intact."""
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -126,7 +131,15 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     final = root / f"step-{step:08d}"
     if not is_main:
         return final
-    return _write(root, final, step, weights, optim, state, config_yaml, run_dir, keep)
+    try:
+        return _write(root, final, step, weights, optim, state, config_yaml, run_dir, keep)
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
+        shutil.rmtree(root / f"step-{step:08d}.tmp", ignore_errors=True)  # free what the failed write took
+        previous = latest_checkpoint(run_dir)
+        raise CheckpointWriteError(
+            f"could not write checkpoint step {step} to {root}: {getattr(err, 'strerror', None) or err}. "
+            + (f"The previous checkpoint ({previous.name}) is intact; free space, then --resume auto."
+               if previous else "No earlier checkpoint exists.")) from None
 
 
 def _write(root: Path, final: Path, step: int, weights: dict, optim: dict, state: dict, config_yaml: str,

@@ -12,13 +12,15 @@ from collections.abc import Sequence
 
 import torch
 
+from .checkpoint import CheckpointWriteError
 from .config import ConfigError
 from .data import DataError
 from .model.config import PRESETS, get_preset
 from .model.hf import CheckpointError
 from .tokenizer import TokenizerNotFound
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, TokenizerNotFound, CheckpointError, DataError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, TokenizerNotFound, CheckpointError, DataError,
+                                                 CheckpointWriteError)
 
 
 def cmd_model_info(args: argparse.Namespace) -> None:

@@ -78,6 +78,9 @@ class CorpusSource:
 
         Position ``index`` of an epoch's order goes to rank ``index % world_size``: ranks get disjoint streams.
         """
+        if not 0 <= rank < world_size <= len(self.texts):
+            raise ValueError(f"rank {rank} of world_size {world_size}: each rank needs at least one of the "
+                             f"{len(self.texts)} documents")
         epoch, index = cursor.epoch, cursor.index
         out: list[int] = []
         while len(out) < n:

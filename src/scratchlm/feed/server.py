@@ -75,6 +75,8 @@ class ServeConfig(ConfigBase):
     """How long a request waits for teacher texts before answering from the corpus instead."""
     teacher_buffer: int = 256
     """Teacher texts kept ready (bounded buffer)."""
+    teacher_stall_s: float = 120.0
+    """A teacher call running longer than this marks the teacher down (hung) until it answers."""
     public: bool = False
     """Open an ngrok tunnel (needs pyngrok and NGROK_AUTHTOKEN, and an API key)."""
 
@@ -86,11 +88,13 @@ class TeacherBuffer:
     If it raises, the teacher is marked down and retried with backoff; the feed goes on from the corpus.
     """
 
-    def __init__(self, produce: Callable[[int], list[str]], capacity: int, chunk: int = 16) -> None:
-        self.produce, self.capacity, self.chunk = produce, capacity, chunk
+    def __init__(self, produce: Callable[[int], list[str]], capacity: int, chunk: int = 16,
+                 stall_s: float = 120.0) -> None:
+        self.produce, self.capacity, self.chunk, self.stall_s = produce, capacity, chunk, stall_s
         self.texts: deque[str] = deque()
         self.cond = threading.Condition()
-        self.up = True
+        self.answering = True  # the last call returned texts
+        self.busy_since: float | None = None
         self.generated = 0
         self.errors = 0
         self._stop = threading.Event()
@@ -103,23 +107,32 @@ class TeacherBuffer:
             with self.cond:
                 while len(self.texts) >= self.capacity and not self._stop.is_set():
                     self.cond.wait(0.5)
+            self.busy_since = time.monotonic()
             try:
                 new = self.produce(self.chunk)
             except Exception as err:  # the teacher's own failure: keep serving from the corpus
+                self.busy_since = None
                 self.errors += 1
-                if self.up:
+                if self.answering:
                     log.warning("teacher down: %s", err)
-                self.up = False
+                self.answering = False
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
+            self.busy_since = None
             if not self.up:
                 log.info("teacher back")
-            self.up, backoff = True, 0.5
+            self.answering, backoff = True, 0.5
             with self.cond:
                 self.texts.extend(t for t in new if t)
                 self.generated += len(new)
                 self.cond.notify_all()
+
+    @property
+    def up(self) -> bool:
+        """Answering, and not stuck in a call for longer than ``stall_s`` (a hung teacher counts as down)."""
+        busy = self.busy_since
+        return self.answering and (busy is None or time.monotonic() - busy < self.stall_s)
 
     def take(self, n: int, deadline_s: float) -> list[str]:
         """Up to n buffered texts, waiting at most ``deadline_s`` for the first one."""
@@ -242,6 +255,9 @@ def create_app(cfg: ServeConfig, feed: Feed, api_key: str | None) -> FastAPI:
               rank: Annotated[int, Query(ge=0)] = 0, world_size: Annotated[int, Query(ge=1, le=65536)] = 1) -> dict:
         if rank >= world_size:
             raise HTTPException(status_code=422, detail=f"rank {rank} must be below world_size {world_size}")
+        if world_size > len(feed.corpus.texts):
+            raise HTTPException(status_code=422, detail=f"world_size {world_size} exceeds the corpus's "
+                                                        f"{len(feed.corpus.texts)} documents")
         try:
             start = Cursor.decode(cursor, feed.corpus.fingerprint) if cursor else Cursor(0, 0)
         except CursorError as err:
@@ -281,7 +297,7 @@ def build(cfg: ServeConfig, teacher: Callable[[int], list[str]] | None = None) -
     meter = None
     if teacher is None and cfg.teacher:
         teacher, stats, meter = _teacher_producer(cfg, corpus)
-    buffer = TeacherBuffer(teacher, cfg.teacher_buffer) if teacher is not None else None
+    buffer = TeacherBuffer(teacher, cfg.teacher_buffer, stall_s=cfg.teacher_stall_s) if teacher is not None else None
     feed = Feed(cfg, corpus, buffer)
     feed.teacher_stats, feed.diversity = stats, meter
     log.info("corpus %s: %d documents (%d held out), files skipped: %s", corpus_path, len(corpus.texts),
