@@ -4,6 +4,7 @@ source, and build-corpus, all on a small real model exported in Hugging Face for
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -166,3 +167,24 @@ def test_prompts_are_seeded_and_varied(corpus_dir, tokenizer):
     assert len(set(a)) > 190
     openings = {" ".join(p.split()[:3]) for p in a}
     assert len(openings) > 50
+
+
+def test_a_non_phi_model_teaches_and_evaluates_through_transformers(tokenizer, tmp_path):
+    # Any causal LM with Phi-2's tokenizer works: a tiny random GPT-2 here goes through AutoModelForCausalLM.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from scratchlm.evaluation import evaluate_texts, load_causal_lm
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=50295, n_positions=128, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path)
+    tokenizer.save(tmp_path)
+    teacher = LocalTeacher(str(tmp_path), device="cpu", batch_size=2, dtype=torch.float32)
+    outs = teacher.complete(["Once upon a time", "The", "A third prompt"], SamplingParams(max_new_tokens=8), seed=0)
+    assert len(outs) == 3 and all(0 < c.tokens <= 8 for c in outs)
+    again = teacher.complete(["Once upon a time", "The", "A third prompt"], SamplingParams(max_new_tokens=8), seed=0)
+    assert [c.text for c in outs] == [c.text for c in again]
+    forward, _ = load_causal_lm(str(tmp_path), torch.device("cpu"))
+    result = evaluate_texts(forward, ["Some text to score, long enough for two windows."], tokenizer, 8,
+                            torch.device("cpu"), progress=False)
+    assert abs(result.loss - math.log(50295)) < 1.0
