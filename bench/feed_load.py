@@ -12,13 +12,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 
+from scratchlm.feed.server import spawn
 from scratchlm.serving import free_port
 
 
@@ -30,64 +29,61 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def hammer(url: str, clients: int, seconds: float, size: int = 16) -> dict:
+    """``clients`` threads asking /v1/batch (each its own rank and cursor) for ``seconds``; totals and latencies."""
+    latencies: list[float] = []
+    totals = {"requests": 0, "errors": 0, "bytes": 0, "texts": 0}
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client(rank: int) -> None:
+        cursor = None
+        with httpx.Client(timeout=30) as http:
+            while time.monotonic() < stop:
+                t0 = time.perf_counter()
+                try:
+                    r = http.get(url + "/v1/batch", params={"size": size, "rank": rank, "world_size": clients,
+                                                            **({"cursor": cursor} if cursor else {})})
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                dt = time.perf_counter() - t0
+                with lock:
+                    if not ok:
+                        totals["errors"] += 1
+                        continue
+                    body = r.json()
+                    cursor = body["cursor"]
+                    totals["requests"] += 1
+                    totals["texts"] += len(body["texts"])
+                    totals["bytes"] += sum(len(t.encode("utf-8")) for t in body["texts"])
+                    latencies.append(dt)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    latencies.sort()
+    return {"clients": clients, "seconds": round(wall, 1), "requests": totals["requests"],
+            "errors": totals["errors"], "requests_per_s": totals["requests"] / wall,
+            "texts_per_s": totals["texts"] / wall, "MB_per_s": totals["bytes"] / wall / 1e6,
+            "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
+            "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else None}
+
+
 def run_load(corpus: str, clients: int = 32, seconds: float = 60.0, size: int = 16) -> dict:
+    """A server process of its own, loaded by ``hammer``; adds how much its memory grew."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "scratchlm", "serve", "--corpus", corpus, "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = spawn(corpus, port)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
         rss_start = rss_mib(server.pid)
-        latencies: list[float] = []
-        totals = {"requests": 0, "errors": 0, "bytes": 0}
-        lock = threading.Lock()
-        stop = time.monotonic() + seconds
-
-        def client(rank: int) -> None:
-            cursor = None
-            with httpx.Client(timeout=30) as http:
-                while time.monotonic() < stop:
-                    t0 = time.perf_counter()
-                    try:
-                        r = http.get(url + "/v1/batch", params={"size": size, "rank": rank, "world_size": clients,
-                                                                **({"cursor": cursor} if cursor else {})})
-                        ok = r.status_code == 200
-                    except httpx.HTTPError:
-                        ok = False
-                    dt = time.perf_counter() - t0
-                    with lock:
-                        if not ok:
-                            totals["errors"] += 1
-                            continue
-                        body = r.json()
-                        cursor = body["cursor"]
-                        totals["requests"] += 1
-                        totals["bytes"] += sum(len(t) for t in body["texts"])
-                        latencies.append(dt)
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
-        latencies.sort()
-        return {"clients": clients, "seconds": round(wall, 1), "requests": totals["requests"],
-                "errors": totals["errors"], "requests_per_s": totals["requests"] / wall,
-                "MB_per_s": totals["bytes"] / wall / 1e6,
-                "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
-                "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else None,
-                "server_rss_start_mib": rss_start, "server_rss_end_mib": rss_mib(server.pid),
-                "rss_growth_mib": rss_mib(server.pid) - rss_start}
+        result = hammer(f"http://127.0.0.1:{port}", clients, seconds, size)
+        rss_end = rss_mib(server.pid)
+        return {**result, "server_rss_start_mib": rss_start, "server_rss_end_mib": rss_end,
+                "rss_growth_mib": rss_end - rss_start}
     finally:
         server.kill()
 

@@ -10,58 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import statistics
-import subprocess
-import sys
-import threading
 import time
 
-import httpx
+from feed_load import hammer  # the same load loop as bench/feed_load.py
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def load(url: str, clients: int, seconds: float, size: int) -> dict:
-    stop = time.monotonic() + seconds
-    totals = {"bytes": 0, "texts": 0, "requests": 0, "errors": 0}
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def worker(rank: int) -> None:
-        cursor = None
-        with httpx.Client(timeout=30) as http:
-            while time.monotonic() < stop:
-                t0 = time.perf_counter()
-                r = http.get(url + "/v1/batch", params={"size": size, "rank": rank, "world_size": clients,
-                                                        **({"cursor": cursor} if cursor else {})})
-                dt = time.perf_counter() - t0
-                with lock:
-                    if r.status_code != 200:
-                        totals["errors"] += 1
-                        continue
-                    body = r.json()
-                    cursor = body["cursor"]
-                    totals["bytes"] += sum(len(t.encode("utf-8")) for t in body["texts"])
-                    totals["texts"] += len(body["texts"])
-                    totals["requests"] += 1
-                    latencies.append(dt)
-
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    latencies.sort()
-    return {"clients": clients, "MB_s": totals["bytes"] / wall / 1e6, "texts_s": totals["texts"] / wall,
-            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
-            "errors": totals["errors"]}
+from scratchlm.feed.server import spawn
+from scratchlm.serving import free_port
 
 
 def tokenize_pack_rate(url: str, seconds: float) -> float:
@@ -86,23 +40,13 @@ def main() -> None:
     args = p.parse_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "scratchlm", "serve", "--corpus", args.corpus, "--port",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = spawn(args.corpus, port)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-            if time.monotonic() > deadline:
-                sys.exit("server did not start")
-        load(url, 4, 2.0, args.size)  # warm-up
+        hammer(url, 4, 2.0, args.size)  # warm-up
         print(f"{'clients':>7} {'MB/s':>8} {'texts/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
         for clients in (1, 4, 16):
-            r = load(url, clients, args.seconds, args.size)
-            print(f"{r['clients']:>7} {r['MB_s']:>8.1f} {r['texts_s']:>9,.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+            r = hammer(url, clients, args.seconds, args.size)
+            print(f"{r['clients']:>7} {r['MB_per_s']:>8.1f} {r['texts_per_s']:>9,.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
                   f"{r['errors']:>6}", flush=True)
         rate = tokenize_pack_rate(url, args.seconds)
         print(f"client fetch + tokenize + pack: {rate:,.0f} tokens/s (blocks of 2049, batch 8)")

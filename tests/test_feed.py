@@ -18,7 +18,7 @@ from servers import UvicornThread, free_port
 
 from scratchlm.config import ConfigError
 from scratchlm.feed.client import FeedClient, FeedError
-from scratchlm.feed.server import ServeConfig, build
+from scratchlm.feed.server import ServeConfig, build, spawn
 from scratchlm.trainer import TrainConfig, train
 
 
@@ -173,24 +173,9 @@ def test_teacher_mix_holds_ratio_and_never_starves(small_corpus):
             time.sleep(0.1)
 
 
-def _start_feed(corpus: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "scratchlm", "serve", "--corpus", str(corpus), "--port",
-                             str(port), "--eval-fraction", "0.05"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "feed server did not start"
-        time.sleep(0.2)
-
-
 def test_training_survives_feed_restart(small_corpus, tmp_path):
     port = free_port()
-    server = _start_feed(small_corpus, port)
+    server = spawn(small_corpus, port, "--eval-fraction", "0.05")
     run = tmp_path / "run"
     args = [sys.executable, "-m", "scratchlm", "train", "--model", "phi-tiny", "--data", f"http://127.0.0.1:{port}",
             "--out", str(run), "--block-size", "64", "--micro-batch-size", "4", "--eval-batches", "1",
@@ -212,7 +197,7 @@ def test_training_survives_feed_restart(small_corpus, tmp_path):
         server.kill()  # mid-run: the trainer drains what it prefetched, then waits
         server.wait()
         wait_for("waiting for it", 120)
-        server = _start_feed(small_corpus, port)
+        server = spawn(small_corpus, port, "--eval-fraction", "0.05")
         trainer.wait(timeout=300)
         reader.join(10)
     finally:

@@ -24,7 +24,7 @@ from servers import UvicornThread
 from scratchlm import checkpoint as ckpt
 from scratchlm.data import CorpusStats, iter_documents
 from scratchlm.feed.client import FeedClient
-from scratchlm.feed.server import ServeConfig, build
+from scratchlm.feed.server import ServeConfig, build, spawn
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -95,25 +95,11 @@ def test_full_disk_during_a_checkpoint_is_a_clear_error(small_corpus, tmp_path):
     assert state["step"] == 2
 
 
-def _start_feed(corpus: Path, port: int, *extra: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "scratchlm", "serve", "--corpus", str(corpus), "--port", str(port),
-                             "--eval-fraction", "0.05", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "feed server did not start"
-        time.sleep(0.2)
-
-
 def test_training_survives_three_feed_restarts(small_corpus, tmp_path):
     from servers import free_port
 
     port = free_port()
-    server = _start_feed(small_corpus, port)
+    server = spawn(small_corpus, port, "--eval-fraction", "0.05")
     run = tmp_path / "run"
     args = train_args(f"http://127.0.0.1:{port}", run, 300, **{"checkpoint-interval": "1000",
                                                                  "feed-texts-per-request": "1"})
@@ -135,7 +121,7 @@ def test_training_survives_three_feed_restarts(small_corpus, tmp_path):
             while count("waiting for it") < restart:
                 assert trainer.poll() is None and time.monotonic() < deadline, "".join(lines)[-2000:]
                 time.sleep(0.1)
-            server = _start_feed(small_corpus, port)
+            server = spawn(small_corpus, port, "--eval-fraction", "0.05")
         trainer.wait(timeout=600)
     finally:
         server.kill()

@@ -360,6 +360,29 @@ def serve_background(cfg: ServeConfig, teacher: Callable[[int], list[str]] | Non
     return server.start()
 
 
+def spawn(corpus: str, port: int, *flags: str, timeout_s: float = 120.0):
+    """Start ``scratchlm serve`` as its own process on loopback and return it once /health answers
+    (for benchmarks and fault tests, which need a server they can kill)."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "scratchlm", "serve", "--corpus", str(corpus), "--port", str(port),
+                             *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"feed server on port {port} did not start")
+        time.sleep(0.2)
+
+
 def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
