@@ -227,3 +227,23 @@ def test_training_from_the_feed_resumes_exactly(open_server, tmp_path):
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert sorted(b) == list(range(1, 13))
     assert all(abs(a[s] - b[s]) <= 1e-6 for s in range(1, 13)), (a, b)
+
+
+def test_wait_ready_waits_for_a_cold_teacher_and_gives_up_on_a_dead_one():
+    from scratchlm.feed.server import TeacherBuffer
+
+    def cold(n: int) -> list[str]:
+        time.sleep(0.5)  # loading, warming up
+        return [f"text {k}" for k in range(n)]
+
+    def dead(n: int) -> list[str]:
+        raise ConnectionError("refused")
+
+    ready, down = TeacherBuffer(cold, capacity=32), TeacherBuffer(dead, capacity=32)
+    try:
+        t0 = time.monotonic()
+        assert ready.wait_ready(timeout_s=10) and 0.4 < time.monotonic() - t0 < 5
+        assert not down.wait_ready(timeout_s=1) and not down.up
+    finally:
+        ready.stop()
+        down.stop()

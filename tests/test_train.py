@@ -75,6 +75,8 @@ def test_resume_continues_exactly(small_corpus, tmp_path):
     for k in w_a:
         torch.testing.assert_close(w_a[k], w_b[k], rtol=0, atol=1e-6)
     assert len(ckpt.checkpoint_dirs(straight)) == 2  # keep_checkpoints
+    saves = [line for line in (straight / "train.log").read_text().splitlines() if "checkpoint saved" in line]
+    assert len(saves) == 4  # steps 5, 10, 15, 20: the final step's checkpoint is written once
 
 
 def test_refuses_to_overwrite_a_run_without_resume(small_corpus, tmp_path):

@@ -90,6 +90,10 @@ def demo(out: Path, plan: DemoPlan) -> dict:
         feed = serve(corpus=corpus, teacher=f"openai:{teacher.url}", teacher_ratio=plan.teacher_ratio,
                      teacher_max_new_tokens=plan.teacher_max_new_tokens)
         try:
+            # Without this, a short run on a slow machine can end before the teacher's first texts exist.
+            print("waiting for the teacher's first texts...", flush=True)
+            if not feed.feed.teacher.wait_ready(timeout_s=300):
+                raise RuntimeError(f"the teacher at {teacher.url} produced no text in 300 s")
             _banner(f"4/6 run 'stream': {plan.model} from the feed, {plan.teacher_ratio:.0%} teacher texts")
             train(TrainConfig(**common, data=feed.url, out=str(runs["stream"])))
             feed_stats = feed.feed.realised_ratio()

@@ -408,6 +408,9 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None, env: distributed.Dis
         return loss
 
     def save() -> None:
+        if saved["at"] == (state["step"], loader_position):
+            return
+        saved["at"] = (state["step"], loader_position)
         state["data_positions"] = distributed.gather_objects(loader_position, env)
         path = ckpt.save_checkpoint(out, state["step"], train_model, optimizer, state, config_yaml,
                                     cfg.keep_checkpoints, env.is_main)
@@ -415,6 +418,9 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None, env: distributed.Dis
         log.info("checkpoint saved: %s", path)
 
     loader_position = state["data_positions"][env.rank]
+    # What the newest checkpoint holds (a resumed run starts from one), so that a run ending on a save step
+    # does not write the same checkpoint twice.
+    saved = {"at": (state["step"], loader_position) if resume_from is not None else None}
     if state["initial_eval_loss"] is None:
         state["initial_eval_loss"] = run_eval()
         if cfg.target_loss is not None:

@@ -143,6 +143,11 @@ class TeacherBuffer:
             self.cond.notify_all()
             return out
 
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until the first texts are buffered (a cold teacher loads and warms up first); False on timeout."""
+        with self.cond:
+            return bool(self.cond.wait_for(lambda: self.texts or self._stop.is_set(), timeout_s) and self.texts)
+
     def stop(self) -> None:
         self._stop.set()
         with self.cond:
