@@ -90,3 +90,46 @@ def test_sequence_longer_than_block_size_is_refused():
     model = Phi(TINY)
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, TINY.block_size + 1, dtype=torch.long))
+
+
+def test_packed_cpu_linears_equal_plain_ones_and_follow_weight_changes():
+    from scratchlm.model.cpu_inference import PackedLinear, pack_linears
+
+    torch.manual_seed(0)
+    model = Phi(TINY).eval()
+    _randomise(model)
+    idx = torch.randint(0, TINY.vocab_size, (2, 33))
+    with torch.no_grad():
+        plain = model(idx)
+        packed_count = pack_linears(model)
+        # fc1, fc2 (256 × 64 = 16k elements) stay plain at this size; the LM head (1024 × 64) is packed.
+        assert packed_count == 1 and isinstance(model.lm_head.forward, PackedLinear)
+        torch.testing.assert_close(model(idx), plain, rtol=0, atol=1e-5)
+        model.lm_head.weight.mul_(2.0)  # an in-place change must not leave a stale packed copy
+        reference = F.linear(model.features(idx), model.lm_head.weight, model.lm_head.bias)
+        torch.testing.assert_close(model(idx), reference, rtol=0, atol=1e-5)
+        assert not torch.allclose(reference, plain)
+    pack_linears(model)
+    loss = model(idx).float().logsumexp(-1).mean()  # gradients on: the plain path, so backward works
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+
+
+def test_cpu_generation_in_bf16_follows_the_model():
+    """bf16 decoding on the CPU (packed linears, float32 cache and attention) gives the greedy tokens of plain
+    full forwards of the same bf16 weights."""
+    from scratchlm.teacher.sampling import BatchGenerator, SamplingParams
+
+    torch.manual_seed(0)
+    model = Phi(TINY).eval()
+    _randomise(model)  # well-separated logits: no near-ties for rounding to flip
+    model = model.to(torch.bfloat16)
+    prompt = torch.randint(0, TINY.vocab_size, (8,)).tolist()
+    new = BatchGenerator(model, eot_id=0, batch_size=2, max_seq_len=40).generate(
+        [prompt], SamplingParams(max_new_tokens=6, temperature=0, stop_at_eot=False))[0]
+    model.clear_kv_cache()
+    reference, model = list(prompt), model.float()
+    with torch.no_grad():
+        for _ in range(6):
+            reference.append(model(torch.tensor([reference]))[0, -1, : TINY.vocab_size].argmax().item())
+    assert new == reference[8:]

@@ -75,17 +75,19 @@ class KVCache(nn.Module):
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of a few new queries over the KV cache.
+    """Attention of a few new queries over the KV cache; the result has q's dtype.
 
     On the CPU, PyTorch's fused SDPA kernel is slow for this shape (one query row, a boolean mask): 3.3× slower
     than plain matmul + softmax in bf16 and no faster in fp32 (measured, batch 32, 4 heads, 160 keys), so there we
-    spell it out; elsewhere the fused kernel.
+    spell it out, in float32: bf16 batched matmuls over a slice of the cache are 2–4× slower than float32 ones
+    there (and ``setup_kv_cache`` can keep a float32 cache, so that nothing is converted). Elsewhere the fused
+    kernel, in q's dtype.
     """
     if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, nh, T, L)
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, nh, T, L)
     scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1).to(v.dtype) @ v
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -108,7 +110,7 @@ class Attention(nn.Module):
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, nh, max_seq_len, hs)
             L = mask.shape[-1]
-            y = cached_attention(q, k[:, :, :L].to(q.dtype), v[:, :, :L].to(q.dtype), mask)
+            y = cached_attention(q, k[:, :, :L], v[:, :, :L], mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))

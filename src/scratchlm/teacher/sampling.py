@@ -12,8 +12,8 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from ..model.cpu_inference import PackedLinear, pack_linears
 from ..model.model import Phi
 
 
@@ -65,13 +65,15 @@ class BatchGenerator:
         self.vocab_size = model.config.vocab_size
         self.device = model.lm_head.weight.device
         # The LM head restricted to real token ids: padding rows are never sampled, so never computed.
-        self.head_weight = model.lm_head.weight[: self.vocab_size]
-        self.head_bias = model.lm_head.bias[: self.vocab_size]
-        model.setup_kv_cache(batch_size, self.max_seq_len)
+        head = model.lm_head
+        self.head = PackedLinear(lambda: (head.weight[: self.vocab_size], head.bias[: self.vocab_size]))
+        pack_linears(model)  # on the CPU: oneDNN with reordered weights, several times faster than plain F.linear
+        # A float32 cache on the CPU: attention there runs in float32 (see ``cached_attention``).
+        model.setup_kv_cache(batch_size, self.max_seq_len, dtype=torch.float32 if self.device.type == "cpu" else None)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, 1, n_embd) → logits over the real vocabulary (B, vocab_size)."""
-        return F.linear(hidden[:, -1], self.head_weight, self.head_bias)
+        return self.head(hidden[:, -1])
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None) -> list[list[int]]:
