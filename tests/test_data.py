@@ -3,13 +3,17 @@
 import zipfile
 
 import numpy as np
+import pytest
 
 from scratchlm.data import (
     BlockLoader,
     CorpusStats,
+    DataError,
     DataPosition,
+    MixedBlockLoader,
     is_held_out,
     iter_documents,
+    parse_data_list,
     split_paragraphs,
     tokenize_corpus,
 )
@@ -76,3 +80,50 @@ def test_block_loader_is_deterministic_disjoint_and_resumable():
     resumed = BlockLoader(tokens, 64, 4, seed=7, rank=0, world_size=2, position=DataPosition(0, 16))
     assert (resumed.next_batch().inputs == first[2]).all()
     assert ranks[0].next_batch().position["epoch"] == 1
+
+
+def test_mixed_loader_holds_the_weights_upsamples_and_resumes_exactly():
+    # Source 0: 10 blocks whose tokens are all < 1000; source 1: 50 blocks, all ≥ 1000. Weight 3:1 toward the small one.
+    small = np.arange(65 * 10, dtype=np.uint16)
+    large = np.arange(1000, 1000 + 65 * 50, dtype=np.uint16)
+    ranks = [MixedBlockLoader([small, large], [3, 1], 64, 4, seed=7, rank=r, world_size=2) for r in range(2)]
+    per_rank: list[list[int]] = [[], []]
+    for _ in range(10):  # 80 blocks in all
+        positions = []
+        for r, loader in enumerate(ranks):
+            batch = loader.next_batch()
+            assert (batch.targets[:, :-1] == batch.inputs[:, 1:]).all()
+            per_rank[r] += [int(b[0]) for b in batch.inputs]
+            positions.append(batch.position)
+        assert positions[0] == positions[1]  # every rank follows the whole stream
+    blocks = per_rank[0] + per_rank[1]
+    assert sum(b < 1000 for b in blocks) == 60  # exactly 3/4 from the small source...
+    assert sorted({b for b in blocks if b < 1000}) == [65 * i for i in range(10)]  # ...so each of its blocks 6 times
+    large_seen = [b for b in blocks if b >= 1000]
+    assert len(set(large_seen)) == len(large_seen) == 20  # the large one sampled, without repeats within an epoch
+    position = ranks[1].next_batch().position
+    ahead = [ranks[1].next_batch().inputs for _ in range(2)]
+    resumed = MixedBlockLoader([small, large], [3, 1], 64, 4, seed=7, position=position, rank=1, world_size=2)
+    for expected in ahead:
+        assert (resumed.next_batch().inputs == expected).all()
+    with pytest.raises(DataError, match="same --data list"):
+        MixedBlockLoader([small], [1], 64, 4, seed=7, position=position)
+
+
+def test_data_list_parsing(tmp_path):
+    a, b = tmp_path / "wiki", tmp_path / "code.txt"
+    a.mkdir()
+    b.write_text("x")
+    assert [(s.name, s.weight) for s in parse_data_list(f"{a}:0.7,{b}:0.3")] == [("wiki", 0.7), ("code.txt", 0.3)]
+    assert [s.weight for s in parse_data_list(f"{a},{b}:2")] == [1.0, 2.0]
+    odd = tmp_path / "odd,name:1"
+    odd.mkdir()
+    assert [s.path for s in parse_data_list(str(odd))] == [str(odd)]  # an existing path is taken whole
+    for spec, message in ((f"{a}:x,{b}", "must be a number"), (f"{a}:0,{b}", "positive"),
+                          (f"{a},{tmp_path}/missing:1", "does not exist"), (f"{a},{tmp_path}/x/wiki:1", "does not exist")):
+        with pytest.raises(DataError, match=message):
+            parse_data_list(spec)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "wiki").mkdir()
+    with pytest.raises(DataError, match="named alike"):
+        parse_data_list(f"{a},{tmp_path}/x/wiki")

@@ -72,10 +72,15 @@ def test_fresh_model_loss_is_near_uniform(tokenizer, corpus_dir):
     assert abs(loss - math.log(50295)) < 0.5, loss
 
 
-def test_kv_cache_decoding_equals_full_forward():
+def _random_tiny() -> Phi:
     torch.manual_seed(0)
     model = Phi(TINY).eval()
     _randomise(model)
+    return model
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    model = _random_tiny()
     idx = torch.randint(0, TINY.vocab_size, (2, 20))
     with torch.no_grad():
         full = model(idx)
@@ -95,9 +100,7 @@ def test_sequence_longer_than_block_size_is_refused():
 def test_packed_cpu_linears_equal_plain_ones_and_follow_weight_changes():
     from scratchlm.model.cpu_inference import PackedLinear, pack_linears
 
-    torch.manual_seed(0)
-    model = Phi(TINY).eval()
-    _randomise(model)
+    model = _random_tiny()
     idx = torch.randint(0, TINY.vocab_size, (2, 33))
     with torch.no_grad():
         plain = model(idx)
@@ -120,10 +123,7 @@ def test_cpu_generation_in_bf16_follows_the_model():
     full forwards of the same bf16 weights."""
     from scratchlm.teacher.sampling import BatchGenerator, SamplingParams
 
-    torch.manual_seed(0)
-    model = Phi(TINY).eval()
-    _randomise(model)  # well-separated logits: no near-ties for rounding to flip
-    model = model.to(torch.bfloat16)
+    model = _random_tiny().to(torch.bfloat16)  # randomised: well-separated logits, no near-ties for rounding to flip
     prompt = torch.randint(0, TINY.vocab_size, (8,)).tolist()
     new = BatchGenerator(model, eot_id=0, batch_size=2, max_seq_len=40).generate(
         [prompt], SamplingParams(max_new_tokens=6, temperature=0, stop_at_eot=False))[0]

@@ -17,6 +17,7 @@ from transformers import PhiForCausalLM
 
 from scratchlm import checkpoint as ckpt
 from scratchlm.config import ConfigError
+from scratchlm.data import DataError
 from scratchlm.model.config import PRESETS
 from scratchlm.model.model import Phi
 from scratchlm.trainer import NonFiniteLoss, TrainConfig, train
@@ -135,3 +136,35 @@ def test_empty_corpus_and_unknown_model_are_clear_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "scratchlm", "train", "--model", "phi-99", "--out",
                         str(tmp_path / "r2"), "--max-steps", "1"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown model 'phi-99'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_weighted_mix_of_two_corpora_logs_per_source_losses_and_resumes_exactly(small_corpus, corpus_dir, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "python_click.txt").write_bytes((corpus_dir / "code" / "python_click.txt").read_bytes())
+    data = f"{small_corpus}:3,{code}:1"
+    common = dict(FAST, data=data, lr_decay_steps=12, eval_interval=6, checkpoint_interval=6)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(TrainConfig(**common, out=str(straight), max_steps=12))
+    train(TrainConfig(**common, out=str(resumed), max_steps=6))
+    train(TrainConfig(**common, out=str(resumed), max_steps=12, resume="auto"))
+    a, b = step_losses(straight), step_losses(resumed)
+    assert sorted(b) == list(range(1, 13))
+    for step in range(1, 13):
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    evals = [r for r in read_metrics(straight) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    for r in evals:
+        by_source = r["eval_loss_by_source"]
+        assert set(by_source) == {small_corpus.name, "code"}
+        # 2 micro-batches of 4 = 8 evaluation blocks: 6 from the books, 2 from the code, so a weighted mean.
+        assert abs((6 * by_source[small_corpus.name] + 2 * by_source["code"]) / 8 - r["eval_loss"]) < 1e-6
+    log_text = (straight / "train.log").read_text()
+    assert "at 75.0% of training blocks" in log_text and "at 25.0% of training blocks" in log_text
+    with pytest.raises(DataError, match="same --data list"):  # the data position belongs to the mix
+        train(TrainConfig(**{**common, "data": str(small_corpus)}, out=str(resumed), max_steps=14, resume="auto"))
+    from scratchlm.reporting import build_report
+
+    build_report([straight], tmp_path / "report")
+    curves = json.loads((tmp_path / "report" / "loss_curves.json").read_text())["straight"]["eval"]
+    assert curves["loss[code]"] == [r["eval_loss_by_source"]["code"] for r in evals]  # plotted per source too

@@ -8,7 +8,8 @@ same for every run and seed), is held out for evaluation and never trained on.
 Documents are tokenized in batches (the ``tokenizers`` thread pool), joined with ``<|endoftext|>`` and written once
 to ``train.bin`` / ``val.bin`` (uint16) in a cache keyed by the corpus files, the tokenizer and these settings.
 Training reads blocks of T+1 tokens from it: no padding. The data position is ``(epoch, index)`` into a seeded
-per-epoch permutation of blocks, so a resumed run continues exactly where it stopped.
+per-epoch permutation of blocks, so a resumed run continues exactly where it stopped. Several corpora mix in fixed
+proportions (``MixedBlockLoader``), each with its own cache and position.
 """
 
 from __future__ import annotations
@@ -219,6 +220,43 @@ def iter_documents(source: str | Path, chunk_chars: int = 8000,
             yield from _member_documents(label, raw, chunk_chars, stats)
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """One corpus of a training mix and its share of the training blocks."""
+
+    path: str
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name or self.path
+
+
+def parse_data_list(spec: str) -> list[DataSource]:
+    """``PATH`` (one corpus) or ``PATH:WEIGHT,PATH:WEIGHT,...`` (a mix; a missing weight is 1; weights are
+    relative). A string naming an existing file or folder is always that one corpus, commas or colons and all."""
+    if Path(spec).expanduser().exists() or "," not in spec and ":" not in spec:
+        return [DataSource(spec)]
+    sources = []
+    for item in spec.split(","):
+        path, _, weight_text = item.strip().rpartition(":")
+        if not path:  # no colon: a path alone
+            path, weight_text = weight_text, "1"
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            raise DataError(f"data list item '{item}': the weight after ':' must be a number") from None
+        if not weight > 0:
+            raise DataError(f"data list item '{item}': the weight must be positive")
+        if not Path(path).expanduser().exists():
+            raise DataError(f"data list item '{item}': corpus '{path}' does not exist")
+        sources.append(DataSource(path, weight))
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):  # they label the per-source evaluation losses
+        raise DataError(f"data list: two sources are named alike ({', '.join(names)}); rename one")
+    return sources
+
+
 def is_held_out(doc_id: str, fraction: float) -> bool:
     """Whether a document belongs to the evaluation set: a hash of its id, so fixed across runs and seeds."""
     h = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little")
@@ -354,6 +392,31 @@ class Batch:
     position: dict  # the stream position after this batch (loader-specific, JSON-serialisable)
 
 
+class EpochOrder:
+    """The seeded permutation of n blocks for each epoch (the latest one kept)."""
+
+    def __init__(self, n_blocks: int, seed: int) -> None:
+        self.n_blocks, self.seed = n_blocks, seed
+        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+            self._epoch = epoch
+        return self._order
+
+
+def block_at(tokens: np.ndarray, i: int, block_size: int) -> np.ndarray:
+    """The i-th block of T+1 tokens."""
+    span = block_size + 1
+    return tokens[i * span : (i + 1) * span]
+
+
+def _batch(blocks: list[np.ndarray], position: dict) -> Batch:
+    data = torch.from_numpy(np.stack(blocks).astype(np.int64))
+    return Batch(data[:, :-1], data[:, 1:], position)
+
+
 class BlockLoader:
     """Seeded, resumable batches of (inputs, targets) from a token array cut into blocks of T+1 tokens.
 
@@ -373,14 +436,7 @@ class BlockLoader:
                 f"than one batch of {self.per_step}; use more data, a smaller block size or batch"
             )
         self.position = position
-        self._order_epoch = -1
-        self._order = np.empty(0, dtype=np.int64)
-
-    def order(self, epoch: int) -> np.ndarray:
-        if epoch != self._order_epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
-            self._order_epoch = epoch
-        return self._order
+        self.order = EpochOrder(self.n_blocks, seed)
 
     def next_batch(self) -> Batch:
         epoch, index = self.position.epoch, self.position.index
@@ -388,11 +444,57 @@ class BlockLoader:
             epoch, index = epoch + 1, 0
         start = index + self.rank * self.batch_size
         ids = self.order(epoch)[start : start + self.batch_size]
-        span = self.block_size + 1
-        blocks = np.stack([self.tokens[i * span : (i + 1) * span] for i in ids]).astype(np.int64)
-        data = torch.from_numpy(blocks)
         self.position = DataPosition(epoch, index + self.per_step)
-        return Batch(data[:, :-1], data[:, 1:], self.position.to_dict())
+        return _batch([block_at(self.tokens, i, self.block_size) for i in ids], self.position.to_dict())
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            yield self.next_batch()
+
+
+class MixedBlockLoader:
+    """Batches drawn from several token arrays in fixed proportions, seeded and resumable, like ``BlockLoader``.
+
+    Block k of the global stream comes from the source furthest behind its share (the largest
+    ``weight·(k+1) − taken``): exact proportions at every point, no randomness to replay. Each source walks its own
+    seeded permutations of its blocks, starting a new epoch when it runs out, so a small source with a large
+    weight is repeated (upsampled) and a large one with a small weight is sampled from. Every rank computes the
+    whole global stream and keeps its slice of each step (ranks see disjoint blocks). The position holds each
+    source's epoch, index and count taken.
+    """
+
+    def __init__(self, sources: list[np.ndarray], weights: list[float], block_size: int, batch_size: int,
+                 seed: int, position: dict | None = None, rank: int = 0, world_size: int = 1) -> None:
+        self.tokens, self.block_size, self.batch_size = sources, block_size, batch_size
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+        self.rank, self.per_step = rank, batch_size * world_size
+        self.orders = [EpochOrder(len(t) // (block_size + 1), seed + 1_000_003 * (i + 1))
+                       for i, t in enumerate(sources)]
+        empty = [i for i, order in enumerate(self.orders) if order.n_blocks == 0]
+        if empty:
+            raise DataError(f"data source {empty[0] + 1} has fewer than {block_size + 1} training tokens: not one block")
+        state = (position or {}).get("sources") or [{"epoch": 0, "index": 0, "taken": 0} for _ in sources]
+        if len(state) != len(sources):
+            raise DataError(f"the data position has {len(state)} sources, the data list {len(sources)}: resume "
+                            "with the same --data list")
+        self.state = [dict(s) for s in state]
+
+    def _next_block(self) -> np.ndarray:
+        taken = sum(s["taken"] for s in self.state)
+        i = max(range(len(self.state)), key=lambda j: self.weights[j] * (taken + 1) - self.state[j]["taken"])
+        s, source = self.state[i], self.orders[i]
+        if s["index"] >= source.n_blocks:
+            s["epoch"], s["index"] = s["epoch"] + 1, 0
+        block = block_at(self.tokens[i], int(source(s["epoch"])[s["index"]]), self.block_size)
+        s["index"] += 1
+        s["taken"] += 1
+        return block
+
+    def next_batch(self) -> Batch:
+        step = [self._next_block() for _ in range(self.per_step)]
+        mine = step[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return _batch(mine, {"sources": [dict(s) for s in self.state]})
 
     def __iter__(self) -> Iterator[Batch]:
         while True:

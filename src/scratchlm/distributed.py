@@ -42,7 +42,7 @@ def init(device_type: str) -> DistEnv:
 
 
 def mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """The mean of a scalar tensor over ranks (gloo has no AVG: SUM / world)."""
+    """The elementwise mean of a tensor over ranks (gloo has no AVG: SUM / world)."""
     if env.enabled:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)

@@ -126,6 +126,11 @@ def _plot(runs: list[dict], reference: tuple[str, float] | None, out: Path) -> d
         axes[0][1].plot(d["train"]["tokens"], d["train"]["loss"], label=run["name"], alpha=0.8)
         axes[1][0].plot(d["eval"]["step"], d["eval"]["loss"], "o-", label=run["name"])
         axes[1][1].plot(d["eval"]["tokens"], d["eval"]["loss"], "o-", label=run["name"])
+        for source in ev[0].get("eval_loss_by_source", {}) if ev else ():  # a mix of corpora: each one, dotted
+            losses = [r["eval_loss_by_source"][source] for r in ev]
+            d["eval"][f"loss[{source}]"] = losses
+            for j, x in enumerate(("step", "tokens")):
+                axes[1][j].plot(d["eval"][x], losses, ".:", label=f"{run['name']}: {source}", alpha=0.8)
     for ax in axes[1]:
         if reference:
             ax.axhline(reference[1], color="k", ls="--", lw=1, label=reference[0])

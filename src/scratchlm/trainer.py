@@ -24,7 +24,17 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .config import ConfigBase, ConfigError, add_arguments, load, overrides_from_args, read_yaml, to_yaml
-from .data import Batch, BlockLoader, DataError, DataPosition, eval_blocks, prefetch, tokenize_corpus
+from .data import (
+    Batch,
+    BlockLoader,
+    DataError,
+    DataPosition,
+    MixedBlockLoader,
+    eval_blocks,
+    parse_data_list,
+    prefetch,
+    tokenize_corpus,
+)
 from .metrics import Window, gpu_peak_flops, memory_gib, mfu
 from .model.config import ModelConfig, get_preset
 from .model.hf import phi_from_weights, save_hf
@@ -42,7 +52,8 @@ class TrainConfig(ConfigBase):
     """Model preset (see `scratchlm model-info --list`)."""
     data: str | None = None
     """Training text: a folder, .zip, .txt, .jsonl(.gz), .parquet, or a feed URL http(s)://host:port
-    (default: $SCRATCHLM_DATA)."""
+    (default: $SCRATCHLM_DATA). A mix: PATH:WEIGHT,PATH:WEIGHT (relative weights: shares of training blocks;
+    evaluation losses are also logged per source)."""
     feed_url: str | None = None
     """The seed's setting: a feed server URL to train from (same as --data http://...)."""
     feed_api_key_file: str | None = None
@@ -254,20 +265,20 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device,
-             amp_dtype: torch.dtype | None) -> float:
-    """Mean token loss over the fixed held-out blocks."""
+             amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """Mean token loss of each of the fixed held-out blocks (float64, on the CPU; every block has T tokens, so
+    their mean is the mean token loss)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    losses = []
     for i in range(0, len(blocks), batch_size):
         batch = blocks[i : i + batch_size].to(device)
         with _autocast(device, amp_dtype):
             logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-        total += loss.item()
-        count += batch[:, 1:].numel()
+        loss = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")  # (b, T)
+        losses.append(loss.double().mean(dim=1).cpu())
     model.train(was_training)
-    return total / count
+    return torch.cat(losses)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -323,6 +334,7 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None, env: distributed.Dis
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer)
     n_eval_blocks = cfg.eval_batches * cfg.micro_batch_size
+    eval_groups: dict[str, tuple[int, int]] = {}  # source name → its rows of the evaluation set (a mix only)
     is_feed = data_source.startswith(("http://", "https://"))
     if is_feed:
         from .feed.client import client_from_env
@@ -333,16 +345,28 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None, env: distributed.Dis
         eval_set = eval_blocks(val_tokens, block_size, n_eval_blocks)
         log.info("data: feed %s; %s held-out tokens from the server", data_source, f"{len(val_tokens):,}")
     else:
+        sources = parse_data_list(data_source)
         if not env.is_main:
             distributed.barrier(env)  # rank 0 tokenizes into the cache first; the others then read it
-        corpus = tokenize_corpus(data_source, tokenizer, chunk_chars=cfg.chunk_chars,
-                                 eval_fraction=cfg.eval_fraction, progress=sys.stderr.isatty() and env.is_main)
+        corpora = [tokenize_corpus(source.path, tokenizer, chunk_chars=cfg.chunk_chars, eval_fraction=cfg.eval_fraction,
+                                   progress=sys.stderr.isatty() and env.is_main) for source in sources]
         if env.is_main:
             distributed.barrier(env)
-        log.info("data: %s: %s train tokens, %s held-out tokens (%d documents); files skipped: %s", data_source,
-                 f"{corpus.meta['train_tokens']:,}", f"{corpus.meta['val_tokens']:,}",
-                 corpus.meta["val_documents"], corpus.stats["skipped"] or "none")
-        eval_set = eval_blocks(corpus.val, block_size, n_eval_blocks)
+        total_weight = sum(source.weight for source in sources)
+        eval_parts = []
+        for source, corpus in zip(sources, corpora, strict=True):
+            share = f" at {source.weight / total_weight:.1%} of training blocks" if len(sources) > 1 else ""
+            log.info("data: %s%s: %s train tokens, %s held-out tokens (%d documents); files skipped: %s",
+                     source.path, share, f"{corpus.meta['train_tokens']:,}", f"{corpus.meta['val_tokens']:,}",
+                     corpus.meta["val_documents"], corpus.stats["skipped"] or "none")
+            # Each source's held-out blocks in proportion to its weight (at least one), kept apart for per-source
+            # losses: with a mix, the overall figure hides which source is learnt.
+            n = n_eval_blocks if len(sources) == 1 else max(1, round(n_eval_blocks * source.weight / total_weight))
+            eval_parts.append(eval_blocks(corpus.val, block_size, n))
+        eval_set = torch.cat(eval_parts)
+        if len(sources) > 1:
+            bounds = torch.tensor([0] + [len(p) for p in eval_parts]).cumsum(0).tolist()
+            eval_groups = {source.name: (bounds[k], bounds[k + 1]) for k, source in enumerate(sources)}
 
     model = Phi(model_cfg).to(device)  # same seed on every rank: the same initial weights
     peak = gpu_peak_flops(device)
@@ -382,8 +406,18 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None, env: distributed.Dis
         batches: Generator[Batch, None, None] = iter(FeedBlockLoader(
             client, tokenizer, block_size, cfg.micro_batch_size, state["data_positions"][env.rank],
             cfg.feed_texts_per_request, rank=env.rank, world_size=env.world_size))
+    elif len(corpora) > 1:
+        if "index" in state["data_positions"][env.rank]:
+            raise DataError("this run was saved training on one corpus and --data now lists several: resume with "
+                            "the same --data")
+        batches = prefetch(iter(MixedBlockLoader(
+            [c.train for c in corpora], [s.weight for s in sources], block_size, cfg.micro_batch_size, cfg.seed,
+            state["data_positions"][env.rank], env.rank, env.world_size)))
     else:
-        loader = BlockLoader(corpus.train, block_size, cfg.micro_batch_size, cfg.seed,
+        if "sources" in state["data_positions"][env.rank]:
+            raise DataError("this run was saved training on a mix of corpora and --data now names one: resume with "
+                            "the same --data list")
+        loader = BlockLoader(corpora[0].train, block_size, cfg.micro_batch_size, cfg.seed,
                              DataPosition(**state["data_positions"][env.rank]), env.rank, env.world_size)
         batches = prefetch(iter(loader))
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if env.is_main else None
@@ -400,11 +434,19 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None, env: distributed.Dis
                     writer.add_scalar(k, v, rec["step"])
 
     def run_eval() -> float:
-        loss = distributed.mean(torch.tensor(evaluate(train_model, eval_set, cfg.micro_batch_size, device, amp_dtype)),
-                                env).item()
-        record({"step": state["step"], "tokens": state["tokens"], "elapsed_s": state["elapsed_s"],
-                "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
-        log.info("eval at step %d: loss %.4f, perplexity %.2f", state["step"], loss, math.exp(min(loss, 50.0)))
+        # Every rank holds the same evaluation set; the mean over ranks only evens out numerical noise.
+        block_losses = distributed.mean(evaluate(train_model, eval_set, cfg.micro_batch_size, device, amp_dtype)
+                                        .to(device), env).cpu()
+        loss = block_losses.mean().item()
+        rec = {"step": state["step"], "tokens": state["tokens"], "elapsed_s": state["elapsed_s"],
+               "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        by_source = ""
+        if eval_groups:
+            rec["eval_loss_by_source"] = {name: block_losses[a:b].mean().item() for name, (a, b) in eval_groups.items()}
+            by_source = " (" + ", ".join(f"{n} {v:.4f}" for n, v in rec["eval_loss_by_source"].items()) + ")"
+        record(rec)
+        log.info("eval at step %d: loss %.4f, perplexity %.2f%s", state["step"], loss, math.exp(min(loss, 50.0)),
+                 by_source)
         return loss
 
     def save() -> None:
