@@ -34,8 +34,8 @@ def worker(args: argparse.Namespace) -> None:
     if args.impl == "ours":
         model = parallelize(Phi(cfg).to(device), compile=args.compile)
 
-        def logits_of(x):
-            return model(x)
+        def loss_of(x, y):
+            return model(x, targets=y)  # as the trainer does: the chunked head + loss
     else:
         from transformers import PhiConfig, PhiForCausalLM
 
@@ -46,8 +46,9 @@ def worker(args: argparse.Namespace) -> None:
         if args.compile:
             model = torch.compile(model)
 
-        def logits_of(x):
-            return model(input_ids=x, use_cache=False).logits
+        def loss_of(x, y):
+            logits = model(input_ids=x, use_cache=False).logits
+            return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -55,8 +56,7 @@ def worker(args: argparse.Namespace) -> None:
 
     def step() -> None:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = logits_of(data[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), data[:, 1:].flatten())
+            loss = loss_of(data[:, :-1], data[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

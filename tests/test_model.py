@@ -133,3 +133,40 @@ def test_cpu_generation_in_bf16_follows_the_model():
         for _ in range(6):
             reference.append(model(torch.tensor([reference]))[0, -1, : TINY.vocab_size].argmax().item())
     assert new == reference[8:]
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 64, 1000])
+def test_chunked_head_and_loss_equal_autograd_through_the_full_logits(chunk_rows):
+    from scratchlm.model.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 50, 64, requires_grad=True)  # 150 rows: chunks of 7 leave a remainder
+    weight = (0.2 * torch.randn(1024, 64)).requires_grad_()
+    bias = (0.1 * torch.randn(1024)).requires_grad_()
+    targets = torch.randint(0, 1000, (3, 50))
+    plain = F.cross_entropy(F.linear(hidden, weight, bias).flatten(0, 1), targets.flatten())
+    expected = torch.autograd.grad(plain * 0.25, (hidden, weight, bias))  # a scaled loss: grad_accum's 1/K
+    chunked = linear_cross_entropy(hidden, weight, bias, targets, chunk_rows)
+    got = torch.autograd.grad(chunked * 0.25, (hidden, weight, bias))
+    torch.testing.assert_close(chunked, plain, rtol=0, atol=1e-5)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, bias, targets, chunk_rows), plain,
+                                   rtol=0, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, float32 loss and accumulators
+        low = linear_cross_entropy(hidden, weight, bias, targets, chunk_rows)
+        low_grads = torch.autograd.grad(low, (hidden, weight, bias))
+    assert low.dtype == torch.float32 and abs(low.item() - plain.item()) < 0.05
+    assert [g.dtype for g in low_grads] == [torch.float32] * 3
+    torch.testing.assert_close(low_grads[1], expected[1] * 4, rtol=0.05, atol=2e-3)
+
+
+def test_model_loss_with_targets_equals_transformers_cross_entropy(tmp_path):
+    model = _random_tiny()
+    save_hf(model, tmp_path)
+    theirs = PhiForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    idx = torch.randint(0, TINY.vocab_size, (2, 41))
+    with torch.no_grad():
+        ref = F.cross_entropy(theirs(idx[:, :-1]).logits.flatten(0, 1), idx[:, 1:].flatten())
+        torch.testing.assert_close(model(idx[:, :-1], targets=idx[:, 1:]), ref, rtol=0, atol=1e-5)

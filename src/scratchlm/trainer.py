@@ -500,8 +500,7 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None, env: distributed.Dis
                 inputs, targets = batch.inputs.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True)
                 data_s += time.perf_counter() - td
                 with _autocast(device, amp_dtype):
-                    logits = train_model(inputs)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                    loss = train_model(inputs, targets=targets)  # head + loss in chunks: no full logits tensor
                 (loss / cfg.grad_accum_steps).backward()
                 loss_sum += loss.detach()
             lr = lr_at(state["step"], cfg, decay_steps)

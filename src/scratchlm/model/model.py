@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .loss import linear_cross_entropy
 
 
 def rope_cache(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,9 +187,17 @@ class Phi(nn.Module):
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache_rows: torch.Tensor | None = None, kv_len: int | None = None,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, T) token ids → logits (B, T, padded_vocab_size); see ``features`` for the other arguments."""
-        return self.lm_head(self.features(idx, input_pos, cache_rows, kv_len, logits_at))
+                logits_at: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) token ids → logits (B, T, padded_vocab_size); see ``features`` for the other arguments.
+
+        With ``targets`` (B, T), the mean cross-entropy loss instead, through the chunked head + loss of
+        ``loss.linear_cross_entropy`` (the logits are never held whole). Training calls it this way, through the
+        model's own forward, so that DDP and FSDP wrappers see the head's parameters used as usual.
+        """
+        hidden = self.features(idx, input_pos, cache_rows, kv_len, logits_at)
+        if targets is not None:
+            return linear_cross_entropy(hidden, self.lm_head.weight, self.lm_head.bias, targets)
+        return self.lm_head(hidden)
 
     def features(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                  cache_rows: torch.Tensor | None = None, kv_len: int | None = None,
