@@ -108,6 +108,8 @@ def test_mixed_loader_holds_the_weights_upsamples_and_resumes_exactly():
         assert (resumed.next_batch().inputs == expected).all()
     with pytest.raises(DataError, match="same --data list"):
         MixedBlockLoader([small], [1], 64, 4, seed=7, position=position)
+    with pytest.raises(DataError, match="tiny.txt has 10 training tokens, fewer than one block of 65"):
+        MixedBlockLoader([small, np.zeros(10, np.uint16)], [1, 1], 64, 4, seed=7, names=["books", "tiny.txt"])
 
 
 def test_data_list_parsing(tmp_path):

@@ -168,3 +168,10 @@ def test_weighted_mix_of_two_corpora_logs_per_source_losses_and_resumes_exactly(
     build_report([straight], tmp_path / "report")
     curves = json.loads((tmp_path / "report" / "loss_curves.json").read_text())["straight"]["eval"]
     assert curves["loss[code]"] == [r["eval_loss_by_source"]["code"] for r in evals]  # plotted per source too
+
+
+def test_a_mix_with_a_source_too_small_to_evaluate_names_it(small_corpus, tmp_path):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("Only a line of text, far less than a block.\n")
+    with pytest.raises(DataError, match="tiny.txt"):
+        train(TrainConfig(**FAST, data=f"{small_corpus}:1,{tiny}:1", out=str(tmp_path / "run"), max_steps=1))

@@ -464,7 +464,8 @@ class MixedBlockLoader:
     """
 
     def __init__(self, sources: list[np.ndarray], weights: list[float], block_size: int, batch_size: int,
-                 seed: int, position: dict | None = None, rank: int = 0, world_size: int = 1) -> None:
+                 seed: int, position: dict | None = None, rank: int = 0, world_size: int = 1,
+                 names: list[str] | None = None) -> None:
         self.tokens, self.block_size, self.batch_size = sources, block_size, batch_size
         total = sum(weights)
         self.weights = [w / total for w in weights]
@@ -473,7 +474,9 @@ class MixedBlockLoader:
                        for i, t in enumerate(sources)]
         empty = [i for i, order in enumerate(self.orders) if order.n_blocks == 0]
         if empty:
-            raise DataError(f"data source {empty[0] + 1} has fewer than {block_size + 1} training tokens: not one block")
+            name = names[empty[0]] if names else f"data source {empty[0] + 1}"
+            raise DataError(f"{name} has {len(sources[empty[0]]):,} training tokens, fewer than one block of "
+                            f"{block_size + 1}: drop it from the list or lower the block size")
         state = (position or {}).get("sources") or [{"epoch": 0, "index": 0, "taken": 0} for _ in sources]
         if len(state) != len(sources):
             raise DataError(f"the data position has {len(state)} sources, the data list {len(sources)}: resume "

@@ -362,7 +362,10 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None, env: distributed.Dis
             # Each source's held-out blocks in proportion to its weight (at least one), kept apart for per-source
             # losses: with a mix, the overall figure hides which source is learnt.
             n = n_eval_blocks if len(sources) == 1 else max(1, round(n_eval_blocks * source.weight / total_weight))
-            eval_parts.append(eval_blocks(corpus.val, block_size, n))
+            try:
+                eval_parts.append(eval_blocks(corpus.val, block_size, n))
+            except DataError as err:  # name the corpus: in a mix, which one is too small is the whole question
+                raise DataError(f"{source.path}: {err}") from None
         eval_set = torch.cat(eval_parts)
         if len(sources) > 1:
             bounds = torch.tensor([0] + [len(p) for p in eval_parts]).cumsum(0).tolist()
@@ -412,7 +415,7 @@ def _run(cfg: TrainConfig, out: Path, env_data: str | None, env: distributed.Dis
                             "the same --data")
         batches = prefetch(iter(MixedBlockLoader(
             [c.train for c in corpora], [s.weight for s in sources], block_size, cfg.micro_batch_size, cfg.seed,
-            state["data_positions"][env.rank], env.rank, env.world_size)))
+            state["data_positions"][env.rank], env.rank, env.world_size, [s.path for s in sources])))
     else:
         if "sources" in state["data_positions"][env.rank]:
             raise DataError("this run was saved training on a mix of corpora and --data now names one: resume with "
