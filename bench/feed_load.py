@@ -1,7 +1,7 @@
 """Load on the feed server: N concurrent clients asking /v1/batch for T seconds, on loopback.
 
-Reports requests, errors, p50/p99 latency, throughput and how much the server's memory grew (it should not: the
-buffers have caps). The server is a separate process, so its memory is its own.
+Reports requests, errors, p50/p99 latency, throughput and how much the server's memory grew (it should not:
+the buffers have caps). The server is a separate process, so its memory is its own.
 
     python bench/feed_load.py --corpus $SCRATCHLM_DATA --clients 32 --seconds 60
 """
@@ -12,13 +12,17 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
-from scratchlm.feed.server import spawn
 from scratchlm.serving import free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from servers import spawn  # noqa: E402  (the tests' launcher of a feed server process)
 
 
 def rss_mib(pid: int) -> float:
@@ -30,7 +34,8 @@ def rss_mib(pid: int) -> float:
 
 
 def hammer(url: str, clients: int, seconds: float, size: int = 16) -> dict:
-    """``clients`` threads asking /v1/batch (each its own rank and cursor) for ``seconds``; totals and latencies."""
+    """``clients`` threads asking /v1/batch (each its own rank and cursor) for ``seconds``; totals and
+    latencies."""
     latencies: list[float] = []
     totals = {"requests": 0, "errors": 0, "bytes": 0, "texts": 0}
     lock = threading.Lock()

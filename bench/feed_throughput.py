@@ -12,17 +12,17 @@ import argparse
 import os
 import time
 
-from feed_load import hammer  # the same load loop as bench/feed_load.py
+from feed_load import hammer, spawn  # the same load loop and server launcher as bench/feed_load.py
 
-from scratchlm.feed.server import spawn
 from scratchlm.serving import free_port
 
 
 def tokenize_pack_rate(url: str, seconds: float) -> float:
-    from scratchlm.feed.client import FeedBlockLoader, FeedClient
+    from scratchlm.data.remote import FeedBlockLoader, FeedClient
     from scratchlm.tokenizer import load_tokenizer
 
-    loader = FeedBlockLoader(FeedClient(url), load_tokenizer(), block_size=2048, batch_size=8, texts_per_request=64)
+    loader = FeedBlockLoader(FeedClient(url), load_tokenizer(), block_size=2048, batch_size=8,
+                             texts_per_request=64)
     batches = iter(loader)
     next(batches)  # warm-up: connection, first requests, tokenizer threads
     tokens, t0 = 0, time.perf_counter()
@@ -46,7 +46,8 @@ def main() -> None:
         print(f"{'clients':>7} {'MB/s':>8} {'texts/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
         for clients in (1, 4, 16):
             r = hammer(url, clients, args.seconds, args.size)
-            print(f"{r['clients']:>7} {r['MB_per_s']:>8.1f} {r['texts_per_s']:>9,.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+            print(f"{r['clients']:>7} {r['MB_per_s']:>8.1f} {r['texts_per_s']:>9,.0f} {r['p50_ms']:>8.1f} "
+                  f"{r['p99_ms']:>8.1f} "
                   f"{r['errors']:>6}", flush=True)
         rate = tokenize_pack_rate(url, args.seconds)
         print(f"client fetch + tokenize + pack: {rate:,.0f} tokens/s (blocks of 2049, batch 8)")

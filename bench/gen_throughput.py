@@ -1,6 +1,7 @@
-"""Generation throughput: our continuous-batching sampler against transformers' ``generate``, same model, batch,
-prompt length, new tokens and precision, in the same run. Both decode greedily and never stop early (every
-sequence writes exactly ``--new-tokens``). Each side is warmed up at full size first; medians of ``--repeats``.
+"""Generation throughput: our continuous-batching sampler against transformers' ``generate``, same model,
+batch, prompt length, new tokens and precision, in the same run. Both decode greedily and never stop early
+(every sequence writes exactly ``--new-tokens``). Each side is warmed up at full size first; medians of
+``--repeats``.
 
     python bench/gen_throughput.py --model phi-tiny --batch 32                         # CPU
     python bench/gen_throughput.py --model phi-2 --batch 256 --device cuda --hf-static-compile
@@ -25,7 +26,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="both models' precision (auto: bf16 on a GPU, fp32 on the CPU)")
-    p.add_argument("--hf-static-compile", action="store_true", help="transformers with static cache + compile")
+    p.add_argument("--hf-static-compile", action="store_true",
+                   help="transformers with static cache + compile")
     args = p.parse_args()
 
     from transformers import PhiConfig, PhiForCausalLM
@@ -41,7 +43,8 @@ def main() -> None:
     cfg = get_preset(args.model)
     torch.manual_seed(0)
     ours = Phi(cfg).to(device=device, dtype=dtype).eval()
-    hf_cfg = PhiConfig(**{k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "torch_dtype")})
+    hf_cfg = PhiConfig(**{k: v for k,
+                          v in hf_config(cfg).items() if k not in ("architectures", "torch_dtype")})
     theirs = PhiForCausalLM(hf_cfg).to(device=device, dtype=dtype).eval()
     theirs.load_state_dict(to_hf_state_dict(ours))
     prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), device=device)
@@ -79,8 +82,9 @@ def main() -> None:
             results[name].append(tokens / (time.perf_counter() - t0))
             assert tokens == args.batch * new, (name, tokens)
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"{args.model} {device} {str(dtype).removeprefix('torch.')} batch {args.batch}, prompt {args.prompt_len}, "
-          f"{new} new tokens; transformers {'static cache + compile' if args.hf_static_compile else 'dynamic cache'}")
+    cache = "static cache + compile" if args.hf_static_compile else "dynamic cache"
+    print(f"{args.model} {device} {str(dtype).removeprefix('torch.')} batch {args.batch}, prompt "
+          f"{args.prompt_len}, {new} new tokens; transformers {cache}")
     for k, v in med.items():
         print(f"{k:>14}: {v:>10,.0f} new tokens/s   (runs: {', '.join(f'{x:,.0f}' for x in results[k])})")
     print(f"ratio ours/transformers: {med['ours'] / med['transformers']:.2f}")

@@ -1,8 +1,9 @@
 """Training throughput: our Phi against transformers' PhiForCausalLM, same config, batch, precision, device.
 
-Each measurement runs in its own subprocess (so peak memory is that model's alone), warms up at full size, then
-times ``--steps`` optimizer steps (forward, cross-entropy, backward, AdamW). Implementations alternate
-(ours, transformers, ours, ...) ``--repeats`` times; the table reports medians and the ratio ours / transformers.
+Each measurement runs in its own subprocess (so peak memory is that model's alone), warms up at full size,
+then times ``--steps`` optimizer steps (forward, cross-entropy, backward, AdamW). Implementations alternate
+(ours, transformers, ours, ...) ``--repeats`` times; the table reports medians and the ratio ours /
+transformers.
 
     python bench/train_throughput.py --model phi-tiny --batch 8 --block 256              # CPU
     python bench/train_throughput.py --model phi-2 --batch 4 --block 2048 --device cuda --compile
@@ -41,7 +42,8 @@ def worker(args: argparse.Namespace) -> None:
 
         from scratchlm.model.hf import hf_config
 
-        hf_cfg = PhiConfig(**{k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "torch_dtype")})
+        hf_cfg = PhiConfig(**{k: v for k,
+                              v in hf_config(cfg).items() if k not in ("architectures", "torch_dtype")})
         model = PhiForCausalLM(hf_cfg).to(device)
         if args.compile:
             model = torch.compile(model)
@@ -104,7 +106,8 @@ def main() -> None:
                 sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results[impl].append(res)
-            print(f"run {r + 1} {impl:>12}: {res['tokens_per_s']:,.0f} tok/s, peak {res['peak_mem_gib']:.2f} GiB",
+            print(f"run {r + 1} {impl:>12}: {res['tokens_per_s']:,.0f} tok/s, "
+                  f"peak {res['peak_mem_gib']:.2f} GiB",
                   flush=True)
     med = {k: {m: statistics.median(x[m] for x in v) for m in ("tokens_per_s", "peak_mem_gib")}
            for k, v in results.items()}
@@ -115,8 +118,10 @@ def main() -> None:
     for k, v in med.items():
         print(f"{k:>14} {v['tokens_per_s']:>12,.0f} {v['peak_mem_gib']:>9.2f}")
     print(f"ratio ours/transformers: {ratio:.3f}")
-    print(f"RESULT train {args.model} {args.batch}x{args.block} {args.precision}{' compiled' if args.compile else ''}: "
-          f"ours {med['ours']['tokens_per_s']:,.0f} tok/s {med['ours']['peak_mem_gib']:.1f} GiB, transformers "
+    compiled = " compiled" if args.compile else ""
+    print(f"RESULT train {args.model} {args.batch}x{args.block} {args.precision}{compiled}: "
+          f"ours {med['ours']['tokens_per_s']:,.0f} tok/s {med['ours']['peak_mem_gib']:.1f} GiB, "
+          "transformers "
           f"{med['transformers']['tokens_per_s']:,.0f} tok/s {med['transformers']['peak_mem_gib']:.1f} GiB, "
           f"ratio {ratio:.3f}")
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real tokenizer and corpus from ../shared (via SCRATCHLM_TOKENIZER / SCRATCHLM_DATA)."""
+"""Shared fixtures: the real tokenizer and corpus from ../shared (through SCRATCHLM_TOKENIZER and
+SCRATCHLM_DATA)."""
 
 from __future__ import annotations
 

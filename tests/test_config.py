@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from scratchlm.config import ConfigError, load
-from scratchlm.trainer import TrainConfig
+from scratchlm.train import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -51,14 +51,16 @@ def test_flags_override_yaml(tmp_path):
 
 
 def test_help_shows_field_docstrings():
-    out = subprocess.run([sys.executable, "-m", "scratchlm", "train", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "scratchlm", "train", "--help"], capture_output=True,
+                         text=True,
                          check=True).stdout
     assert "--max-steps" in out and "Stop after this many optimizer steps" in out
     assert "initial evaluation loss minus 1" in out
 
 
 def test_bad_flag_value_is_one_clear_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "scratchlm", "train", "--max-steps", "x", "--out", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "scratchlm", "train", "--max-steps", "x", "--out",
+                        str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "key 'max_steps'" in r.stderr and "Traceback" not in r.stderr

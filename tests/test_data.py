@@ -1,5 +1,6 @@
 """Corpus reading, the held-out split and the block loader's contract: coverage, determinism, disjointness."""
 
+import hashlib
 import zipfile
 
 import numpy as np
@@ -48,10 +49,17 @@ def test_bad_files_are_skipped_and_counted(tmp_path, corpus_dir):
 
 
 def test_held_out_split_is_fixed_and_proportional():
+    # Pinned: a change to the hash would silently move documents between training and evaluation, and make
+    # losses of old and new runs incomparable.
     ids = [f"file{i}.txt#0.{j}" for i in range(100) for j in range(100)]
     held = [d for d in ids if is_held_out(d, 0.05)]
-    assert held == [d for d in ids if is_held_out(d, 0.05)]
-    assert 0.04 < len(held) / len(ids) < 0.06
+    assert held[:12] == ["file0.txt#0.15", "file0.txt#0.23", "file0.txt#0.29", "file0.txt#0.32",
+                         "file0.txt#0.47",
+                         "file0.txt#0.48", "file0.txt#0.64", "file1.txt#0.52", "file1.txt#0.58",
+                         "file1.txt#0.72",
+                         "file1.txt#0.94", "file2.txt#0.14"]
+    assert len(held) == 481  # 4.81% of 10,000 at a fraction of 5%
+    assert hashlib.blake2b("\n".join(held).encode(), digest_size=8).hexdigest() == "414dc357b9b928c4"
 
 
 def test_tokenized_corpus_keeps_eval_documents_out_of_training(small_corpus, tokenizer):
@@ -83,7 +91,8 @@ def test_block_loader_is_deterministic_disjoint_and_resumable():
 
 
 def test_mixed_loader_holds_the_weights_upsamples_and_resumes_exactly():
-    # Source 0: 10 blocks whose tokens are all < 1000; source 1: 50 blocks, all ≥ 1000. Weight 3:1 toward the small one.
+    # Source 0: 10 blocks whose tokens are all < 1000; source 1: 50 blocks, all ≥ 1000. Weight 3:1 toward the
+    # small one.
     small = np.arange(65 * 10, dtype=np.uint16)
     large = np.arange(1000, 1000 + 65 * 50, dtype=np.uint16)
     ranks = [MixedBlockLoader([small, large], [3, 1], 64, 4, seed=7, rank=r, world_size=2) for r in range(2)]
@@ -98,9 +107,11 @@ def test_mixed_loader_holds_the_weights_upsamples_and_resumes_exactly():
         assert positions[0] == positions[1]  # every rank follows the whole stream
     blocks = per_rank[0] + per_rank[1]
     assert sum(b < 1000 for b in blocks) == 60  # exactly 3/4 from the small source...
-    assert sorted({b for b in blocks if b < 1000}) == [65 * i for i in range(10)]  # ...so each of its blocks 6 times
+    # ...so each of its blocks 6 times
+    assert sorted({b for b in blocks if b < 1000}) == [65 * i for i in range(10)]
     large_seen = [b for b in blocks if b >= 1000]
-    assert len(set(large_seen)) == len(large_seen) == 20  # the large one sampled, without repeats within an epoch
+    # the large one sampled, without repeats within an epoch
+    assert len(set(large_seen)) == len(large_seen) == 20
     position = ranks[1].next_batch().position
     ahead = [ranks[1].next_batch().inputs for _ in range(2)]
     resumed = MixedBlockLoader([small, large], [3, 1], 64, 4, seed=7, position=position, rank=1, world_size=2)
@@ -116,16 +127,51 @@ def test_data_list_parsing(tmp_path):
     a, b = tmp_path / "wiki", tmp_path / "code.txt"
     a.mkdir()
     b.write_text("x")
-    assert [(s.name, s.weight) for s in parse_data_list(f"{a}:0.7,{b}:0.3")] == [("wiki", 0.7), ("code.txt", 0.3)]
+    assert [(s.name, s.weight) for s in parse_data_list(f"{a}:0.7,{b}:0.3")] == [("wiki", 0.7),
+                                                                                 ("code.txt", 0.3)]
     assert [s.weight for s in parse_data_list(f"{a},{b}:2")] == [1.0, 2.0]
     odd = tmp_path / "odd,name:1"
     odd.mkdir()
     assert [s.path for s in parse_data_list(str(odd))] == [str(odd)]  # an existing path is taken whole
     for spec, message in ((f"{a}:x,{b}", "must be a number"), (f"{a}:0,{b}", "positive"),
-                          (f"{a},{tmp_path}/missing:1", "does not exist"), (f"{a},{tmp_path}/x/wiki:1", "does not exist")):
+                          (f"{a},{tmp_path}/missing:1", "does not exist"),
+                          (f"{a},{tmp_path}/x/wiki:1", "does not exist")):
         with pytest.raises(DataError, match=message):
             parse_data_list(spec)
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "wiki").mkdir()
     with pytest.raises(DataError, match="named alike"):
         parse_data_list(f"{a},{tmp_path}/x/wiki")
+
+
+def test_build_data_is_the_one_entry_point_for_a_corpus_and_a_mix(small_corpus, corpus_dir, tokenizer,
+                                                                  tmp_path):
+    from scratchlm.data import DataRequest, build_data
+
+    request = DataRequest(str(small_corpus), block_size=64, batch_size=4, eval_blocks=6, eval_fraction=0.05)
+    one = build_data(request, tokenizer)
+    try:
+        assert one.kind == "corpus" and one.eval_set.shape == (6, 65) and not one.eval_groups
+        first = next(one.batches)
+        assert first.inputs.shape == (4, 64) and (first.targets[:, :-1] == first.inputs[:, 1:]).all()
+        assert first.position == {"kind": "corpus", "epoch": 0, "index": 4}
+        second = next(one.batches)
+    finally:
+        one.close()
+    resumed = build_data(request, tokenizer, position=first.position)  # from a saved position: the next batch
+    try:
+        assert (next(resumed.batches).inputs == second.inputs).all()
+    finally:
+        resumed.close()
+
+    code = tmp_path / "code.txt"
+    code.write_bytes((corpus_dir / "code" / "python_click.txt").read_bytes())
+    mix = build_data(DataRequest(f"{small_corpus}:3,{code}:1", 64, 4, 8, eval_fraction=0.05), tokenizer)
+    try:
+        assert mix.kind == "mix" and mix.eval_groups == {small_corpus.name: (0, 6), "code.txt": (6, 8)}
+        assert next(mix.batches).position["kind"] == "mix"
+    finally:
+        mix.close()
+    with pytest.raises(DataError, match="saved training on one corpus .* same --data list"):
+        build_data(DataRequest(f"{small_corpus}:3,{code}:1", 64, 4, 8, eval_fraction=0.05), tokenizer,
+                   position=first.position)

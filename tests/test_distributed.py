@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 def losses(run: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [r["loss"] for r in map(json.loads,
+                                   (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,8 @@ def book(corpus_dir, tmp_path_factory) -> Path:
 
 
 def common(book: Path, steps: int, **extra) -> list[str]:
-    args = {"model": "phi-tiny", "data": str(book), "block-size": "64", "eval-batches": "1", "eval-fraction": "0.05",
+    args = {"model": "phi-tiny", "data": str(book), "block-size": "64", "eval-batches": "1",
+            "eval-fraction": "0.05",
             "max-steps": str(steps), "eval-interval": "100", "checkpoint-interval": "4", "device": "cpu",
             "lr": "1e-3", "warmup-steps": "2", "lr-decay-steps": "8", **extra}
     return [x for k, v in args.items() for x in (f"--{k}", v)]
@@ -58,7 +60,8 @@ def test_two_processes_match_one_with_the_same_global_batch(strategy, single, bo
     assert r.stdout.count('"reason"') == 1  # rank 0 alone reports
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     step = next(m for m in metrics if "loss" in m)
-    assert step["tokens"] == 2 * 4 * 64 and step["tokens_per_s_per_device"] == pytest.approx(step["tokens_per_s"] / 2)
+    assert step["tokens"] == 2 * 4 * 64
+    assert step["tokens_per_s_per_device"] == pytest.approx(step["tokens_per_s"] / 2)
     from transformers import PhiForCausalLM
 
     _, info = PhiForCausalLM.from_pretrained(tmp_path / "final", output_loading_info=True)

@@ -17,7 +17,7 @@ from scratchlm.model.config import PRESETS
 from scratchlm.model.hf import save_hf
 from scratchlm.model.model import Phi
 from scratchlm.reporting import TOKEN_UNIT, build_report, extrapolate, fit_power_law
-from scratchlm.trainer import TrainConfig, train
+from scratchlm.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,13 +26,15 @@ def test_eval_equals_a_hand_computed_cross_entropy(tokenizer, corpus_dir, tmp_pa
     torch.manual_seed(0)
     model = Phi(PRESETS["phi-tiny"]).eval()
     texts = [(corpus_dir / "books" / "pg84_frankenstein.txt").read_text()[:700], "A second, short document."]
-    result = evaluate_texts(model, texts, tokenizer, block_size=32, device=torch.device("cpu"), progress=False)
+    result = evaluate_texts(model, texts, tokenizer, block_size=32, device=torch.device("cpu"),
+                            progress=False)
 
     ids = []
     for t in texts:  # joined with <|endoftext|> after each document
         ids += tokenizer.encode(t) + [50256]
     nats, count = 0.0, 0
-    for start in range(0, len(ids), 32):  # non-overlapping windows; each window's first token is not predicted
+    # non-overlapping windows; each window's first token is not predicted
+    for start in range(0, len(ids), 32):
         window = ids[start : start + 32]
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([window[:-1]]))[0].double(), dim=-1)
@@ -49,7 +51,8 @@ def test_eval_equals_a_hand_computed_cross_entropy(tokenizer, corpus_dir, tmp_pa
     tokenizer.save(tmp_path / "m")
     (tmp_path / "text.txt").write_text(texts[0])
     r = subprocess.run([sys.executable, "-m", "scratchlm", "eval", "--model", str(tmp_path / "m"), "--data",
-                        str(tmp_path / "text.txt"), "--block-size", "32", "--json"], capture_output=True, text=True)
+                        str(tmp_path / "text.txt"), "--block-size", "32", "--json"], capture_output=True,
+                        text=True)
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)) == {"loss", "perplexity", "bits_per_byte", "tokens"}
 
@@ -72,7 +75,8 @@ def test_fit_recovers_a_known_power_law(E, B, beta):
 
 
 def test_report_over_two_runs(small_corpus, tmp_path):
-    settings = dict(model="phi-tiny", data=str(small_corpus), block_size=64, micro_batch_size=4, eval_batches=2,
+    settings = dict(model="phi-tiny", data=str(small_corpus), block_size=64, micro_batch_size=4,
+                    eval_batches=2,
                     eval_fraction=0.05, warmup_steps=3, max_steps=16, eval_interval=4, device="cpu",
                     target_loss="auto", continue_after_target=True)
     train(TrainConfig(**settings, out=str(tmp_path / "clean"), lr=3e-3))
@@ -116,8 +120,10 @@ def test_example_notebooks_run_top_to_bottom(notebook, tmp_path, monkeypatch):
 
     monkeypatch.setenv("SCRATCHLM_EXAMPLE_OUT", str(tmp_path))
     nb = nbformat.read(REPO / "examples" / notebook, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs",
+                                                                                                  []))
     assert "Traceback" not in outputs
     if notebook == "training.ipynb":
         assert (tmp_path / "notebook" / "final" / "model.safetensors").exists()

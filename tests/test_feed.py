@@ -1,4 +1,5 @@
-"""The feed server over a real socket (uvicorn in a subprocess or thread), the real corpus, the real client."""
+"""The feed server over a real socket (uvicorn in a subprocess or thread), the real corpus, the real
+client."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
-from servers import UvicornThread, free_port
+from servers import UvicornThread, free_port, spawn
 
 from scratchlm.config import ConfigError
-from scratchlm.feed.client import FeedClient, FeedError
-from scratchlm.feed.server import ServeConfig, build, spawn
-from scratchlm.trainer import TrainConfig, train
+from scratchlm.data.remote import FeedClient, FeedError
+from scratchlm.feed.server import ServeConfig, build
+from scratchlm.train import TrainConfig, train
 
 
 class ThreadServer(UvicornThread):
@@ -71,6 +72,37 @@ def test_batch_resumes_exactly_from_a_cursor(open_server):
     assert held and not held & set(straight["texts"] + r0["texts"] + r1["texts"])
 
 
+def test_concurrent_generate_calls_serve_each_document_once(small_corpus):
+    # 8 clients at once must get, between them, exactly the documents that as many calls in a row get: the
+    # shared stream is read and advanced as one step. Frequent thread switches make an interleaving likely.
+    import sys
+    from collections import Counter
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        cfg = ServeConfig(corpus=str(small_corpus), batch_size=16, eval_fraction=0.05)
+        with ThreadServer(cfg) as s:
+            sequential = Counter(t for _ in range(64) for t in httpx.get(s.url + "/generate").json())
+        with ThreadServer(cfg) as s:
+            texts: list[str] = []
+
+            def client() -> None:
+                with httpx.Client() as http:
+                    for _ in range(8):
+                        texts.extend(http.get(s.url + "/generate").json())
+
+            threads = [threading.Thread(target=client) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert sum(sequential.values()) == 64 * 16
+    assert Counter(texts) == sequential
+
+
 def test_bad_requests_get_4xx_with_a_message(open_server):
     for query, status in [("size=0", 422), ("size=100000", 422), ("size=abc", 422), ("cursor=nonsense", 400),
                           ("cursor=v1-00000000-0-5", 400), ("rank=3&world_size=2", 422)]:
@@ -94,7 +126,7 @@ def test_api_key_is_required_except_for_health(keyed_server):
     assert "/v1/batch" in httpx.get(url + "/openapi.json", headers=good).json()["paths"]
     os.environ["SCRATCHLM_API_KEY"] = "s3cret-key"
     try:
-        from scratchlm.feed.client import client_from_env
+        from scratchlm.data.remote import client_from_env
 
         assert client_from_env(url).batch(2, None)["texts"]
     finally:
@@ -125,7 +157,8 @@ def test_public_tunnel_needs_key_and_token(small_corpus, tmp_path, monkeypatch):
 def test_bad_corpus_files_are_served_around_skipped_and_counted(corpus_dir, tmp_path):
     zpath = tmp_path / "sample.zip"
     with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        z.writestr("good.txt", (corpus_dir / "books" / "pg11_alices_adventures_in_wonderland.txt").read_bytes())
+        z.writestr("good.txt",
+                   (corpus_dir / "books" / "pg11_alices_adventures_in_wonderland.txt").read_bytes())
         z.writestr("corrupt.txt", b"text to damage " * 1000)
         z.writestr("binary.txt", bytes(range(256)) * 40)
         z.writestr("empty.txt", b"")
@@ -177,9 +210,11 @@ def test_training_survives_feed_restart(small_corpus, tmp_path):
     port = free_port()
     server = spawn(small_corpus, port, "--eval-fraction", "0.05")
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "scratchlm", "train", "--model", "phi-tiny", "--data", f"http://127.0.0.1:{port}",
+    args = [sys.executable, "-m", "scratchlm", "train", "--model", "phi-tiny", "--data",
+            f"http://127.0.0.1:{port}",
             "--out", str(run), "--block-size", "64", "--micro-batch-size", "4", "--eval-batches", "1",
-            "--max-steps", "120", "--eval-interval", "1000", "--checkpoint-interval", "1000", "--device", "cpu",
+            "--max-steps", "120", "--eval-interval", "1000", "--checkpoint-interval", "1000", "--device",
+            "cpu",
             "--feed-texts-per-request", "1"]
     trainer = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -221,7 +256,8 @@ def test_training_from_the_feed_resumes_exactly(open_server, tmp_path):
     train(TrainConfig(**common, out=str(tmp_path / "resumed"), max_steps=12, resume="auto"))
 
     def losses(run: Path) -> dict[int, float]:
-        return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        return {r["step"]: r["loss"] for r in map(json.loads,
+                                                  (run / "metrics.jsonl").read_text().splitlines())
                 if "loss" in r}
 
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
@@ -230,7 +266,7 @@ def test_training_from_the_feed_resumes_exactly(open_server, tmp_path):
 
 
 def test_wait_ready_waits_for_a_cold_teacher_and_gives_up_on_a_dead_one():
-    from scratchlm.feed.server import TeacherBuffer
+    from scratchlm.feed.mixer import TeacherBuffer
 
     def cold(n: int) -> list[str]:
         time.sleep(0.5)  # loading, warming up

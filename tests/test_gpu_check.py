@@ -10,7 +10,8 @@ pytestmark = pytest.mark.slow
 
 def test_gpu_check_cpu_smoke(tmp_path):
     r = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu"], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OUT": str(tmp_path)}, cwd=os.path.dirname(os.path.dirname(__file__)))
+                       env={**os.environ, "OUT": str(tmp_path)},
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = (tmp_path / "gpu_check_table.txt").read_text()
     assert table.count("train phi-tiny") == 4 and "compiled" in table

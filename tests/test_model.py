@@ -27,7 +27,8 @@ def test_ours_to_transformers_logits_match(tmp_path):
     ours = Phi(TINY).eval()
     _randomise(ours)
     save_hf(ours, tmp_path)
-    theirs, info = PhiForCausalLM.from_pretrained(tmp_path, output_loading_info=True, attn_implementation="eager")
+    theirs, info = PhiForCausalLM.from_pretrained(tmp_path, output_loading_info=True,
+                                                  attn_implementation="eager")
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     idx = torch.randint(0, TINY.vocab_size, (2, 77))
     with torch.no_grad():
@@ -50,7 +51,8 @@ def test_transformers_to_ours_logits_match(tmp_path):
 def test_parameter_count_equals_transformers(name, expected):
     cfg = PRESETS[name]
     with torch.device("meta"):
-        theirs = PhiForCausalLM(PhiConfig(**{k: v for k, v in hf_config(cfg).items() if k != "architectures"}))
+        theirs = PhiForCausalLM(PhiConfig(**{k: v for k,
+                                             v in hf_config(cfg).items() if k != "architectures"}))
         ours = Phi(cfg)
     assert sum(p.numel() for p in theirs.parameters()) == ours.num_parameters() == cfg.num_parameters
     if name == "phi-2":
@@ -80,14 +82,16 @@ def _random_tiny() -> Phi:
 
 
 def test_kv_cache_decoding_equals_full_forward():
+    from scratchlm.model.kv_cache import KVCache
+
     model = _random_tiny()
     idx = torch.randint(0, TINY.vocab_size, (2, 20))
     with torch.no_grad():
         full = model(idx)
-        model.setup_kv_cache(batch_size=2, max_seq_len=32)
-        prefill = model(idx[:, :12], input_pos=torch.arange(12))
-        steps = [model(idx[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(12, 20)]
-        model.clear_kv_cache()
+        cache = KVCache(model, batch_size=2, max_seq_len=32)
+        prefill = model.lm_head(cache.forward(model, idx[:, :12], torch.arange(12)))
+        steps = [model.lm_head(cache.forward(model, idx[:, t : t + 1], torch.tensor([t]))) for t in range(12,
+                                                                                                          20)]
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, rtol=0, atol=1e-5)
 
 
@@ -109,7 +113,8 @@ def test_packed_cpu_linears_equal_plain_ones_and_follow_weight_changes():
         assert packed_count == 1 and isinstance(model.lm_head.forward, PackedLinear)
         torch.testing.assert_close(model(idx), plain, rtol=0, atol=1e-5)
         model.lm_head.weight.mul_(2.0)  # an in-place change must not leave a stale packed copy
-        reference = F.linear(model.features(idx), model.lm_head.weight, model.lm_head.bias)
+        reference = F.linear(model.trunk(idx, model.rope_cos[:33], model.rope_sin[:33]), model.lm_head.weight,
+                             model.lm_head.bias)
         torch.testing.assert_close(model(idx), reference, rtol=0, atol=1e-5)
         assert not torch.allclose(reference, plain)
     pack_linears(model)
@@ -123,11 +128,11 @@ def test_cpu_generation_in_bf16_follows_the_model():
     full forwards of the same bf16 weights."""
     from scratchlm.teacher.sampling import BatchGenerator, SamplingParams
 
-    model = _random_tiny().to(torch.bfloat16)  # randomised: well-separated logits, no near-ties for rounding to flip
+    # randomised: well-separated logits, no near-ties for rounding to flip
+    model = _random_tiny().to(torch.bfloat16)
     prompt = torch.randint(0, TINY.vocab_size, (8,)).tolist()
     new = BatchGenerator(model, eot_id=0, batch_size=2, max_seq_len=40).generate(
         [prompt], SamplingParams(max_new_tokens=6, temperature=0, stop_at_eot=False))[0]
-    model.clear_kv_cache()
     reference, model = list(prompt), model.float()
     with torch.no_grad():
         for _ in range(6):

@@ -19,21 +19,24 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
-from servers import UvicornThread
+from servers import UvicornThread, spawn
 
 from scratchlm import checkpoint as ckpt
 from scratchlm.data import CorpusStats, iter_documents
-from scratchlm.feed.client import FeedClient
-from scratchlm.feed.server import ServeConfig, build, spawn
+from scratchlm.data.remote import FeedClient
+from scratchlm.feed.server import ServeConfig, build
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
 def train_args(data: Path, out: Path, steps: int, **extra: str) -> list[str]:
-    args = {"model": "phi-tiny", "data": str(data), "out": str(out), "block-size": "64", "micro-batch-size": "4",
-            "eval-batches": "1", "eval-fraction": "0.05", "max-steps": str(steps), "lr-decay-steps": str(steps),
-            "eval-interval": "1000", "checkpoint-interval": "1", "keep-checkpoints": "2", "device": "cpu", **extra}
+    args = {"model": "phi-tiny", "data": str(data), "out": str(out), "block-size": "64",
+            "micro-batch-size": "4",
+            "eval-batches": "1", "eval-fraction": "0.05", "max-steps": str(steps),
+            "lr-decay-steps": str(steps),
+            "eval-interval": "1000", "checkpoint-interval": "1", "keep-checkpoints": "2", "device": "cpu",
+            **extra}
     return [sys.executable, "-m", "scratchlm", "train", *[x for k, v in args.items() for x in (f"--{k}", v)]]
 
 
@@ -45,10 +48,11 @@ def test_ten_random_sigkills_then_the_same_final_weights(small_corpus, tmp_path)
     rng = random.Random(8)
     kills = 0
     while kills < 10:
-        proc = subprocess.Popen(train_args(small_corpus, run, steps, resume="auto"), stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(train_args(small_corpus, run, steps, resume="auto"),
+                                stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        # Wait for the run to be under way (a step beyond its last checkpoint), then kill it at a random moment:
-        # with a checkpoint every step, about a third of the kills land inside a checkpoint write.
+        # Wait for the run to be under way (a step beyond its last checkpoint), then kill it at a random
+        # moment: with a checkpoint every step, about a third of the kills land inside a checkpoint write.
         start = ckpt.latest_checkpoint(run)
         deadline = time.monotonic() + 120
         while ckpt.latest_checkpoint(run) == start and proc.poll() is None:
@@ -60,7 +64,8 @@ def test_ten_random_sigkills_then_the_same_final_weights(small_corpus, tmp_path)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
-    subprocess.run(train_args(small_corpus, run, steps, resume="auto"), check=True, capture_output=True, timeout=300)
+    subprocess.run(train_args(small_corpus, run, steps, resume="auto"), check=True, capture_output=True,
+                   timeout=300)
     assert kills == 10
     a = ckpt.load_file(str(straight / "final" / "model.safetensors"))
     b = ckpt.load_file(str(run / "final" / "model.safetensors"))
@@ -74,7 +79,8 @@ def test_ten_random_sigkills_then_the_same_final_weights(small_corpus, tmp_path)
 
 def test_full_disk_during_a_checkpoint_is_a_clear_error(small_corpus, tmp_path):
     run = tmp_path / "run"
-    subprocess.run(train_args(small_corpus, run, 2, **{"checkpoint-interval": "2"}), check=True, capture_output=True,
+    subprocess.run(train_args(small_corpus, run, 2, **{"checkpoint-interval": "2"}), check=True,
+                   capture_output=True,
                    timeout=300)
 
     def small_files() -> None:  # a filesystem that refuses files over 20 MB (the weights are 56 MB)
@@ -90,7 +96,8 @@ def test_full_disk_during_a_checkpoint_is_a_clear_error(small_corpus, tmp_path):
     assert not list((run / "checkpoints").glob("*.tmp"))
     state = ckpt.load_checkpoint(run / "checkpoints" / "step-00000002",
                                  __import__("scratchlm.model.model", fromlist=["Phi"]).Phi(
-                                     __import__("scratchlm.model.config", fromlist=["PRESETS"]).PRESETS["phi-tiny"]),
+                                     __import__("scratchlm.model.config",
+                                                fromlist=["PRESETS"]).PRESETS["phi-tiny"]),
                                  None)
     assert state["step"] == 2
 
@@ -113,7 +120,8 @@ def test_training_survives_three_feed_restarts(small_corpus, tmp_path):
     try:
         for restart in range(1, 4):
             deadline = time.monotonic() + 120
-            while count("step ") < 3 or count("waiting for it") < restart - 1 or count("is back after") < restart - 1:
+            while (count("step ") < 3 or count("waiting for it") < restart - 1
+                   or count("is back after") < restart - 1):
                 assert trainer.poll() is None and time.monotonic() < deadline, "".join(lines)[-2000:]
                 time.sleep(0.1)
             server.kill()
@@ -139,7 +147,8 @@ def test_a_hung_teacher_is_reported_down_and_the_feed_keeps_serving(small_corpus
             release.wait(60)  # hangs until released
         return [f"teacher text {i} {time.time_ns()}" for i in range(n)]
 
-    cfg = ServeConfig(corpus=str(small_corpus), teacher_ratio=0.5, teacher_deadline_s=0.05, teacher_stall_s=0.5)
+    cfg = ServeConfig(corpus=str(small_corpus), teacher_ratio=0.5, teacher_deadline_s=0.05,
+                      teacher_stall_s=0.5)
     app, feed = build(cfg, teacher=produce)
     with UvicornThread(app) as s:
         time.sleep(0.8)

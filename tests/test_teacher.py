@@ -18,7 +18,7 @@ import torch
 from servers import UvicornThread
 from transformers import PhiForCausalLM
 
-from scratchlm.feed.client import FeedClient
+from scratchlm.data.remote import FeedClient
 from scratchlm.feed.server import ServeConfig, build
 from scratchlm.model.config import PRESETS
 from scratchlm.model.hf import load_hf, save_hf
@@ -36,8 +36,8 @@ EOT = 50256
 def teacher_dir(tmp_path_factory, tokenizer) -> Path:
     """A freshly initialised phi-tiny in Hugging Face format, with Phi-2's tokenizer beside it.
 
-    Its weights are perturbed so greedy outputs vary, and the LM-head bias of the padding ids (50295..51199) is set
-    low, as training does to ids that never occur; our sampler only draws real token ids.
+    Its weights are perturbed so greedy outputs vary, and the LM-head bias of the padding ids (50295..51199)
+    is set low, as training does to ids that never occur; our sampler only draws real token ids.
     """
     torch.manual_seed(0)
     model = Phi(PRESETS["phi-tiny"])
@@ -126,7 +126,7 @@ def test_build_corpus_resumes_without_duplicates(teacher_dir, small_corpus, tmp_
     parts = out.with_name(out.name + ".parts")
     deadline = time.monotonic() + 120
     while len(list(parts.glob("*.txt"))) < 10:
-        assert first.poll() is None and time.monotonic() < deadline, "build-corpus ended before it was stopped"
+        assert first.poll() is None and time.monotonic() < deadline, "build-corpus ended before its stop"
         time.sleep(0.05)
     first.kill()
     first.wait()
@@ -160,9 +160,13 @@ def test_diversity_meter_counts_duplicates_and_openings():
 
 
 def test_prompts_are_seeded_and_varied(corpus_dir, tokenizer):
-    docs = [(corpus_dir / "books" / "pg84_frankenstein.txt").read_text()[i : i + 3000] for i in range(0, 60000, 3000)]
-    a = PromptSource(["token", "words", "topic", "snippet"], docs, seed=1, decode=tokenizer.decode).sample(200)
-    b = PromptSource(["token", "words", "topic", "snippet"], docs, seed=1, decode=tokenizer.decode).sample(200)
+    docs = [(corpus_dir / "books" / "pg84_frankenstein.txt").read_text()[i : i + 3000] for i in range(0,
+                                                                                                      60000,
+                                                                                                      3000)]
+    a = PromptSource(["token", "words", "topic", "snippet"], docs, seed=1,
+                     decode=tokenizer.decode).sample(200)
+    b = PromptSource(["token", "words", "topic", "snippet"], docs, seed=1,
+                     decode=tokenizer.decode).sample(200)
     assert a == b
     assert len(set(a)) > 190
     openings = {" ".join(p.split()[:3]) for p in a}
@@ -176,13 +180,16 @@ def test_a_non_phi_model_teaches_and_evaluates_through_transformers(tokenizer, t
     from scratchlm.evaluation import evaluate_texts, load_causal_lm
 
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=50295, n_positions=128, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+    GPT2LMHeadModel(GPT2Config(vocab_size=50295, n_positions=128, n_embd=32, n_layer=1,
+                               n_head=2)).save_pretrained(
         tmp_path)
     tokenizer.save(tmp_path)
     teacher = LocalTeacher(str(tmp_path), device="cpu", batch_size=2, dtype=torch.float32)
-    outs = teacher.complete(["Once upon a time", "The", "A third prompt"], SamplingParams(max_new_tokens=8), seed=0)
+    outs = teacher.complete(["Once upon a time", "The", "A third prompt"], SamplingParams(max_new_tokens=8),
+                            seed=0)
     assert len(outs) == 3 and all(0 < c.tokens <= 8 for c in outs)
-    again = teacher.complete(["Once upon a time", "The", "A third prompt"], SamplingParams(max_new_tokens=8), seed=0)
+    again = teacher.complete(["Once upon a time", "The", "A third prompt"], SamplingParams(max_new_tokens=8),
+                             seed=0)
     assert [c.text for c in outs] == [c.text for c in again]
     forward, _ = load_causal_lm(str(tmp_path), torch.device("cpu"))
     result = evaluate_texts(forward, ["Some text to score, long enough for two windows."], tokenizer, 8,

@@ -21,7 +21,8 @@ def test_batch_encoding_round_trips(tokenizer, corpus_dir):
 
 
 def test_missing_tokenizer_names_variable_and_hub_id(tmp_path, monkeypatch):
-    # The hub cannot be reached here; HF_HUB_OFFLINE makes that failure immediate instead of a network timeout.
+    # The hub cannot be reached here; HF_HUB_OFFLINE makes that failure immediate instead of a network
+    # timeout.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv(ENV_VAR, raising=False)
     with pytest.raises(TokenizerNotFound) as err:

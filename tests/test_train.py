@@ -20,7 +20,7 @@ from scratchlm.config import ConfigError
 from scratchlm.data import DataError
 from scratchlm.model.config import PRESETS
 from scratchlm.model.model import Phi
-from scratchlm.trainer import NonFiniteLoss, TrainConfig, train
+from scratchlm.train import NonFiniteLoss, TrainConfig, train
 
 FAST = dict(model="phi-tiny", block_size=64, micro_batch_size=4, eval_batches=2, eval_fraction=0.05,
             warmup_steps=5, lr=3e-3, min_lr=3e-4, device="cpu")
@@ -36,7 +36,8 @@ def step_losses(run: Path) -> dict[int, float]:
 
 def test_reaches_initial_loss_minus_one_and_writes_final(small_corpus, tmp_path):
     run = tmp_path / "run"
-    summary = train(TrainConfig(**FAST, data=str(small_corpus), out=str(run), target_loss="auto", max_steps=200,
+    summary = train(TrainConfig(**FAST, data=str(small_corpus), out=str(run), target_loss="auto",
+                                max_steps=200,
                                 eval_interval=5, log_interval=5))
     assert summary["reason"] == "target loss reached"
     reached = summary["target_reached"]
@@ -92,13 +93,14 @@ def test_kill_during_checkpoint_write_keeps_previous(small_corpus, tmp_path):
     env = {**os.environ, ckpt.FAULT_SLEEP_ENV: "6:60"}
     args = [sys.executable, "-m", "scratchlm", "train", "--model", "phi-tiny", "--data", str(small_corpus),
             "--out", str(run), "--block-size", "64", "--micro-batch-size", "4", "--eval-batches", "1",
-            "--eval-fraction", "0.05", "--max-steps", "50", "--checkpoint-interval", "3", "--eval-interval", "100",
+            "--eval-fraction", "0.05", "--max-steps", "50", "--checkpoint-interval", "3", "--eval-interval",
+            "100",
             "--device", "cpu"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = run / "checkpoints" / "step-00000006.tmp"
     deadline = time.monotonic() + 120
     while not (partial / "model.safetensors").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "trainer ended before the checkpoint write"
+        assert proc.poll() is None and time.monotonic() < deadline, "trainer ended before the write"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -138,7 +140,8 @@ def test_empty_corpus_and_unknown_model_are_clear_errors(tmp_path):
     assert r.returncode == 2 and "unknown model 'phi-99'" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_weighted_mix_of_two_corpora_logs_per_source_losses_and_resumes_exactly(small_corpus, corpus_dir, tmp_path):
+def test_weighted_mix_of_two_corpora_logs_per_source_losses_and_resumes_exactly(small_corpus, corpus_dir,
+                                                                                tmp_path):
     code = tmp_path / "code"
     code.mkdir()
     (code / "python_click.txt").write_bytes((corpus_dir / "code" / "python_click.txt").read_bytes())
@@ -162,7 +165,8 @@ def test_weighted_mix_of_two_corpora_logs_per_source_losses_and_resumes_exactly(
     log_text = (straight / "train.log").read_text()
     assert "at 75.0% of training blocks" in log_text and "at 25.0% of training blocks" in log_text
     with pytest.raises(DataError, match="same --data list"):  # the data position belongs to the mix
-        train(TrainConfig(**{**common, "data": str(small_corpus)}, out=str(resumed), max_steps=14, resume="auto"))
+        train(TrainConfig(**{**common, "data": str(small_corpus)}, out=str(resumed), max_steps=14,
+                          resume="auto"))
     from scratchlm.reporting import build_report
 
     build_report([straight], tmp_path / "report")

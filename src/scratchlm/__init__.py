@@ -7,7 +7,8 @@ The Python API, for notebooks and scripts (the CLI is ``scratchlm --help``)::
     summary = scratchlm.train(model="phi-tiny", data=feed.url, out="runs/a", max_steps=100)
     feed.stop()
 
-Each function takes the same settings as its command's flags (``scratchlm train --help``), as keyword arguments.
+Each function takes the same settings as its command's flags (``scratchlm train --help``), as keyword
+arguments.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ __version__ = "0.1.0"
 def train(**settings) -> dict:
     """Train (or resume) a run; settings are ``TrainConfig`` fields. Returns the run's summary."""
     from .config import validate
-    from .trainer import TrainConfig
-    from .trainer import train as _train
+    from .train import TrainConfig
+    from .train import train as _train
 
     return _train(validate(TrainConfig, settings, "scratchlm.train"))
 
 
 def serve(**settings):
-    """Start a feed server in the background; settings are ``ServeConfig`` fields (``port=0`` picks a free one).
+    """Start a feed server in the background; settings are ``ServeConfig`` fields (``port=0`` picks a free
+    one).
 
     Returns the running server: ``.url``, ``.stop()``, ``.feed`` (its counters).
     """
@@ -36,7 +38,8 @@ def serve(**settings):
     return serve_background(validate(ServeConfig, settings, "scratchlm.serve"))
 
 
-def serve_model(model: str, api_key: str | None = None, batch_size: int = 32, device: str = "auto", port: int = 0):
+def serve_model(model: str, api_key: str | None = None, batch_size: int = 32, device: str = "auto",
+                port: int = 0):
     """Serve a model folder through the OpenAI-compatible completions API in the background (loopback)."""
     from .serving import BackgroundServer
     from .teacher.backends import LocalTeacher
@@ -48,20 +51,16 @@ def serve_model(model: str, api_key: str | None = None, batch_size: int = 32, de
 
 def evaluate(model: str, data: str, block_size: int = 2048, max_tokens: int | None = None) -> dict:
     """Loss, perplexity and bits per byte of a model on text (see ``scratchlm eval``)."""
-    import torch
-
-    from .data import iter_documents
-    from .evaluation import evaluate_texts, load_causal_lm
+    from .devices import pick_device
+    from .evaluation import evaluate_model, whole_documents
     from .tokenizer import load_tokenizer
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    forward, _ = load_causal_lm(model, device)
-    texts = [t for _, t in iter_documents(data, chunk_chars=10**9)]
-    return evaluate_texts(forward, texts, load_tokenizer(), block_size, device, max_tokens=max_tokens,
-                          progress=False).to_dict()
+    return evaluate_model(model, whole_documents(data), load_tokenizer(), block_size, pick_device(),
+                          max_tokens=max_tokens).to_dict()
 
 
-def report(runs: list[str], out: str, reference_loss: float | None = None, reference_name: str = "reference") -> dict:
+def report(runs: list[str], out: str, reference_loss: float | None = None,
+           reference_name: str = "reference") -> dict:
     """Plots, table and extrapolation for run folders (see ``scratchlm report``)."""
     from pathlib import Path
 

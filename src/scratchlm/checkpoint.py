@@ -3,8 +3,8 @@
 Layout: ``RUN/checkpoints/step-00000100/`` holding ``model.safetensors`` (our keys, never a compile, DDP or
 FSDP prefix), ``optimizer.safetensors`` + ``optimizer.json`` (keyed by parameter name), ``rng.safetensors``,
 ``state.json`` (step, tokens, time, data positions, ...) and ``config.yaml``. A checkpoint is written into
-``step-….tmp``, each file fsynced, then the folder is renamed: a crash at any moment leaves the previous
-checkpoints whole.
+``step-….tmp``, each file fsynced, then the folder is renamed (``files.atomic_dir``): a crash at any moment
+leaves the previous checkpoints whole.
 
 Checkpoints are consolidated: ``torch.distributed.checkpoint.state_dict`` gathers the full model and optimizer
 state (from DDP replicas or FSDP shards) and rank 0 writes it, so a run can be inspected, exported or resumed
@@ -33,10 +33,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .errors import UserError
+from .files import atomic_dir
+
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 FAULT_SLEEP_ENV = "SCRATCHLM_FAULT_CHECKPOINT_SLEEP"
-"""Fault injection for tests, "STEP:SECONDS": pause that long in the middle of writing checkpoint STEP, so a test
-can kill the process during a write."""
+"""Fault injection for tests, "STEP:SECONDS": pause that long in the middle of writing checkpoint STEP, so a
+test can kill the process during a write."""
 
 
 def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -45,8 +48,9 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=FULL)
 
 
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, file too large, permissions); the previous ones are intact."""
+class CheckpointWriteError(UserError, RuntimeError):
+    """A checkpoint could not be written (disk full, file too large, permissions); the previous ones are
+    intact."""
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -63,7 +67,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict (keyed by parameter name) into tensors (safetensors) and the rest (JSON)."""
+    """Split an optimizer state_dict (keyed by parameter name) into tensors (safetensors) and the rest
+    (JSON)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
     for pid, pstate in state["state"].items():
@@ -111,14 +116,6 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, config_yaml: str, keep: int, is_main: bool = True) -> Path:
     """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``.
@@ -134,7 +131,6 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     try:
         return _write(root, final, step, weights, optim, state, config_yaml, run_dir, keep)
     except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
-        shutil.rmtree(root / f"step-{step:08d}.tmp", ignore_errors=True)  # free what the failed write took
         previous = latest_checkpoint(run_dir)
         raise CheckpointWriteError(
             f"could not write checkpoint step {step} to {root}: {getattr(err, 'strerror', None) or err}. "
@@ -145,29 +141,19 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
 def _write(root: Path, final: Path, step: int, weights: dict, optim: dict, state: dict, config_yaml: str,
            run_dir: Path, keep: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"step-{step:08d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-    fault_step, _, fault_seconds = os.environ.get(FAULT_SLEEP_ENV, "").partition(":")
-    if fault_step and int(fault_step) == step:
-        time.sleep(float(fault_seconds))
-    opt_tensors, opt_meta = _flatten_optimizer(optim)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-    rng_tensors, rng_meta = rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_meta}, indent=2))
-    (tmp / "config.yaml").write_text(config_yaml)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # the same step saved again (e.g. final save right after a periodic one)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    with atomic_dir(final) as tmp:  # an existing folder of the same step is replaced
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+                  str(tmp / "model.safetensors"))
+        fault_step, _, fault_seconds = os.environ.get(FAULT_SLEEP_ENV, "").partition(":")
+        if fault_step and int(fault_step) == step:
+            time.sleep(float(fault_seconds))
+        opt_tensors, opt_meta = _flatten_optimizer(optim)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_meta}, indent=2))
+        (tmp / "config.yaml").write_text(config_yaml)
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

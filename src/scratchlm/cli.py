@@ -1,38 +1,81 @@
-"""The ``scratchlm`` command: one subcommand per workflow, each module owning its flags.
+"""The ``scratchlm`` command: one subcommand per workflow, each declared the same way
+(``config.add_command``): a typed config whose fields are its flags, and a function that runs it.
 
-Known failures (bad config, missing tokenizer, unreadable checkpoint or corpus) end with one clear line and exit
-status 2, not a stack trace.
+Only the module of the command being run is imported, so ``scratchlm model-info`` does not load torch's
+distributed stack. Known failures (a ``UserError``: bad config, missing tokenizer, unreadable checkpoint or
+corpus) end with one clear line and exit status 2, not a stack trace.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
-import torch
-
-from .checkpoint import CheckpointWriteError
-from .config import ConfigError
-from .data import DataError
+from .config import ConfigBase, add_command
+from .errors import UserError
 from .model.config import PRESETS, get_preset
-from .model.hf import CheckpointError
-from .tokenizer import TokenizerNotFound
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, TokenizerNotFound, CheckpointError, DataError,
-                                                 CheckpointWriteError)
 
 
-def cmd_model_info(args: argparse.Namespace) -> None:
-    if args.list or not args.name:
+@dataclass(frozen=True)
+class Command:
+    help: str
+    module: str
+    """Where the config class and run function live (imported when this command runs)."""
+    config: str
+    run: str
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command("the whole project end to end on a CPU (feed, two runs, teacher, report)",
+                    "scratchlm.demo", "DemoConfig", "run_demo"),
+    "train": Command("pretrain a model from random weights",
+                     "scratchlm.train.trainer", "TrainConfig", "run_train"),
+    "serve": Command("serve corpus texts over HTTP (the data feed)",
+                     "scratchlm.feed.server", "ServeConfig", "run_serve"),
+    "serve-model": Command("serve a model through an OpenAI-compatible /v1/completions",
+                           "scratchlm.teacher.commands", "ServeModelConfig", "run_serve_model"),
+    "generate": Command("sample text from a model (a quick look)",
+                        "scratchlm.teacher.commands", "GenerateConfig", "run_generate"),
+    "build-corpus": Command("generate a clean corpus with a teacher into a sample.zip",
+                            "scratchlm.teacher.commands", "BuildCorpusConfig", "run_build_corpus"),
+    "eval": Command("loss, perplexity and bits per byte of a model on text",
+                    "scratchlm.evaluation", "EvalConfig", "run_eval"),
+    "report": Command("plots, tables and 'how much more training' for one or more runs",
+                      "scratchlm.reporting", "ReportConfig", "run_report"),
+    "init": Command("write a randomly initialised model in Hugging Face format",
+                    "scratchlm.cli", "InitConfig", "run_init"),
+    "model-info": Command("parameter counts and FLOPs per token of a preset",
+                          "scratchlm.cli", "ModelInfoConfig", "run_model_info"),
+}
+
+
+class ModelInfoConfig(ConfigBase):
+    """Parameter counts and training FLOPs per token of a preset, or the list of presets."""
+
+    positional: ClassVar[tuple[str, ...]] = ("name",)
+    name: str | None = None
+    """Preset name (see --list)."""
+    list: bool = False
+    """List the presets."""
+    seq_len: int | None = None
+    """Sequence length T for the FLOPs (default: the model's block size)."""
+
+
+def run_model_info(cfg: ModelInfoConfig) -> None:
+    if cfg.list or not cfg.name:
         print(f"{'preset':<10} {'layers':>6} {'d_model':>7} {'heads':>5} {'mlp':>6} {'rotary':>6} "
               f"{'block':>5} {'parameters':>15} {'non-embedding':>15}")
         for c in PRESETS.values():
             print(f"{c.name:<10} {c.n_layer:>6} {c.n_embd:>7} {c.n_head:>5} {c.intermediate_size:>6} "
-                  f"{c.rotary_pct:>6} {c.block_size:>5} {c.num_parameters:>15,} {c.num_non_embedding_parameters:>15,}")
+                  f"{c.rotary_pct:>6} {c.block_size:>5} {c.num_parameters:>15,} "
+                  f"{c.num_non_embedding_parameters:>15,}")
         return
-    c = get_preset(args.name)
-    seq = args.seq_len or c.block_size
+    c = get_preset(cfg.name)
+    seq = cfg.seq_len or c.block_size
     print(f"model:                     {c.name}")
     print(f"layers / d_model / heads:  {c.n_layer} / {c.n_embd} / {c.n_head} (head size {c.head_size}, "
           f"rotary dims {c.rotary_dim})")
@@ -44,61 +87,60 @@ def cmd_model_info(args: argparse.Namespace) -> None:
           f"(6·N + 12·L·d·T with N={c.num_parameters:,}, L={c.n_layer}, d={c.n_embd}, T={seq})")
 
 
-def cmd_init(args: argparse.Namespace) -> None:
+class InitConfig(ConfigBase):
+    """Write a randomly initialised model (and Phi-2's tokenizer) as a Hugging Face folder."""
+
+    model: str
+    """Preset name (see scratchlm model-info --list)."""
+    out: str
+    """Output folder."""
+    seed: int = 1337
+    """Random seed (the seed project's)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision of the stored weights."""
+
+
+def run_init(cfg: InitConfig) -> None:
+    import torch
+
     from .model.hf import save_hf
     from .model.model import Phi
-    from .tokenizer import load_tokenizer
+    from .tokenizer import TokenizerNotFound, load_tokenizer
 
-    cfg = get_preset(args.model)
-    torch.manual_seed(args.seed)
-    model = Phi(cfg)
-    out = save_hf(model, args.out, dtype=getattr(torch, args.dtype))
+    model_cfg = get_preset(cfg.model)
+    torch.manual_seed(cfg.seed)
+    out = save_hf(Phi(model_cfg), cfg.out, dtype=getattr(torch, cfg.dtype))
     try:
         load_tokenizer().save(out)
         extra = " and Phi-2's tokenizer"
     except TokenizerNotFound as err:
         extra = f" (no tokenizer copied: {err})"
-    print(f"wrote {cfg.name} ({cfg.num_parameters:,} parameters, random init, seed {args.seed}){extra} to {out}")
+    print(f"wrote {model_cfg.name} ({model_cfg.num_parameters:,} parameters, random init, seed {cfg.seed})"
+          f"{extra} to {out}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``command``'s subparser complete with its flags, the others by name and help only."""
     parser = argparse.ArgumentParser(
-        prog="scratchlm", description="Pretrain a small Phi-style language model from random weights: feed server, "
-        "trainer, teacher, evaluation and reports. Start with: scratchlm demo")
+        prog="scratchlm", description="Pretrain a small Phi-style language model from random weights: feed "
+        "server, trainer, teacher, evaluation and reports. Start with: scratchlm demo")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("model-info", help="parameter counts and FLOPs per token of a preset")
-    p.add_argument("name", nargs="?", help="preset name (see --list)")
-    p.add_argument("--list", action="store_true", help="list the presets")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length T for the FLOPs (default: block size)")
-    p.set_defaults(func=cmd_model_info)
-
-    p = sub.add_parser("init", help="write a randomly initialised model in Hugging Face format")
-    p.add_argument("--model", required=True, help=f"preset: {', '.join(PRESETS)}")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=1337, help="random seed (default 1337, the seed's)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.set_defaults(func=cmd_init)
-
-    from . import demo, evaluation, reporting, trainer
-    from .feed import server
-    from .teacher import commands as teacher_commands
-
-    trainer.add_parser(sub)
-    server.add_parser(sub)
-    teacher_commands.add_parsers(sub)
-    evaluation.add_parser(sub)
-    reporting.add_parser(sub)
-    demo.add_parser(sub)
+    for name, cmd in COMMANDS.items():
+        if name == command:
+            module = importlib.import_module(cmd.module)
+            add_command(sub, name, getattr(module, cmd.config), getattr(module, cmd.run), cmd.help)
+        else:
+            sub.add_parser(name, help=cmd.help, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         args.func(args)
-    except USER_ERRORS as err:
+    except UserError as err:
         print(f"scratchlm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,14 +10,17 @@ from __future__ import annotations
 import argparse
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown or of the wrong type; the message names the key."""
 
 
@@ -25,9 +28,14 @@ class ConfigBase(BaseModel):
     """Base of every config: unknown keys are errors, field docstrings are descriptions."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    positional: ClassVar[tuple[str, ...]] = ()
+    """Fields given on the command line without a flag, in this order (``scratchlm report RUN...``)."""
 
 
 C = TypeVar("C", bound=ConfigBase)
+
+DeviceSpec = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
+"""A device setting: 'auto' (a GPU if there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
 
 
 def _describe_errors(err: ValidationError, source: str) -> str:
@@ -68,7 +76,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, "
+                          f"not {type(data).__name__}")
     return data
 
 
@@ -93,39 +102,69 @@ def _strip_optional(annotation: Any) -> Any:
     return annotation
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type[ConfigBase], skip: tuple[str, ...] = ()) -> None:
-    """Add one ``--kebab-case`` flag per field of ``cls``, its help being the field's docstring.
+def _keys(cls: type[ConfigBase]):
+    """(key, field) pairs: a field's alias is its key where it has one (a name that pydantic reserves)."""
+    return [(field.alias or name, field) for name, field in cls.model_fields.items()]
 
-    Flags default to "not given" so that a YAML file's values survive unless a flag overrides them; values stay
-    strings here and pydantic converts and checks them in ``load``.
+
+def _argument(name: str, field, positional: bool) -> tuple[list[str], dict[str, Any]]:
+    """argparse's (names, options) for one config field; ``name`` is the key the config is built from."""
+    annotation = _strip_optional(field.annotation)
+    default = field.get_default(call_default_factory=True)
+    help_text = (field.description or "").strip()
+    help_text = f"{help_text} [default: {default}]" if help_text else f"[default: {default}]"
+    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
+    item = typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else annotation
+    if typing.get_origin(item) is Literal:
+        kwargs["choices"] = [str(c) for c in typing.get_args(item)]
+    if typing.get_origin(annotation) is list:
+        kwargs["nargs"] = "*" if positional and not field.is_required() else "+"
+    elif positional:
+        kwargs["nargs"] = None if field.is_required() else "?"
+    if positional:
+        return [name], {**kwargs, "metavar": name.upper()}
+    kwargs["dest"] = name
+    if annotation is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif "choices" not in kwargs:
+        kwargs["metavar"] = name.upper()
+    return ["--" + name.replace("_", "-")], kwargs
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[ConfigBase], skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--kebab-case`` flag per field of ``cls`` (a positional argument for the fields it lists in
+    ``positional``), its help being the field's docstring.
+
+    Values default to "not given" so that a YAML file's values survive unless the command line overrides them;
+    they stay strings here and pydantic converts and checks them in ``load``.
     """
     group = parser.add_argument_group(f"{cls.__name__} (also settable in a --config YAML file)")
-    for name, field in cls.model_fields.items():
+    for name, field in _keys(cls):
         if name in skip:
             continue
-        flag = "--" + name.replace("_", "-")
-        annotation = _strip_optional(field.annotation)
-        help_text = (field.description or "").strip()
-        default = field.get_default(call_default_factory=True)
-        help_text = f"{help_text} [default: {default}]" if help_text else f"[default: {default}]"
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        if annotation is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(annotation) is Literal:
-            kwargs["choices"] = [str(c) for c in typing.get_args(annotation)]
-        elif typing.get_origin(annotation) is list:
-            kwargs["nargs"] = "+"
-        else:
-            kwargs["metavar"] = name.upper()
-        group.add_argument(flag, **kwargs)
+        names, kwargs = _argument(name, field, name in cls.positional)
+        (parser if name in cls.positional else group).add_argument(*names, **kwargs)
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, cls: type[C], run: Callable[[C], object],
+                help: str) -> argparse.ArgumentParser:
+    """The one way to declare a command: its flags are the fields of ``cls`` (see ``add_arguments``) plus
+    ``--config YAML``; ``run`` gets the validated config (defaults < YAML < command line)."""
+    parser = sub.add_parser(name, help=help,
+                            description=f"{(cls.__doc__ or help).strip()} Values: defaults < "
+                            "--config YAML < command line.")
+    parser.add_argument("--config", help=f"YAML file of {cls.__name__} keys")
+    add_arguments(parser, cls)
+    parser.set_defaults(func=lambda args: run(load(cls, args.config, overrides_from_args(args, cls))))
+    return parser
 
 
 def overrides_from_args(args: argparse.Namespace, cls: type[ConfigBase]) -> dict[str, Any]:
     """The fields of ``cls`` that were given on the command line."""
     given = vars(args)
-    return {name: given[name] for name in cls.model_fields if name in given}
+    return {name: given[name] for name, _ in _keys(cls) if name in given}
 
 
 def to_yaml(config: ConfigBase) -> str:
     """The exact config as YAML (saved beside checkpoints)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)

@@ -12,15 +12,13 @@ Data and tokenizer come from SCRATCHLM_DATA / SCRATCHLM_TOKENIZER (the tokenizer
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigBase, ConfigError
 
 log = logging.getLogger("scratchlm.demo")
 
@@ -54,13 +52,13 @@ def demo(out: Path, plan: DemoPlan) -> dict:
     import torch
 
     from . import serve, serve_model
-    from .data import is_held_out, iter_documents
-    from .evaluation import evaluate_texts, load_causal_lm
+    from .data import corpus_from_env, is_held_out, iter_documents
+    from .evaluation import evaluate_model
     from .reporting import PHI2_WIKITEXT_LOSS, build_report
     from .tokenizer import load_tokenizer
-    from .trainer import TrainConfig, train
+    from .train import TrainConfig, train
 
-    corpus = os.environ.get("SCRATCHLM_DATA")
+    corpus = corpus_from_env(None)
     if not corpus:
         raise ConfigError("the demo trains on a clean corpus: set SCRATCHLM_DATA to a folder or .zip of text "
                           "(for example the seed's sample.zip, or this repository's ../shared/data/clean)")
@@ -71,14 +69,16 @@ def demo(out: Path, plan: DemoPlan) -> dict:
     common = dict(model=plan.model, block_size=plan.block_size, micro_batch_size=plan.micro_batch_size,
                   max_steps=plan.max_steps, eval_interval=plan.eval_interval, eval_batches=plan.eval_batches,
                   lr=plan.lr, warmup_steps=plan.warmup_steps, target_loss="auto", continue_after_target=True,
-                  checkpoint_interval=max(plan.max_steps // 2, 1), device="cpu", log_interval=max(1, plan.eval_interval // 2),
+                  checkpoint_interval=max(plan.max_steps // 2, 1), device="cpu",
+                  log_interval=max(1, plan.eval_interval // 2),
                   resume="auto")
 
     _banner(f"1/6 feed server on loopback over {corpus}")
     feed = serve(corpus=corpus)
     print(f"feed: {feed.url} ({len(feed.feed.corpus.texts):,} documents)")
     try:
-        _banner(f"2/6 run 'clean': {plan.model} on the corpus, to the initial loss − 1 and on to step {plan.max_steps}")
+        _banner(f"2/6 run 'clean': {plan.model} on the corpus, to the initial loss − 1 and on to step "
+                f"{plan.max_steps}")
         train(TrainConfig(**common, data=corpus, out=str(runs["clean"])))
     finally:
         feed.stop()
@@ -107,9 +107,8 @@ def demo(out: Path, plan: DemoPlan) -> dict:
     device = torch.device("cpu")
     evals = {}
     for name, run in runs.items():
-        forward, _ = load_causal_lm(str(run / "final"), device)
-        evals[name] = evaluate_texts(forward, held_out, tokenizer, plan.block_size, device,
-                                     max_tokens=plan.eval_tokens, progress=False).to_dict()
+        evals[name] = evaluate_model(str(run / "final"), held_out, tokenizer, plan.block_size, device,
+                                     max_tokens=plan.eval_tokens).to_dict()
         print(f"{name}: loss {evals[name]['loss']:.3f}, perplexity {evals[name]['perplexity']:,.0f}, "
               f"{evals[name]['bits_per_byte']:.3f} bits/byte")
 
@@ -129,13 +128,15 @@ def demo(out: Path, plan: DemoPlan) -> dict:
     return summary
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    demo(Path(args.out), QUICK if args.quick else DemoPlan())
+class DemoConfig(ConfigBase):
+    """The whole project end to end on a CPU: a feed server, a run on the clean corpus, that model as a
+    teacher, a run from the feed with teacher texts, both evaluated, and the report."""
+
+    out: str = "runs/demo"
+    """Output folder."""
+    quick: bool = False
+    """Toy sizes: a minute or two (used by the tests)."""
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole project end to end on a CPU (feed, two runs, teacher, report)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--quick", action="store_true", help="toy sizes: a minute or two (used by the tests)")
-    p.set_defaults(func=cmd_demo)
+def run_demo(cfg: DemoConfig) -> None:
+    demo(Path(cfg.out), QUICK if cfg.quick else DemoPlan())

@@ -1,7 +1,8 @@
 """The process group, when ``torchrun`` started us, and the few collectives the trainer needs.
 
-Launch: ``torchrun --nproc_per_node N -m scratchlm train ...`` (add ``--nnodes``/``--rdzv-endpoint`` for several
-machines). NCCL on GPUs, gloo on CPUs. Without torchrun's environment everything here is a no-op for one process.
+Launch: ``torchrun --nproc_per_node N -m scratchlm train ...`` (add ``--nnodes``/``--rdzv-endpoint`` for
+several machines). NCCL on GPUs, gloo on CPUs. Without torchrun's environment everything here is a no-op for
+one process.
 """
 
 from __future__ import annotations
@@ -28,12 +29,17 @@ class DistEnv:
         return self.world_size > 1
 
 
+def local_rank() -> int:
+    """This process's rank on its machine (0 without torchrun): which GPU it takes."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def init(device_type: str) -> DistEnv:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK); one process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistEnv()
-    env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    env = DistEnv(int(os.environ["RANK"]), world, local_rank())
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(env.local_rank)
@@ -51,7 +57,8 @@ def mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
-    """True on every rank if it is true on any: decisions (stop, skip) must be taken together or ranks hang."""
+    """True on every rank if it is true on any: decisions (stop, skip) must be taken together or ranks
+    hang."""
     if not env.enabled:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)

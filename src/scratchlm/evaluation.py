@@ -1,15 +1,14 @@
 """``scratchlm eval``: token-level loss, perplexity and bits per byte of a causal LM on text.
 
-Protocol (the one behind Phi-2's published WikiText-2 perplexity of 9.705): the documents are joined into one token
-stream (here with ``<|endoftext|>`` between them, as in training) and cut into non-overlapping windows of
-``block_size`` tokens; every token but each window's first is predicted from the tokens before it in its window.
-Loss is the mean over predicted tokens (nats), perplexity its exponential, and bits per byte the total loss in bits
-over the UTF-8 bytes of the text.
+Protocol (the one behind Phi-2's published WikiText-2 perplexity of 9.705): the documents are joined into one
+token stream (here with ``<|endoftext|>`` between them, as in training) and cut into non-overlapping windows
+of ``block_size`` tokens; every token but each window's first is predicted from the tokens before it in its
+window. Loss is the mean over predicted tokens (nats), perplexity its exponential, and bits per byte the total
+loss in bits over the UTF-8 bytes of the text.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -18,9 +17,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from tqdm import tqdm
 
+from .config import ConfigBase, DeviceSpec
 from .data import iter_documents
+from .devices import pick_device
 from .tokenizer import Tokenizer, load_tokenizer
 
 
@@ -36,13 +38,12 @@ class EvalResult:
 
 
 def load_causal_lm(path_or_hub_id: str, device: torch.device, dtype: torch.dtype | None = None):
-    """(forward(idx) → logits, model) for a Hugging Face folder or hub id: Phi on our model, others on transformers."""
-    import json as _json
-
+    """(forward(idx) → logits, model) for a Hugging Face folder or hub id: Phi on our model, others on
+    transformers."""
     from .model.hf import load_hf, resolve_model_dir
 
     model_dir = resolve_model_dir(path_or_hub_id)
-    model_type = _json.loads((model_dir / "config.json").read_text()).get("model_type")
+    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
     if model_type == "phi":
         model = load_hf(str(model_dir), device=device, dtype=dtype).eval()
         return model, model
@@ -61,11 +62,13 @@ def evaluate_texts(forward, texts: Sequence[str], tokenizer: Tokenizer, block_si
         stream = stream[:max_tokens]
     if len(stream) < 2:
         raise ValueError("the text has fewer than two tokens: nothing to predict")
-    # Bytes of the text these tokens stand for (decoding the evaluated tokens counts a truncated stream right).
+    # Bytes of the text these tokens stand for (decoding the evaluated tokens counts a truncated stream
+    # right).
     n_bytes = len(tokenizer.decode(stream.tolist()).encode("utf-8"))
     windows = list(stream.split(block_size))
     total_nats, predicted = 0.0, 0
-    bar = tqdm(total=len(stream), unit="tok", unit_scale=True, desc="evaluating", disable=not progress or None)
+    bar = tqdm(total=len(stream), unit="tok", unit_scale=True, desc="evaluating",
+               disable=not progress or None)
     # Full windows go in batches; the last, shorter one on its own.
     full = [w for w in windows if len(w) == block_size]
     rest = [w for w in windows if len(w) != block_size and len(w) > 1]
@@ -81,29 +84,47 @@ def evaluate_texts(forward, texts: Sequence[str], tokenizer: Tokenizer, block_si
                       tokens=predicted)
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    forward, _ = load_causal_lm(args.model, device, dtype)
-    tokenizer = load_tokenizer(args.tokenizer)
-    texts = [t for _, t in iter_documents(args.data, chunk_chars=10**9)]  # whole documents, joined
-    result = evaluate_texts(forward, texts, tokenizer, args.block_size, device, args.batch_size, args.max_tokens,
+def evaluate_model(model: str, texts: Sequence[str], tokenizer: Tokenizer, block_size: int,
+                   device: torch.device, batch_size: int = 4, max_tokens: int | None = None,
+                   progress: bool = False) -> EvalResult:
+    """``evaluate_texts`` for a model folder or hub id (bf16 on a GPU, float32 on the CPU)."""
+    forward, _ = load_causal_lm(model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return evaluate_texts(forward, texts, tokenizer, block_size, device, batch_size, max_tokens, progress)
+
+
+def whole_documents(data: str) -> list[str]:
+    """Every document of a corpus, uncut: evaluation joins them into one stream."""
+    return [t for _, t in iter_documents(data, chunk_chars=10**9)]
+
+
+class EvalConfig(ConfigBase):
+    """Loss, perplexity and bits per byte of a causal LM on text, over non-overlapping windows."""
+
+    model: str
+    """Hugging Face folder or hub id (ours, microsoft/phi-2, ...)."""
+    data: str
+    """Text: folder, .zip, .txt, .jsonl(.gz), .parquet."""
+    block_size: int = 2048
+    """Window length in tokens."""
+    batch_size: int = 4
+    """Windows per forward pass."""
+    max_tokens: int | None = None
+    """Evaluate only the first N tokens."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id (default: $SCRATCHLM_TOKENIZER)."""
+    device: DeviceSpec = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    as_json: bool = Field(False, alias="json")
+    """Print {"loss", "perplexity", "bits_per_byte", "tokens"} as JSON."""
+
+
+def run_eval(cfg: EvalConfig) -> None:
+    result = evaluate_model(cfg.model, whole_documents(cfg.data), load_tokenizer(cfg.tokenizer),
+                            cfg.block_size, pick_device(cfg.device), cfg.batch_size, cfg.max_tokens,
                             progress=sys.stderr.isatty())
-    if args.json:
+    if cfg.as_json:
         print(json.dumps(result.to_dict()))
     else:
-        print(f"{args.model} on {args.data}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f}, "
-              f"{result.bits_per_byte:.4f} bits/byte over {result.tokens:,} tokens (windows of {args.block_size})")
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on text")
-    p.add_argument("--model", required=True, help="Hugging Face folder or hub id (ours, microsoft/phi-2, ...)")
-    p.add_argument("--data", required=True, help="text: folder, .zip, .txt, .jsonl(.gz), .parquet")
-    p.add_argument("--block-size", type=int, default=2048, help="window length in tokens (default 2048)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: $SCRATCHLM_TOKENIZER)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true", help='print {"loss", "perplexity", "bits_per_byte", "tokens"}')
-    p.set_defaults(func=cmd_eval)
+        print(f"{cfg.model} on {cfg.data}: loss {result.loss:.4f} nats/token, perplexity "
+              f"{result.perplexity:.3f}, {result.bits_per_byte:.4f} bits/byte over {result.tokens:,} tokens "
+              f"(windows of {cfg.block_size})")

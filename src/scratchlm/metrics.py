@@ -1,4 +1,5 @@
-"""Throughput, MFU and memory arithmetic, kept apart from the loop so it can be tested by hand-computed values."""
+"""Throughput, MFU and memory arithmetic, kept apart from the loop so it can be tested by hand-computed
+values."""
 
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ from .model.model import Phi
 
 Strategy = Literal["auto", "single", "ddp", "fsdp"]
 FSDP_AUTO_PARAMETERS = 1_000_000_000
-"""With --strategy auto and several processes: FSDP from this many parameters up (a replica's AdamW state, 16 bytes
-per parameter, stops fitting comfortably), DDP below."""
+"""With --strategy auto and several processes: FSDP from this many parameters up (a replica's AdamW state, 16
+bytes per parameter, stops fitting comfortably), DDP below."""
 
 
 def resolve_strategy(strategy: Strategy, world_size: int, num_parameters: int) -> str:
@@ -30,12 +30,14 @@ def resolve_strategy(strategy: Strategy, world_size: int, num_parameters: int) -
     return strategy
 
 
-def parallelize(model: Phi, activation_checkpointing: bool = False, compile: bool = False, strategy: str = "single",
+def parallelize(model: Phi, activation_checkpointing: bool = False, compile: bool = False,
+                strategy: str = "single",
                 device: torch.device | None = None, param_dtype: torch.dtype | None = None,
                 reduce_fp32: bool = True) -> torch.nn.Module:
     if activation_checkpointing:
         for i, block in enumerate(model.blocks):
-            # Recompute each block's activations in backward: memory O(layers) instead of O(layers × activations).
+            # Recompute each block's activations in backward: memory O(layers) instead of O(layers ×
+            # activations).
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
     if compile:
         for block in model.blocks:
@@ -43,13 +45,15 @@ def parallelize(model: Phi, activation_checkpointing: bool = False, compile: boo
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        # Our buffers (rotary tables) are computed identically everywhere: no need to broadcast them each step.
+        # Our buffers (rotary tables) are computed identically everywhere: no need to broadcast them each
+        # step.
         ids = [device.index] if device is not None and device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if reduce_fp32 else param_dtype)
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype,
+                                  reduce_dtype=torch.float32 if reduce_fp32 else param_dtype)
         for block in model.blocks:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)

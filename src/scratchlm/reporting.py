@@ -1,4 +1,5 @@
-"""``scratchlm report``: compare runs (clean vs stream), plot them, and say how much more training it would take.
+"""``scratchlm report``: compare runs (clean vs stream), plot them, and say how much more training it would
+take.
 
 For each run: the loss curves (training and evaluation, against steps and against tokens, all runs on one
 figure), a table (initial loss, when initial − 1 was reached, final loss, throughput, wall time), the gap to a
@@ -8,12 +9,15 @@ reference loss with a bootstrap interval, in tokens and in device-hours at the r
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+
+from .config import ConfigBase, ConfigError
+from .files import read_jsonl
 
 PHI2_BUDGET = {"tokens": 1.4e12, "gpus": 96, "gpu": "A100-80G", "days": 14, "gpu_hours": 96 * 14 * 24}
 PHI2_WIKITEXT_LOSS = 2.273  # nats/token: perplexity 9.705 on WikiText-2, 2048-token windows (AutoAWQ PR #496)
@@ -48,7 +52,8 @@ def fit_power_law(tokens: np.ndarray, losses: np.ndarray) -> Fit:
     keep = d > 0
     d, y = d[keep], y[keep]
     if len(d) < 4:
-        raise ValueError(f"{len(d)} evaluation points: a 3-parameter fit needs at least 4 (evaluate more often)")
+        raise ValueError(f"{len(d)} evaluation points: a 3-parameter fit needs at least 4 "
+                         "(evaluate more often)")
 
     def model(x, E, B, beta):
         return E + B * x ** (-beta)
@@ -56,7 +61,8 @@ def fit_power_law(tokens: np.ndarray, losses: np.ndarray) -> Fit:
     best = None
     for beta0 in (0.1, 0.3, 0.6, 1.0):  # a few starts: the fit has flat directions on short curves
         try:
-            p, _ = curve_fit(model, d, y, p0=(max(0.0, y.min() * 0.8), max(1e-6, (y.max() - y.min()) + 0.1), beta0),
+            p, _ = curve_fit(model, d, y,
+                             p0=(max(0.0, y.min() * 0.8), max(1e-6, (y.max() - y.min()) + 0.1), beta0),
                              bounds=([0.0, 1e-9, 1e-3], [np.inf, np.inf, 3.0]), maxfev=20000)
         except RuntimeError:
             continue
@@ -96,13 +102,14 @@ def extrapolate(tokens: np.ndarray, losses: np.ndarray, target: float, samples: 
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 def read_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return {"name": run_dir.name, "dir": str(run_dir), "summary": summary,
             "train": [r for r in records if "loss" in r], "eval": [r for r in records if "eval_loss" in r]}
 
@@ -126,7 +133,8 @@ def _plot(runs: list[dict], reference: tuple[str, float] | None, out: Path) -> d
         axes[0][1].plot(d["train"]["tokens"], d["train"]["loss"], label=run["name"], alpha=0.8)
         axes[1][0].plot(d["eval"]["step"], d["eval"]["loss"], "o-", label=run["name"])
         axes[1][1].plot(d["eval"]["tokens"], d["eval"]["loss"], "o-", label=run["name"])
-        for source in ev[0].get("eval_loss_by_source", {}) if ev else ():  # a mix of corpora: each one, dotted
+        # a mix of corpora: each one, dotted
+        for source in ev[0].get("eval_loss_by_source", {}) if ev else ():
             losses = [r["eval_loss_by_source"][source] for r in ev]
             d["eval"][f"loss[{source}]"] = losses
             for j, x in enumerate(("step", "tokens")):
@@ -200,7 +208,8 @@ def build_report(run_dirs: list[Path], out: Path, reference: tuple[str, float] |
     for run in runs:
         s, ev = run["summary"], run["eval"]
         final = s.get("final_eval_loss", ev[-1]["eval_loss"] if ev else None)
-        row = {"run": run["name"], "initial_loss": s.get("initial_eval_loss"), "target_loss": s.get("target_loss"),
+        row = {"run": run["name"], "initial_loss": s.get("initial_eval_loss"),
+               "target_loss": s.get("target_loss"),
                "target_reached": s.get("target_reached"), "final_eval_loss": final, "steps": s.get("steps"),
                "tokens": s.get("tokens"), "tokens_per_s": s.get("tokens_per_s"), "wall_s": s.get("elapsed_s")}
         if extra_eval and run["name"] in extra_eval:
@@ -210,7 +219,8 @@ def build_report(run_dirs: list[Path], out: Path, reference: tuple[str, float] |
             row["gap_to_reference"] = compare - reference[1] if compare is not None else None
             points = [(r["tokens"], r["eval_loss"]) for r in ev if r["tokens"] > 0]
             try:
-                f = extrapolate(np.array([p[0] for p in points]), np.array([p[1] for p in points]), reference[1])
+                f = extrapolate(np.array([p[0] for p in points]), np.array([p[1] for p in points]),
+                                reference[1])
                 tps = s.get("tokens_per_s") or 0
                 if f["tokens"] is not None and tps:
                     f["more_tokens"] = max(0.0, f["tokens"] - (s.get("tokens") or 0))
@@ -241,80 +251,93 @@ def _markdown(report: dict) -> str:
                    else "not reached")
         lines.append(f"| {r['run']} | {r['initial_loss']:.3f} | {reached} | {r['final_eval_loss']:.3f} |"
                      + (f" {r['final_loss_on_eval_data']:.3f} |" if extra else "")
-                     + f" {_fmt_tokens(r['tokens'])} | {r['tokens_per_s'] or 0:,.0f} | {r['wall_s'] or 0:.0f} s |")
+                     + f" {_fmt_tokens(r['tokens'])} | {r['tokens_per_s'] or 0:,.0f} |"
+                     + f" {r['wall_s'] or 0:.0f} s |")
     if ref:
         lines += ["", f"## Against {ref['name']}: {ref['loss']:.3f} nats/token", ""]
         for r in report["runs"]:
             f = report["extrapolation"].get(r["run"], {})
             gap = r.get("gap_to_reference")
-            lines.append(f"**{r['run']}**: final loss {gap:+.3f} nats/token from the reference." if gap is not None
-                         else f"**{r['run']}**: no final loss.")
+            lines.append(f"**{r['run']}**: final loss {gap:+.3f} nats/token from the reference."
+                         if gap is not None else f"**{r['run']}**: no final loss.")
             if "error" in f:
                 lines.append(f"No extrapolation: {f['error']}.")
             elif not f.get("reachable"):
                 fit = f["fit"]
-                lines.append(f"The fit L(D) = {fit['E']:.3f} + {fit['B']:.3g}·(D/1M)^(−{fit['beta']:.3f}) levels off "
+                lines.append(f"The fit L(D) = {fit['E']:.3f} + {fit['B']:.3g}·(D/1M)^(−{fit['beta']:.3f}) "
+                             "levels off "
                              f"at E = {fit['E']:.3f}, above the reference: **at this model size and on this "
                              "data the reference is out of reach**, however long it trains.")
             else:
                 fit = f["fit"]
                 interval = f.get("tokens_90pct_interval")
                 unc = (f" (90% bootstrap interval {_fmt_tokens(interval[0])}–{_fmt_tokens(interval[1])}; "
-                       f"{f['bootstrap_unreachable_share']:.0%} of resamples never reach it)") if interval else ""
+                       f"{f['bootstrap_unreachable_share']:.0%} of resamples never reach it)"
+                       if interval else "")
                 hours = f.get("device_hours")
-                lines.append(f"The fit L(D) = {fit['E']:.3f} + {fit['B']:.3g}·(D/1M)^(−{fit['beta']:.3f}) reaches "
+                lines.append(f"The fit L(D) = {fit['E']:.3f} + {fit['B']:.3g}·(D/1M)^(−{fit['beta']:.3f}) "
+                             "reaches "
                              f"the reference after **{_fmt_tokens(f['tokens'])} tokens**{unc}: "
                              f"{_fmt_tokens(f.get('more_tokens'))} more"
-                             + (f", about **{hours:,.0f} device-hours** at this run's {r['tokens_per_s']:,.0f} "
-                                "tokens/s." if hours is not None else "."))
+                             + (f", about **{hours:,.0f} device-hours** at this run's "
+                                f"{r['tokens_per_s']:,.0f} tokens/s." if hours is not None else "."))
             lines.append("")
         b = report["phi2_budget"]
-        lines += [f"For scale, Phi-2 itself: {_fmt_tokens(b['tokens'])} tokens on {b['gpus']} × {b['gpu']} for "
+        lines += [f"For scale, Phi-2 itself: {_fmt_tokens(b['tokens'])} tokens on {b['gpus']} × {b['gpu']} "
+                  "for "
                   f"{b['days']} days ({b['gpu_hours']:,} GPU-hours).", ""]
         if any("fit" in f for f in report["extrapolation"].values()):
             lines += ["![extrapolation](extrapolation.png)", "",
-                      "A fit of a short curve says little about a long one: read the interval, not the point."]
+                      "A fit of a short curve says little about a long one: read the interval, not the "
+                      "point."]
     return "\n".join(lines) + "\n"
 
 
-def cmd_report(args: argparse.Namespace) -> None:
-    reference = None
-    extra: dict[str, float] | None = None
-    if args.reference_model:
-        if not args.eval_data:
-            raise SystemExit("scratchlm report: --reference-model needs --eval-data")
-        import torch
+class ReportConfig(ConfigBase):
+    """Plots, tables and "how much more training" for one or more runs, against a reference."""
 
-        from .data import iter_documents
-        from .evaluation import evaluate_texts, load_causal_lm
-        from .tokenizer import load_tokenizer
-
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        tokenizer = load_tokenizer()
-        texts = [t for _, t in iter_documents(args.eval_data, chunk_chars=10**9)]
-
-        def loss_of(path: str) -> float:
-            fwd, _ = load_causal_lm(path, device)
-            return evaluate_texts(fwd, texts, tokenizer, args.block_size, device, max_tokens=args.max_eval_tokens,
-                                  progress=False).loss
-
-        reference = (args.reference_name or args.reference_model, loss_of(args.reference_model))
-        extra = {Path(d).name: loss_of(str(Path(d) / "final")) for d in args.runs}
-    elif args.reference_loss is not None:
-        reference = (args.reference_name or "reference", args.reference_loss)
-    report = build_report([Path(d) for d in args.runs], Path(args.out), reference, extra)
-    print(f"wrote {Path(args.out) / 'report.md'} ({len(report['runs'])} runs)")
+    positional: ClassVar[tuple[str, ...]] = ("runs",)
+    runs: list[str]
+    """Run folders (with metrics.jsonl and summary.json)."""
+    out: str
+    """Folder for report.md, report.json and the plots."""
+    reference_loss: float | None = None
+    """Reference loss in nats/token (Phi-2 on WikiText-2: 2.273)."""
+    reference_name: str | None = None
+    """Label of the reference."""
+    reference_model: str | None = None
+    """Measure the reference instead: a model folder or hub id (e.g. microsoft/phi-2); needs --eval-data."""
+    eval_data: str | None = None
+    """Text on which the reference model and every run's final model are evaluated."""
+    block_size: int = 2048
+    """Window length of the --reference-model evaluation."""
+    max_eval_tokens: int | None = None
+    """Cap on evaluated tokens."""
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="plots, tables and 'how much more training' for one or more runs")
-    p.add_argument("runs", nargs="+", help="run folders (with metrics.jsonl and summary.json)")
-    p.add_argument("--out", required=True, help="folder for report.md, report.json and the plots")
-    p.add_argument("--reference-loss", type=float, help=f"reference loss in nats/token (Phi-2 on WikiText-2: "
-                   f"{PHI2_WIKITEXT_LOSS})")
-    p.add_argument("--reference-name", help="label of the reference")
-    p.add_argument("--reference-model", help="measure the reference: a model folder or hub id (e.g. microsoft/phi-2)")
-    p.add_argument("--eval-data", help="text on which the reference and every run's final model are evaluated")
-    p.add_argument("--block-size", type=int, default=2048, help="window length for --reference-model evaluation")
-    p.add_argument("--max-eval-tokens", type=int, default=None, help="cap on evaluated tokens")
-    p.set_defaults(func=cmd_report)
+def _measured_reference(cfg: ReportConfig) -> tuple[tuple[str, float], dict[str, float]]:
+    """The reference model's loss on --eval-data, and each run's final model's on the same text."""
+    from .devices import pick_device
+    from .evaluation import evaluate_model, whole_documents
+    from .tokenizer import load_tokenizer
+
+    if not cfg.eval_data:
+        raise ConfigError("--reference-model needs --eval-data: the text both are measured on")
+    device, tokenizer, texts = pick_device(), load_tokenizer(), whole_documents(cfg.eval_data)
+
+    def loss_of(model: str) -> float:
+        return evaluate_model(model, texts, tokenizer, cfg.block_size, device,
+                              max_tokens=cfg.max_eval_tokens).loss
+
+    reference = (cfg.reference_name or cfg.reference_model, loss_of(cfg.reference_model))
+    return reference, {Path(d).name: loss_of(str(Path(d) / "final")) for d in cfg.runs}
+
+
+def run_report(cfg: ReportConfig) -> None:
+    reference, extra = None, None
+    if cfg.reference_model:
+        reference, extra = _measured_reference(cfg)
+    elif cfg.reference_loss is not None:
+        reference = (cfg.reference_name or "reference", cfg.reference_loss)
+    report = build_report([Path(d) for d in cfg.runs], Path(cfg.out), reference, extra)
+    print(f"wrote {Path(cfg.out) / 'report.md'} ({len(report['runs'])} runs)")

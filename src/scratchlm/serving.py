@@ -12,9 +12,26 @@ from pathlib import Path
 
 from fastapi import HTTPException, Request
 
-from .config import ConfigError
+from .config import ConfigBase, ConfigError
 
 API_KEY_ENV = "SCRATCHLM_API_KEY"
+
+
+class ServerConfig(ConfigBase):
+    """Where a server listens and the key it asks for."""
+
+    host: str = "127.0.0.1"
+    """Address to bind. Anything but loopback needs an API key."""
+    port: int = 8000
+    """TCP port."""
+    api_key_file: str | None = None
+    """File holding the API key (else $SCRATCHLM_API_KEY; never on the command line)."""
+
+    def checked_key(self, what: str) -> str | None:
+        """The API key, after refusing a bind beyond this machine without one."""
+        api_key = read_api_key(self.api_key_file)
+        check_bind(self.host, api_key, what)
+        return api_key
 
 
 def read_api_key(key_file: str | None) -> str | None:
@@ -42,22 +59,20 @@ def is_loopback(host: str) -> bool:
 def check_bind(host: str, api_key: str | None, what: str) -> None:
     """Refuse to expose a server beyond this machine without a key."""
     if api_key is None and not is_loopback(host):
-        raise ConfigError(f"refusing to bind {host} without an API key: anyone who can reach it could use the "
-                          f"{what}. Set {API_KEY_ENV} or pass --api-key-file, or bind 127.0.0.1")
+        raise ConfigError(f"refusing to bind {host} without an API key: anyone who can reach it could use "
+                          f"the {what}. Set {API_KEY_ENV} or pass --api-key-file, or bind 127.0.0.1")
 
 
-def key_checker(api_key: str | None):
-    """A FastAPI dependency: ``Authorization: Bearer KEY`` compared in constant time (no-op without a key)."""
-
-    def require_key(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise HTTPException(status_code=401, detail="missing or wrong API key (Authorization: Bearer KEY)",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    return require_key
+def require_key(request: Request) -> None:
+    """A FastAPI dependency: ``Authorization: Bearer KEY`` against the app's ``state.api_key``, compared in
+    constant time (no check when the app has no key)."""
+    api_key = request.app.state.api_key
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
+        raise HTTPException(status_code=401, detail="missing or wrong API key (Authorization: Bearer KEY)",
+                            headers={"WWW-Authenticate": "Bearer"})
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -1,7 +1,7 @@
 """Phi-2's tokenizer (CodeGen: GPT-2 byte-level BPE + 38 whitespace tokens, 50295 ids) via ``tokenizers``.
 
-Where it comes from, first match wins: the ``name_or_path`` argument, the ``SCRATCHLM_TOKENIZER`` variable, the
-hub id ``microsoft/phi-2``. A local folder must hold ``tokenizer.json``.
+Where it comes from, first match wins: the ``name_or_path`` argument, the ``SCRATCHLM_TOKENIZER`` variable,
+the hub id ``microsoft/phi-2``. A local folder must hold ``tokenizer.json``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .errors import UserError
+
 ENV_VAR = "SCRATCHLM_TOKENIZER"
 DEFAULT_HUB_ID = "microsoft/phi-2"
 EOT = "<|endoftext|>"
@@ -21,7 +23,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "added_tokens.json")
 
 
-class TokenizerNotFound(RuntimeError):
+class TokenizerNotFound(UserError, RuntimeError):
     """No tokenizer could be loaded; the message says where we looked and how to point at one."""
 
 
@@ -96,7 +98,7 @@ def load_tokenizer(name_or_path: str | None = None) -> Tokenizer:
         raise
     except Exception as err:
         raise TokenizerNotFound(
-            f"could not load a tokenizer from '{spec}' ({source}): not a local folder, and fetching it from the "
-            f"Hugging Face hub failed ({type(err).__name__}). Set {ENV_VAR} to a folder holding Phi-2's "
+            f"could not load a tokenizer from '{spec}' ({source}): not a local folder, and fetching it from "
+            f"the Hugging Face hub failed ({type(err).__name__}). Set {ENV_VAR} to a folder holding Phi-2's "
             f"tokenizer.json, or make the hub id '{DEFAULT_HUB_ID}' reachable."
         ) from None

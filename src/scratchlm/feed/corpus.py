@@ -1,9 +1,9 @@
 """The corpus side of the feed: documents in a seeded order, addressable by a cursor.
 
 Documents are read once into memory (the 100 MB ``sample.zip`` class of corpus fits easily). Training order is
-a per-epoch permutation seeded by ``seed``; a cursor names a place in that order, so any replica, asked from the
-same cursor, returns the same texts. Held-out documents (``data.is_held_out``) are never in the stream; they are
-served separately for evaluation.
+a per-epoch permutation seeded by ``seed``; a cursor names a place in that order, so any replica, asked from
+the same cursor, returns the same texts. Held-out documents (``data.is_held_out``) are never in the stream;
+they are served separately for evaluation.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import hashlib
 import threading
 from dataclasses import dataclass
 
-import numpy as np
-
-from ..data import CorpusStats, DataError, is_held_out, iter_documents
+from ..data import CorpusStats, DataError, EpochOrder, is_held_out, iter_documents
 
 
 class CursorError(ValueError):
@@ -42,7 +40,8 @@ class Cursor:
 class CorpusSource:
     """Training documents in a seeded, resumable order; held-out documents apart."""
 
-    def __init__(self, path: str, seed: int = 1337, chunk_chars: int = 8000, eval_fraction: float = 0.005) -> None:
+    def __init__(self, path: str, seed: int = 1337, chunk_chars: int = 8000,
+                 eval_fraction: float = 0.005) -> None:
         self.stats = CorpusStats()
         self.ids: list[str] = []
         self.texts: list[str] = []
@@ -56,27 +55,22 @@ class CorpusSource:
                 self.ids.append(doc_id)
                 self.texts.append(text)
         if not self.texts:
-            raise DataError(f"corpus '{path}' has no usable text (files skipped: {dict(self.stats.skipped) or 'none'})")
+            raise DataError(f"corpus '{path}' has no usable text "
+                            f"(files skipped: {dict(self.stats.skipped) or 'none'})")
         self.seed = seed
         h = hashlib.blake2b(f"{seed}|{chunk_chars}|{eval_fraction}|{len(self.texts)}".encode(), digest_size=4)
         h.update("\n".join(self.ids).encode())
         self.fingerprint = h.hexdigest()
-        self._orders: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
+        self.order = EpochOrder(len(self.texts), seed)
         self._stream = Cursor(0, 0)  # the shared stream behind the cursor-less /generate
-
-    def order(self, epoch: int) -> np.ndarray:
-        with self._lock:
-            if epoch not in self._orders:
-                if len(self._orders) > 4:
-                    self._orders.clear()
-                self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.texts))
-            return self._orders[epoch]
+        self._stream_lock = threading.Lock()
 
     def take(self, cursor: Cursor, n: int, rank: int = 0, world_size: int = 1) -> tuple[list[int], Cursor]:
-        """Indices of the next ``n`` documents for ``rank`` of ``world_size`` from ``cursor``, and the cursor after.
+        """Indices of the next ``n`` documents for ``rank`` of ``world_size`` from ``cursor``, and the cursor
+        after.
 
-        Position ``index`` of an epoch's order goes to rank ``index % world_size``: ranks get disjoint streams.
+        Position ``index`` of an epoch's order goes to rank ``index % world_size``: ranks get disjoint
+        streams.
         """
         if not 0 <= rank < world_size <= len(self.texts):
             raise ValueError(f"rank {rank} of world_size {world_size}: each rank needs at least one of the "
@@ -94,10 +88,8 @@ class CorpusSource:
         return out, Cursor(epoch, index)
 
     def take_shared(self, n: int) -> list[int]:
-        """The next ``n`` documents of the server's own stream (the seed's ``/generate``)."""
-        with self._lock:
-            cursor = self._stream
-        picked, after = self.take(cursor, n)
-        with self._lock:
-            self._stream = after
+        """The next ``n`` documents of the server's own stream (the seed's ``/generate``); concurrent callers
+        get consecutive, disjoint parts of it (read and advance under one lock)."""
+        with self._stream_lock:
+            picked, self._stream = self.take(self._stream, n)
         return picked

@@ -6,7 +6,6 @@ parameter counts) are derived here once and checked, so no caller recomputes the
 
 from __future__ import annotations
 
-import math
 from functools import cached_property
 
 from pydantic import ConfigDict, model_validator
@@ -101,18 +100,17 @@ class ModelConfig(ConfigBase):
         t = self.block_size if seq_len is None else seq_len
         return 6 * self.num_parameters + 12 * self.n_layer * self.n_embd * t
 
-    def init_loss(self) -> float:
-        """Expected loss of a uniform predictor over the real vocabulary: ln(vocab_size)."""
-        return math.log(self.vocab_size)
-
 
 PRESETS: dict[str, ModelConfig] = {
     c.name: c
     for c in [
-        ModelConfig(name="phi-2", n_layer=32, n_embd=2560, n_head=32, intermediate_size=10240, rotary_pct=0.4),
-        ModelConfig(name="phi-1.5", n_layer=24, n_embd=2048, n_head=32, intermediate_size=8192, rotary_pct=0.5),
+        ModelConfig(name="phi-2", n_layer=32, n_embd=2560, n_head=32, intermediate_size=10240,
+                    rotary_pct=0.4),
+        ModelConfig(name="phi-1.5", n_layer=24, n_embd=2048, n_head=32, intermediate_size=8192,
+                    rotary_pct=0.5),
         # Small presets keep Phi-2's vocabulary and head layout ratios, for CPU work, tests and the demo.
-        ModelConfig(name="phi-100m", n_layer=12, n_embd=576, n_head=9, intermediate_size=2304, rotary_pct=0.5),
+        ModelConfig(name="phi-100m", n_layer=12, n_embd=576, n_head=9, intermediate_size=2304,
+                    rotary_pct=0.5),
         ModelConfig(name="phi-20m", n_layer=6, n_embd=256, n_head=8, intermediate_size=1024, rotary_pct=0.5,
                     block_size=1024),
         ModelConfig(name="phi-tiny", n_layer=4, n_embd=128, n_head=4, intermediate_size=512, rotary_pct=0.5,

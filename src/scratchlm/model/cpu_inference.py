@@ -1,12 +1,11 @@
-"""Faster inference on the CPU: Linear weights reordered once into oneDNN's blocked layout.
+"""Faster generation on the CPU: linear layers through oneDNN with weights reordered once, and cached
+attention spelt out in float32.
 
-PyTorch's CPU ``F.linear`` goes to MKL's sgemm, which takes a slow path on AMD processors; oneDNN with a weight
-reordered ahead of time does not, and skips the per-call packing on Intel too. Measured on a 2-core AMD EPYC
-(AVX512), fp32, 32 rows: the phi-tiny LM head (50295 × 128) 4.3 → 0.9 ms, a 3072 × 768 MLP layer 1.1 → 0.3 ms;
-bf16 LM head 1.0 → 0.46 ms. Results equal ``F.linear`` to float rounding (0 to 5e-6 here).
-
-Only for inference: with gradients enabled, or off the CPU, the plain ``F.linear`` runs. The reordered copy is
-refreshed whenever the weight changes in place (its version counter moves) or is replaced.
+PyTorch's CPU ``F.linear`` goes to MKL's sgemm, which takes a slow path on AMD processors; oneDNN with a
+weight reordered ahead of time does not, and skips the per-call packing on Intel too. Results equal
+``F.linear`` to float rounding. Only for inference: with gradients enabled, or off the CPU, the plain
+``F.linear`` runs. The reordered copy is refreshed whenever the weight changes in place (its version counter
+moves) or is replaced. Measurements are in ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -17,15 +16,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Below this many weight elements the oneDNN call's fixed cost (~10 µs) outweighs its gain (measured: a 128 × 128
-# layer is 2× slower packed at 1–32 rows, a 512 × 128 one 1.2× faster at 32 rows).
 MIN_PACKED_ELEMENTS = 1 << 16
+"""Smaller layers stay on ``F.linear``: there the oneDNN call's fixed cost outweighs its gain."""
 
 
 def _supported(dtype: torch.dtype) -> bool:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    native_bf16 = dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32 or native_bf16
 
 
 def _version(t: torch.Tensor) -> int:
@@ -58,7 +57,8 @@ class PackedLinear:
 def pack_linears(model: nn.Module) -> int:
     """Route each CPU Linear of ``model`` big enough to gain through a ``PackedLinear``; returns how many.
 
-    The modules keep their parameters (state dicts, saving, training are unchanged); only their forward differs.
+    The modules keep their parameters (state dicts, saving, training are unchanged); only their forward
+    differs.
     """
     count = 0
     for module in model.modules():
@@ -68,3 +68,16 @@ def pack_linears(model: nn.Module) -> int:
             module.forward = PackedLinear(lambda m=module: (m.weight, m.bias))
             count += 1
     return count
+
+
+def cpu_cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+    """Attention of a few new queries over a KV cache, spelt out in float32; the result has q's dtype.
+
+    For this shape (one query row, a boolean mask) PyTorch's fused CPU kernel is slower than matmul + softmax,
+    and bf16 batched matmuls over a slice of the cache are slower than float32 ones, so the generator keeps a
+    float32 cache on the CPU and nothing is converted.
+    """
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, nh, T, L)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)

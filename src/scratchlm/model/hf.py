@@ -7,7 +7,6 @@ A Hugging Face folder is ``config.json`` + ``model.safetensors`` (or shards with
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import UserError
+from ..files import atomic_file, atomic_write
 from .config import PHI2_TOKENIZER_SIZE, ModelConfig
 from .model import Phi
 
@@ -23,7 +24,7 @@ EOT_ID = 50256
 HF_INDEX = "model.safetensors.index.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A model folder or hub id could not be read as a Phi checkpoint."""
 
 
@@ -149,30 +150,18 @@ def phi_from_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> Phi:
 
 
 def save_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that ``PhiForCausalLM.from_pretrained`` loads strictly."""
+    """Write ``config.json`` + ``model.safetensors``, which ``PhiForCausalLM.from_pretrained`` loads
+    strictly."""
     model = unwrap(model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in to_hf_state_dict(model).items()}
+    tensors = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k,
+               v in to_hf_state_dict(model).items()}
     actual_dtype = next(iter(tensors.values())).dtype
-    atomic_write_text(out_dir / "config.json", json.dumps(hf_config(model.config, actual_dtype), indent=2))
-    tmp = out_dir / (HF_WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    _fsync_and_rename(tmp, out_dir / HF_WEIGHTS)
+    atomic_write(out_dir / "config.json", json.dumps(hf_config(model.config, actual_dtype), indent=2))
+    with atomic_file(out_dir / HF_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     return out_dir
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that a crash leaves either the old content or the new, never half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync_and_rename(tmp, path)
-
-
-def _fsync_and_rename(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
 
 
 def resolve_model_dir(path_or_hub_id: str) -> Path:
@@ -181,13 +170,15 @@ def resolve_model_dir(path_or_hub_id: str) -> Path:
     if local.is_dir():
         return local
     if local.exists() or path_or_hub_id.startswith((".", "/", "~")) or path_or_hub_id.count("/") != 1:
-        raise CheckpointError(f"no model folder at '{path_or_hub_id}' (and it is not a hub id like 'microsoft/phi-2')")
+        raise CheckpointError(f"no model folder at '{path_or_hub_id}' "
+                              "(and it is not a hub id like 'microsoft/phi-2')")
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(path_or_hub_id, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as err:  # network errors, missing repos and auth errors all end here
-        raise CheckpointError(f"could not fetch '{path_or_hub_id}' from the Hugging Face hub: {err}") from None
+        raise CheckpointError(f"could not fetch '{path_or_hub_id}' from the Hugging Face hub: "
+                              f"{err}") from None
 
 
 def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -1,14 +1,14 @@
 """The LM head and the cross-entropy loss in one pass over row chunks, never holding the whole logits tensor.
 
-For a Phi model the logits are the largest activation by far: Phi-2 at 4 × 2048 tokens has 8192 × 51200 of them,
-3.4 GB in float32 plus as much again for their gradient and the log-softmax autograd keeps. Here each chunk of rows
-gets its logits, its loss and, at once, the gradients for the head's input, weight and bias (d loss / d logits =
-(softmax − one-hot) / N); only those gradients are kept for backward, so peak memory holds one chunk of logits.
-The same idea as Liger-Kernel's fused linear cross-entropy, in plain PyTorch so it runs on every device.
+For a Phi model the logits are the largest activation by far: Phi-2 at 4 × 2048 tokens has 8192 × 51200 of
+them, 3.4 GB in float32 plus as much again for their gradient and the log-softmax autograd keeps. Here each
+chunk of rows gets its logits, its loss and, at once, the gradients for the head's input, weight and bias (d
+loss / d logits = (softmax − one-hot) / N); only those gradients are kept for backward, so peak memory holds
+one chunk of logits. The same idea as Liger-Kernel's fused linear cross-entropy, in plain PyTorch so it runs
+on every device.
 
-The matmuls are the same three as with autograd; what goes is the full-size log-softmax, its saved output and the
-passes over the logits in backward. Measured on a 2-core CPU, phi-tiny's head + loss at 2048 × 51200: 894 → 652 ms
-for forward + backward, gradients equal to plain autograd's to 1e-9.
+The matmuls are the same three as with autograd; what goes is the full-size log-softmax, its saved output and
+the passes over the logits in backward (timings in ``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -18,20 +18,23 @@ import torch.nn.functional as F
 
 
 def default_chunk_rows(device: torch.device) -> int:
-    """Rows per chunk: small on a CPU (a chunk of logits stays nearer the caches: 128 rows measured best of
-    128–1024), large on a GPU (1024 × 51200 float32 logits: 210 MB, big enough matmuls to keep it busy)."""
+    """Rows per chunk: small on a CPU (a chunk of logits stays nearer the caches), large on a GPU (1024 ×
+    51200 float32 logits: 210 MB, matmuls big enough to keep it busy)."""
     return 128 if device.type == "cpu" else 1024
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor,
                 chunk_rows: int) -> torch.Tensor:
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
         n = hidden.shape[0]
         device_type = hidden.device.type
-        # Under autocast, matmuls run in its dtype (and the gradient matmuls follow: they are autocast ops too).
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        # Under autocast, matmuls run in its dtype (and the gradient matmuls follow: they are autocast ops
+        # too).
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None

@@ -1,8 +1,8 @@
 """One teacher interface, two backends: a local model, or any OpenAI-compatible ``/v1/completions`` server.
 
-Spec strings: ``local:PATH_OR_HUB_ID`` (a Hugging Face folder; Phi checkpoints run on our model with continuous
-batching, other architectures through ``transformers``) and ``openai:URL[#model]`` (vLLM, TGI, llama.cpp's
-server, or ``scratchlm serve-model``; key from $SCRATCHLM_API_KEY or the ``api_key`` argument).
+Spec strings: ``local:PATH_OR_HUB_ID`` (a Hugging Face folder; Phi checkpoints run on our model with
+continuous batching, other architectures through ``transformers``) and ``openai:URL[#model]`` (vLLM, TGI,
+llama.cpp's server, or ``scratchlm serve-model``; key from $SCRATCHLM_API_KEY or the ``api_key`` argument).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import httpx
 import torch
 
 from ..config import ConfigError
+from ..devices import pick_device
 from ..model.hf import load_hf, resolve_model_dir
 from ..serving import read_api_key
 from ..tokenizer import load_tokenizer
@@ -30,8 +31,8 @@ class Completion:
 
 
 def generation_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU, and on a CPU with native bf16 matmuls (AVX512-BF16/AMX: phi-tiny decodes 1.2× faster than in
-    fp32 with oneDNN-packed weights, measured, and the weights take half the memory); fp32 on other CPUs."""
+    """bf16 on a GPU, and on a CPU with native bf16 matmuls (AVX512-BF16/AMX: faster decoding with
+    oneDNN-packed weights, see bench/RESULTS.md, and half the memory); fp32 on other CPUs."""
     if device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return torch.bfloat16
     return torch.float32
@@ -43,8 +44,7 @@ class LocalTeacher:
     def __init__(self, path: str, device: str = "auto", batch_size: int = 32, max_seq_len: int = 1024,
                  dtype: torch.dtype | None = None) -> None:
         self.name = path
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)
+        self.device = pick_device(device)
         dtype = dtype or generation_dtype(self.device)
         model_dir = resolve_model_dir(path)
         self.tokenizer = load_tokenizer(str(model_dir) if (model_dir / "tokenizer.json").exists() else None)
@@ -58,15 +58,19 @@ class LocalTeacher:
             from transformers import AutoModelForCausalLM
 
             self.engine = None
-            self.hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+            self.hf_model = AutoModelForCausalLM.from_pretrained(model_dir,
+                                                                 dtype=dtype).to(self.device).eval()
             self.batch_size = batch_size
 
-    def complete(self, prompts: list[str], params: SamplingParams, seed: int | None = None) -> list[Completion]:
+    def complete(self, prompts: list[str], params: SamplingParams,
+                 seed: int | None = None) -> list[Completion]:
         ids = self.tokenizer.encode_batch(prompts)
         with self.lock:
-            outs = self.engine.generate(ids, params, seed) if self.engine else self._hf_generate(ids, params, seed)
+            outs = self.engine.generate(ids, params, seed) if self.engine else self._hf_generate(ids, params,
+                                                                                                 seed)
         texts = self.tokenizer.decode_batch(outs)
-        return [Completion(t, len(o), len(o) < params.max_new_tokens) for t, o in zip(texts, outs, strict=True)]
+        return [Completion(t, len(o), len(o) < params.max_new_tokens) for t,
+                o in zip(texts, outs, strict=True)]
 
     @torch.inference_mode()
     def _hf_generate(self, ids: list[list[int]], params: SamplingParams, seed: int | None) -> list[list[int]]:
@@ -76,10 +80,12 @@ class LocalTeacher:
         for i in range(0, len(ids), self.batch_size):
             chunk = [p or [eot] for p in ids[i : i + self.batch_size]]
             width = max(map(len, chunk))
-            batch = torch.tensor([[eot] * (width - len(p)) + p for p in chunk], device=self.device)  # left padding
+            # left padding
+            batch = torch.tensor([[eot] * (width - len(p)) + p for p in chunk], device=self.device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
             gen = self.hf_model.generate(batch, attention_mask=mask, max_new_tokens=params.max_new_tokens,
-                                         do_sample=params.temperature > 0, temperature=params.temperature or None,
+                                         do_sample=params.temperature > 0,
+                                         temperature=params.temperature or None,
                                          top_k=params.top_k, top_p=params.top_p, pad_token_id=eot,
                                          eos_token_id=eot if params.stop_at_eot else None)
             for row in gen[:, width:].tolist():
@@ -120,10 +126,12 @@ class OpenAITeacher:
         per = reply.get("usage", {}).get("completion_tokens", 0) // max(1, len(choices))
         return [Completion(c["text"], per, c.get("finish_reason") == "stop") for c in choices]
 
-    def complete(self, prompts: list[str], params: SamplingParams, seed: int | None = None) -> list[Completion]:
+    def complete(self, prompts: list[str], params: SamplingParams,
+                 seed: int | None = None) -> list[Completion]:
         chunks = [prompts[i : i + self.chunk] for i in range(0, len(prompts), self.chunk)]
         seeds = [None if seed is None else seed + i for i in range(len(chunks))]
-        return [c for part in self.pool.map(lambda a: self._request(a[0], params, a[1]), zip(chunks, seeds, strict=True))
+        return [c for part in self.pool.map(lambda a: self._request(a[0], params, a[1]),
+                                            zip(chunks, seeds, strict=True))
                 for c in part]
 
 

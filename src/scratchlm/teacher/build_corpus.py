@@ -1,16 +1,16 @@
-"""``scratchlm build-corpus``: generate a clean corpus with a teacher and store it as the seed's ``sample.zip``.
+"""``scratchlm build-corpus``: generate a clean corpus with a teacher and store it as the seed's
+``sample.zip``.
 
-Texts are written one file each into ``OUT.parts/`` (temporary name, then rename), so an interrupted run loses at
-most the batch in flight; running the same command again continues from what is there. When the size is reached,
-the parts are packed into ``OUT`` (written to a temporary file, then renamed) and a summary is written beside it.
-Exact duplicates are never stored.
+Texts are written one file each into ``OUT.parts/`` (temporary name, then rename), so an interrupted run loses
+at most the batch in flight; running the same command again continues from what is there. When the size is
+reached, the parts are packed into ``OUT`` (written to a temporary file, then renamed) and a summary is
+written beside it. Exact duplicates are never stored.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import zipfile
@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..config import ConfigError
+from ..files import atomic_file, atomic_write
 from .diversity import DiversityMeter
 from .prompts import PromptSource
 from .sampling import SamplingParams
@@ -56,7 +57,8 @@ def build_corpus(teacher, out: Path, size_bytes: int, prompts: PromptSource, par
         meter.add(text)
         total += len(text.encode("utf-8"))
     next_index = int(stored[-1].stem) + 1 if stored else 0
-    bar = tqdm(total=size_bytes, initial=min(total, size_bytes), unit="B", unit_scale=True, desc="building corpus",
+    bar = tqdm(total=size_bytes, initial=min(total, size_bytes), unit="B", unit_scale=True,
+               desc="building corpus",
                disable=not progress or None)
     round_no = state["generated"]
     while total < size_bytes:
@@ -75,24 +77,20 @@ def build_corpus(teacher, out: Path, size_bytes: int, prompts: PromptSource, par
                 state["duplicates_dropped"] += 1
                 continue
             seen.add(key)
-            tmp = parts / f"{next_index:08d}.txt.tmp"
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, parts / f"{next_index:08d}.txt")
+            atomic_write(parts / f"{next_index:08d}.txt", text, fsync=False)
             next_index += 1
             n = len(text.encode("utf-8"))
             total += n
             bar.update(n)
-        state_path.write_text(json.dumps(state))
+        atomic_write(state_path, json.dumps(state), fsync=False)
     bar.close()
 
-    tmp_zip = out.with_name(out.name + ".tmp")
-    with zipfile.ZipFile(tmp_zip, "w", compression=zipfile.ZIP_DEFLATED) as z:
+    with atomic_file(out) as tmp_zip, zipfile.ZipFile(tmp_zip, "w", compression=zipfile.ZIP_DEFLATED) as z:
         for path in sorted(parts.glob("*.txt")):
             z.write(path, arcname=f"generated/{path.name}")
-    os.replace(tmp_zip, out)
     summary = {"out": str(out), "bytes": total, "texts": len(seen), "generated": state["generated"],
                "tokens_generated": state["tokens"], "exact_duplicates_dropped": state["duplicates_dropped"],
                "diversity": meter.summary()}
-    out.with_name(out.name + ".summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out.with_name(out.name + ".summary.json"), json.dumps(summary, indent=2))
     shutil.rmtree(parts)
     return summary

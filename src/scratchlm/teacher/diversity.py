@@ -15,7 +15,8 @@ WORDS = re.compile(r"\w+")
 
 
 class DiversityMeter:
-    """Streaming counts over generated texts; thread-safe, so the feed's producer and /metrics can share one."""
+    """Streaming counts over generated texts; thread-safe, so the feed's producer and /metrics can share
+    one."""
 
     def __init__(self, num_perm: int = 128) -> None:
         self.num_perm = num_perm

@@ -1,7 +1,7 @@
 """Prompts for diverse teacher text.
 
-A single random token (the seed's way) makes a teacher repeat itself; TinyStories saw 59% of stories open the same
-way. Strategies here, mixed by default:
+A single random token (the seed's way) makes a teacher repeat itself; TinyStories saw 59% of stories open the
+same way. Strategies here, mixed by default:
 
 - ``token``: one random token, as the seed did (kept for comparison).
 - ``words``: a few random content words drawn from the corpus, to be worked into the text.
@@ -14,35 +14,42 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
+from typing import Literal, get_args
 
-STRATEGIES = ("token", "words", "topic", "snippet")
+PromptStrategy = Literal["token", "words", "topic", "snippet"]
+STRATEGIES: tuple[str, ...] = get_args(PromptStrategy)
 
 TOPICS = (
     "photosynthesis", "the French Revolution", "prime numbers", "how vaccines work", "plate tectonics",
     "the water cycle", "binary search", "supply and demand", "the Roman Empire", "black holes", "recursion",
-    "the human heart", "volcanoes", "probability", "the printing press", "climate and weather", "electric circuits",
-    "the immune system", "sorting algorithms", "ancient Egypt", "the theory of evolution", "linear equations",
-    "coral reefs", "the industrial revolution", "Newton's laws of motion", "hash tables", "the moon's phases",
-    "bees and pollination", "the Silk Road", "matrices", "sound waves", "the periodic table", "compound interest",
-    "migratory birds", "the Renaissance", "graph theory", "glaciers", "the nervous system", "Python functions",
-    "the solar system", "democracy in Athens", "fractions", "rainforests", "magnetism", "the scientific method",
+    "the human heart", "volcanoes", "probability", "the printing press", "climate and weather",
+    "electric circuits", "the immune system", "sorting algorithms", "ancient Egypt",
+    "the theory of evolution", "linear equations", "coral reefs", "the industrial revolution",
+    "Newton's laws of motion", "hash tables", "the moon's phases", "bees and pollination", "the Silk Road",
+    "matrices", "sound waves", "the periodic table", "compound interest", "migratory birds",
+    "the Renaissance", "graph theory", "glaciers", "the nervous system", "Python functions",
+    "the solar system", "democracy in Athens", "fractions", "rainforests", "magnetism",
+    "the scientific method",
 )
 AUDIENCES = ("a curious child", "a high-school student", "a university student", "a general reader",
              "an expert", "a programmer", "a teacher preparing a lesson")
-FORMS = ("a textbook section", "a short story", "a blog post", "an encyclopedia entry", "a lecture transcript",
-         "a dialogue between two friends", "a step-by-step tutorial", "a letter", "a news article",
-         "a set of exercises with worked answers")
+FORMS = ("a textbook section", "a short story", "a blog post", "an encyclopedia entry",
+         "a lecture transcript", "a dialogue between two friends", "a step-by-step tutorial", "a letter",
+         "a news article", "a set of exercises with worked answers")
 WORD = re.compile(r"[A-Za-z][a-z]{3,14}")
 
 
 class PromptSource:
-    """Seeded prompts from the chosen strategies; ``documents`` (corpus texts) feed ``words`` and ``snippet``."""
+    """Seeded prompts from the chosen strategies; ``documents`` (corpus texts) feed ``words`` and
+    ``snippet``."""
 
-    def __init__(self, strategies: Sequence[str] = ("words", "topic", "snippet"), documents: Sequence[str] = (),
+    def __init__(self, strategies: Sequence[str] = ("words", "topic", "snippet"),
+                 documents: Sequence[str] = (),
                  vocab_size: int = 50257, seed: int = 0, decode=None) -> None:
         unknown = set(strategies) - set(STRATEGIES)
         if unknown or not strategies:
-            raise ValueError(f"unknown prompt strategies {sorted(unknown)}; choose from {', '.join(STRATEGIES)}")
+            raise ValueError(f"unknown prompt strategies {sorted(unknown)}; "
+                             f"choose from {', '.join(STRATEGIES)}")
         needs_docs = {"words", "snippet"} & set(strategies)
         if needs_docs and not documents:
             strategies = [s for s in strategies if s not in needs_docs] or ["topic"]
@@ -59,7 +66,8 @@ class PromptSource:
             for doc in self.rng.sample(self.documents, min(200, len(self.documents))):
                 for w in WORD.findall(doc):
                     counts[w.lower()] = counts.get(w.lower(), 0) + 1
-            self._words = sorted(w for w, c in counts.items() if 2 <= c <= 200) or ["story", "river", "number"]
+            pool = sorted(w for w, c in counts.items() if 2 <= c <= 200)
+            self._words = pool or ["story", "river", "number"]
         return self._words
 
     def one(self) -> str:

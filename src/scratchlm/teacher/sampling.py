@@ -1,9 +1,9 @@
 """Batched sampling from our Phi with a preallocated KV cache and continuous batching.
 
-Each of ``batch_size`` slots holds one sequence. A finished sequence (``<|endoftext|>`` or max new tokens) frees
-its slot at once, and the next prompt is prefilled into that slot's cache rows while the others keep decoding,
-so a long sequence never holds the whole batch back. Prompts of different lengths need no padding tricks: every
-row carries its own positions.
+Each of ``batch_size`` slots holds one sequence. A finished sequence (``<|endoftext|>`` or max new tokens)
+frees its slot at once, and the next prompt is prefilled into that slot's cache rows while the others keep
+decoding, so a long sequence never holds the whole batch back. Prompts of different lengths need no padding
+tricks: every row carries its own positions.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.cpu_inference import PackedLinear, pack_linears
+from ..model.kv_cache import KVCache
 from ..model.model import Phi
 
 
@@ -29,7 +30,8 @@ class SamplingParams:
     stop_at_eot: bool = True
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, params: SamplingParams,
+                generator: torch.Generator | None) -> torch.Tensor:
     """logits (B, V) → next ids (B,): greedy, or temperature + top-k + top-p sampling."""
     logits = logits.float()  # also contiguous: argmax over a strided bf16 view is several times slower on CPU
     if params.temperature <= 0:
@@ -41,7 +43,8 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     if params.top_p is not None and params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - sorted_logits.softmax(dim=-1) > params.top_p  # keep the smallest set reaching top_p
+        # keep the smallest set reaching top_p
+        drop = cumulative - sorted_logits.softmax(dim=-1) > params.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
@@ -67,16 +70,19 @@ class BatchGenerator:
         # The LM head restricted to real token ids: padding rows are never sampled, so never computed.
         head = model.lm_head
         self.head = PackedLinear(lambda: (head.weight[: self.vocab_size], head.bias[: self.vocab_size]))
-        pack_linears(model)  # on the CPU: oneDNN with reordered weights, several times faster than plain F.linear
-        # A float32 cache on the CPU: attention there runs in float32 (see ``cached_attention``).
-        model.setup_kv_cache(batch_size, self.max_seq_len, dtype=torch.float32 if self.device.type == "cpu" else None)
+        # on the CPU: oneDNN with reordered weights, several times faster than plain F.linear
+        pack_linears(model)
+        # A float32 cache on the CPU: attention there runs in float32 (see ``cpu_cached_attention``).
+        self.cache = KVCache(model, batch_size, self.max_seq_len,
+                             dtype=torch.float32 if self.device.type == "cpu" else None)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, 1, n_embd) → logits over the real vocabulary (B, vocab_size)."""
         return self.head(hidden[:, -1])
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 seed: int | None = None) -> list[list[int]]:
         """New token ids for each prompt (the stop token, if hit, not included), in prompt order."""
         generator = None
         if seed is not None:
@@ -86,7 +92,8 @@ class BatchGenerator:
         if room < 1:
             raise ValueError(f"max_new_tokens {params.max_new_tokens} leaves no room for a prompt in "
                              f"{self.max_seq_len} positions")
-        pending = deque((i, (p or [self.eot_id])[-room:]) for i, p in enumerate(prompts))  # keep the prompt's end
+        # keep the prompt's end
+        pending = deque((i, (p or [self.eot_id])[-room:]) for i, p in enumerate(prompts))
         slots: list[_Slot | None] = [None] * self.batch_size
         results: list[list[int] | None] = [None] * len(prompts)
 
@@ -115,8 +122,8 @@ class BatchGenerator:
                 for j, (_, p) in enumerate(group):
                     idx[j, : len(p)] = torch.tensor(p, device=self.device)
                 pos = torch.arange(width, device=self.device).expand(len(group), width)
-                hidden = self.model.features(idx, input_pos=pos, cache_rows=torch.tensor(free, device=self.device),
-                                             kv_len=width, logits_at=lengths - 1)
+                hidden = self.cache.forward(self.model, idx, pos, torch.tensor(free, device=self.device),
+                                            kv_len=width, keep=lengths - 1)
                 tokens = sample_next(self._logits(hidden), params, generator).tolist()
                 for row, (i, p), tok in zip(free, group, tokens, strict=True):
                     slots[row] = _Slot(i, len(p), tok, [])
@@ -127,13 +134,14 @@ class BatchGenerator:
             idx = torch.tensor([[slots[r].last] for r in active], device=self.device)
             positions = [slots[r].pos for r in active]
             rows = None if len(active) == self.batch_size else torch.tensor(active, device=self.device)
-            if rows is None and min(positions) == max(positions):  # all in step: the cheaper shared-position path
+            # all in step: the cheaper shared-position path
+            if rows is None and min(positions) == max(positions):
                 pos = torch.tensor(positions[:1], device=self.device)
             else:
                 pos = torch.tensor(positions, device=self.device)[:, None]
             # Attend over the cache only as far as the longest sequence (rounded up: fewer distinct shapes).
             kv_len = min(self.max_seq_len, -(-(max(positions) + 1) // 16) * 16)
-            hidden = self.model.features(idx, input_pos=pos, cache_rows=rows, kv_len=kv_len)
+            hidden = self.cache.forward(self.model, idx, pos, rows, kv_len=kv_len)
             tokens = sample_next(self._logits(hidden), params, generator).tolist()
             for row, tok in zip(active, tokens, strict=True):
                 slots[row].pos += 1

@@ -1,26 +1,28 @@
 """``scratchlm serve-model``: an OpenAI-compatible completions subset for a Phi checkpoint.
 
-``POST /v1/completions`` (prompt: a string or a list; max_tokens, temperature, top_p, top_k, n, seed, stop) and
-``GET /v1/models``, authenticated like the feed server, so a teacher can run on its own GPU machine and several can
-serve one feed. All prompts of a request are generated in one continuous batch.
+``POST /v1/completions`` (prompt: a string or a list; max_tokens, temperature, top_p, top_k, n, seed, stop)
+and ``GET /v1/models``, authenticated like the feed server, so a teacher can run on its own GPU machine and
+several can serve one feed. All prompts of a request are generated in one continuous batch.
 """
 
 import time
 import uuid
 from typing import Annotated
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..serving import check_bind, key_checker, read_api_key
+from ..serving import require_key
 from .backends import LocalTeacher
+from .commands import ServeModelConfig
 from .sampling import SamplingParams
 
 MAX_PROMPTS = 1024
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, logit_bias...)
+    # OpenAI clients send fields we do not use (user, logit_bias...)
+    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     prompt: Annotated[str | list[str], Field(description="one prompt or a list")]
@@ -35,7 +37,8 @@ class CompletionRequest(BaseModel):
 
 def create_app(teacher: LocalTeacher, model_name: str, api_key: str | None) -> FastAPI:
     app = FastAPI(title="scratchlm serve-model", description=__doc__)
-    authed = [Depends(key_checker(api_key))]
+    app.state.api_key = api_key
+    authed = [Depends(require_key)]
 
     @app.get("/health")
     def health() -> dict:
@@ -50,8 +53,6 @@ def create_app(teacher: LocalTeacher, model_name: str, api_key: str | None) -> F
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         prompts = [p for p in prompts for _ in range(req.n)]
         if not prompts or len(prompts) > MAX_PROMPTS:
-            from fastapi import HTTPException
-
             raise HTTPException(422, f"between 1 and {MAX_PROMPTS} prompts × n per request")
         params = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature,
                                 top_p=req.top_p if req.top_p < 1.0 else None, top_k=req.top_k)
@@ -74,11 +75,9 @@ def create_app(teacher: LocalTeacher, model_name: str, api_key: str | None) -> F
     return app
 
 
-def serve_model(model: str, host: str = "127.0.0.1", port: int = 8001, api_key_file: str | None = None,
-                batch_size: int = 32, device: str = "auto") -> None:
+def serve_model(cfg: ServeModelConfig) -> None:
     import uvicorn
 
-    api_key = read_api_key(api_key_file)
-    check_bind(host, api_key, "model")
-    teacher = LocalTeacher(model, device=device, batch_size=batch_size)
-    uvicorn.run(create_app(teacher, model, api_key), host=host, port=port, log_level="info")
+    api_key = cfg.checked_key("model")
+    teacher = LocalTeacher(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
+    uvicorn.run(create_app(teacher, cfg.model, api_key), host=cfg.host, port=cfg.port, log_level="info")

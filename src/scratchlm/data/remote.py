@@ -1,26 +1,24 @@
-"""The trainer's side of the feed: an HTTP client that retries, and a loader that tokenizes and packs.
+"""Training from a feed server: an HTTP client that retries, and a loader that tokenizes and packs.
 
-The loader's position is ``{"cursor", "leftover"}``: the cursor from which the next batch of texts is fetched, and
-the tokens already fetched but not yet trained on. Saved in checkpoints, it resumes the stream exactly: corpus
-texts from the cursor and the leftover tokens as they were (teacher texts among them included).
+The loader's position is ``{"cursor", "leftover"}``: the cursor from which the next batch of texts is fetched,
+and the tokens already fetched but not yet trained on. Saved in checkpoints, it resumes the stream exactly:
+corpus texts from the cursor and the leftover tokens as they were (teacher texts among them included).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import random
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import numpy as np
-import torch
 
-from ..data import Batch, DataError
-from ..serving import API_KEY_ENV, read_api_key
+from ..serving import read_api_key
 from ..tokenizer import Tokenizer
+from .documents import DataError
+from .loaders import Batch, block_span, prefetch
 
 log = logging.getLogger("scratchlm.feed")
 
@@ -32,13 +30,12 @@ class FeedError(DataError):
 class FeedClient:
     """GET the feed's routes with the API key; retry connection errors and 5xx with backoff and jitter."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 30.0, max_wait_s: float = 600.0,
-                 backoff_s: float = 0.5, max_backoff_s: float = 15.0) -> None:
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 30.0,
+                 max_wait_s: float = 600.0, backoff_s: float = 0.5, max_backoff_s: float = 15.0) -> None:
         self.url = url.rstrip("/")
         self.max_wait_s, self.backoff_s, self.max_backoff_s = max_wait_s, backoff_s, max_backoff_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(headers=headers, timeout=timeout_s)
-        self.waits = 0  # outages survived, for logs and tests
 
     def get(self, path: str, **params) -> dict | list:
         delay, started = self.backoff_s, None
@@ -53,8 +50,8 @@ class FeedClient:
             now = time.monotonic()
             if started is None:
                 started = now
-                self.waits += 1
-                log.warning("feed %s unreachable (%s); waiting for it, retrying with backoff", self.url, problem)
+                log.warning("feed %s unreachable (%s); waiting for it, retrying with backoff", self.url,
+                            problem)
             if now - started > self.max_wait_s:
                 raise FeedError(f"feed {self.url} unreachable for {self.max_wait_s:.0f} s ({problem})")
             time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: replicas' clients do not retry in lockstep
@@ -87,60 +84,47 @@ def client_from_env(url: str, api_key_file: str | None = None) -> FeedClient:
 class FeedBlockLoader:
     """Batches of (inputs, targets) packed from feed texts: documents joined by <|endoftext|>, no padding.
 
-    A background thread fetches and tokenizes ``prefetch`` requests ahead. Ranks ask the server for disjoint
-    streams (``rank``/``world_size``).
+    Requests are fetched and tokenized ``prefetch`` ahead in a background thread. Ranks ask the server for
+    disjoint streams (``rank``/``world_size``).
     """
+
+    KIND = "feed"
 
     def __init__(self, client: FeedClient, tokenizer: Tokenizer, block_size: int, batch_size: int,
                  position: dict | None = None, texts_per_request: int = 16, prefetch: int = 4, rank: int = 0,
                  world_size: int = 1) -> None:
         self.client, self.tokenizer = client, tokenizer
         self.block_size, self.batch_size = block_size, batch_size
-        self.texts_per_request, self.prefetch, self.rank, self.world_size = texts_per_request, prefetch, rank, world_size
+        self.texts_per_request, self.prefetch = texts_per_request, prefetch
+        self.rank, self.world_size = rank, world_size
         position = position or {}
         self.cursor: str | None = position.get("cursor")
         self.buffer = np.asarray(position.get("leftover", []), dtype=np.int64)
 
-    def _fetch(self, out: queue.Queue, stop: threading.Event) -> None:
-        cursor = self.cursor
-        try:
-            while not stop.is_set():
-                reply = self.client.batch(self.texts_per_request, cursor, self.rank, self.world_size)
-                tokens = self.tokenizer.encode_documents(reply["texts"])
-                cursor = reply["cursor"]
-                while not stop.is_set():
-                    try:
-                        out.put((tokens, cursor), timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as err:
-            out.put(err)
+    def _replies(self, cursor: str | None) -> Iterator[tuple[np.ndarray, str]]:
+        """(tokens, cursor after them) for each request, from ``cursor`` on."""
+        while True:
+            reply = self.client.batch(self.texts_per_request, cursor, self.rank, self.world_size)
+            cursor = reply["cursor"]
+            yield self.tokenizer.encode_documents(reply["texts"]), cursor
 
     def __iter__(self) -> Iterator[Batch]:
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        thread = threading.Thread(target=self._fetch, args=(q, stop), daemon=True, name="scratchlm-feed")
-        thread.start()
-        need = self.batch_size * (self.block_size + 1)
+        # A short join: the fetching thread may be inside a request, and ends at its next check.
+        replies = prefetch(self._replies(self.cursor), self.prefetch, join_timeout_s=1.0)
+        span = block_span(self.block_size)
+        need = self.batch_size * span
         try:
             while True:
                 while len(self.buffer) < need:
-                    item = q.get()
-                    if isinstance(item, BaseException):
-                        raise item
-                    tokens, self.cursor = item
+                    tokens, self.cursor = next(replies)
                     self.buffer = np.concatenate([self.buffer, tokens])
-                blocks = torch.from_numpy(self.buffer[:need].reshape(self.batch_size, self.block_size + 1).copy())
+                blocks = self.buffer[:need].reshape(self.batch_size, span)
                 self.buffer = self.buffer[need:]
-                yield Batch(blocks[:, :-1], blocks[:, 1:], self.position())
+                position = self.position()
+                yield Batch.from_blocks(blocks, position, position["epoch"])
         finally:
-            stop.set()
-            thread.join(timeout=1)  # it may be inside a request; it ends at the next check of ``stop``
+            replies.close()
 
     def position(self) -> dict:
         epoch = int(self.cursor.split("-")[2]) if self.cursor else 0
-        return {"cursor": self.cursor, "leftover": self.buffer.tolist(), "epoch": epoch}
-
-
-__all__ = ["API_KEY_ENV", "FeedBlockLoader", "FeedClient", "FeedError", "client_from_env"]
+        return {"kind": self.KIND, "cursor": self.cursor, "leftover": self.buffer.tolist(), "epoch": epoch}

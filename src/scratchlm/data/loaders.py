@@ -1,0 +1,233 @@
+"""Training batches from token arrays: blocks of T+1 tokens, seeded per-epoch orders, exact resume, mixes.
+
+A training sequence of T tokens needs T+1 of them (each input token's target is the next one), so a token
+array is cut into consecutive blocks of ``block_span(T)`` tokens with no padding (``TokenBlocks``).
+``BlockLoader`` visits them in a seeded permutation per epoch; its position ``(epoch, index)`` resumes the
+stream exactly. ``MixedBlockLoader`` draws from several arrays in fixed proportions. Each batch carries the
+stream position after it, tagged with the loader's kind, so a checkpoint knows what it is resuming.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from .documents import DataError
+
+T = TypeVar("T")
+
+
+def block_span(block_size: int) -> int:
+    """Tokens a training sequence of ``block_size`` takes from the stream: its inputs plus one more target."""
+    return block_size + 1
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (B, T)
+    targets: torch.Tensor  # (B, T): inputs shifted by one
+    position: dict  # the stream position after this batch (JSON-serialisable, tagged with "kind")
+    epoch: int = 0  # passes over the data so far (for logs)
+
+    @staticmethod
+    def from_blocks(blocks: np.ndarray, position: dict, epoch: int = 0) -> Batch:
+        """(B, T+1) token ids → inputs (B, T) and targets (B, T)."""
+        data = torch.from_numpy(np.asarray(blocks, dtype=np.int64))
+        return Batch(data[:, :-1], data[:, 1:], position, epoch)
+
+
+class TokenBlocks:
+    """A token array as consecutive, non-overlapping blocks of ``block_span(block_size)`` tokens."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int) -> None:
+        self.tokens, self.block_size, self.span = tokens, block_size, block_span(block_size)
+
+    def __len__(self) -> int:
+        return len(self.tokens) // self.span
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[i * self.span : (i + 1) * self.span]
+
+    def stack(self, ids) -> np.ndarray:
+        """The blocks ``ids``, stacked: (len(ids), T+1)."""
+        return np.stack([self[int(i)] for i in ids])
+
+
+class EpochOrder:
+    """The seeded permutation of n items for each epoch; the last few are kept (thread-safe)."""
+
+    def __init__(self, n: int, seed: int, keep: int = 4) -> None:
+        self.n, self.seed, self.keep = n, seed, keep
+        self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            if epoch not in self._orders:
+                self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+                while len(self._orders) > self.keep:
+                    self._orders.popitem(last=False)
+            return self._orders[epoch]
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where a ``BlockLoader`` stands: the next block is ``order(epoch)[index]``."""
+
+    epoch: int = 0
+    index: int = 0
+
+    KIND = "corpus"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.KIND, "epoch": self.epoch, "index": self.index}
+
+    @staticmethod
+    def from_dict(saved: dict) -> DataPosition:
+        return DataPosition(saved.get("epoch", 0), saved.get("index", 0))
+
+
+def _too_few_blocks(what: str, tokens: np.ndarray, block_size: int, wanted: str) -> str:
+    return (f"{what} has {len(tokens):,} tokens: {len(tokens) // block_span(block_size)} blocks of "
+            f"{block_span(block_size)}, fewer than {wanted}")
+
+
+class BlockLoader:
+    """Seeded, resumable batches of (inputs, targets) from one token array.
+
+    Each epoch visits every block once in a permutation seeded by (seed, epoch). Rank r of a world of size w
+    takes the r-th slice of each group of w·B blocks, so ranks see disjoint data and advance in step.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int,
+                 position: DataPosition = DataPosition(), rank: int = 0, world_size: int = 1) -> None:
+        self.blocks, self.batch_size, self.rank = TokenBlocks(tokens, block_size), batch_size, rank
+        self.per_step = batch_size * world_size
+        if len(self.blocks) < self.per_step:
+            raise DataError(_too_few_blocks("the training data", tokens, block_size,
+                                            f"one batch of {self.per_step}")
+                            + "; use more data, a smaller block size or batch")
+        self.position = position
+        self.order = EpochOrder(len(self.blocks), seed)
+
+    def next_batch(self) -> Batch:
+        epoch, index = self.position.epoch, self.position.index
+        if index + self.per_step > len(self.blocks):  # too few blocks left for a whole step: next epoch
+            epoch, index = epoch + 1, 0
+        start = index + self.rank * self.batch_size
+        ids = self.order(epoch)[start : start + self.batch_size]
+        self.position = DataPosition(epoch, index + self.per_step)
+        return Batch.from_blocks(self.blocks.stack(ids), self.position.to_dict(), epoch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            yield self.next_batch()
+
+
+class MixedBlockLoader:
+    """Batches drawn from several token arrays in fixed proportions, seeded and resumable, like
+    ``BlockLoader``.
+
+    Block k of the global stream comes from the source furthest behind its share (the largest ``weight·(k+1) −
+    taken``): exact proportions at every point, no randomness to replay. Each source walks its own seeded
+    permutations of its blocks, starting a new epoch when it runs out, so a small source with a large weight
+    is repeated (upsampled) and a large one with a small weight is sampled from. Every rank computes the whole
+    global stream and keeps its slice of each step (ranks see disjoint blocks). The position holds each
+    source's epoch, index and count taken.
+    """
+
+    KIND = "mix"
+
+    def __init__(self, sources: list[np.ndarray], weights: list[float], block_size: int, batch_size: int,
+                 seed: int, position: dict | None = None, rank: int = 0, world_size: int = 1,
+                 names: list[str] | None = None) -> None:
+        self.blocks = [TokenBlocks(t, block_size) for t in sources]
+        self.batch_size, self.rank, self.per_step = batch_size, rank, batch_size * world_size
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+        self.orders = [EpochOrder(len(b), seed + 1_000_003 * (i + 1)) for i, b in enumerate(self.blocks)]
+        empty = [i for i, b in enumerate(self.blocks) if len(b) == 0]
+        if empty:
+            name = names[empty[0]] if names else f"data source {empty[0] + 1}"
+            raise DataError(f"{name} has {len(sources[empty[0]]):,} training tokens, fewer than one block of "
+                            f"{block_span(block_size)}: drop it from the list or lower the block size")
+        state = (position or {}).get("sources") or [{"epoch": 0, "index": 0, "taken": 0} for _ in sources]
+        if len(state) != len(sources):
+            raise DataError(f"the data position has {len(state)} sources, the data list {len(sources)}: "
+                            "resume with the same --data list")
+        self.state = [dict(s) for s in state]
+        self.main = max(range(len(sources)), key=lambda i: self.weights[i])  # its epoch is the one logged
+
+    def _next_block(self) -> np.ndarray:
+        taken = sum(s["taken"] for s in self.state)
+        i = max(range(len(self.state)), key=lambda j: self.weights[j] * (taken + 1) - self.state[j]["taken"])
+        s, blocks = self.state[i], self.blocks[i]
+        if s["index"] >= len(blocks):
+            s["epoch"], s["index"] = s["epoch"] + 1, 0
+        block = blocks[int(self.orders[i](s["epoch"])[s["index"]])]
+        s["index"] += 1
+        s["taken"] += 1
+        return block
+
+    def next_batch(self) -> Batch:
+        step = [self._next_block() for _ in range(self.per_step)]
+        mine = step[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        position = {"kind": self.KIND, "sources": [dict(s) for s in self.state]}
+        return Batch.from_blocks(np.stack(mine), position, self.state[self.main]["epoch"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            yield self.next_batch()
+
+
+def prefetch(items: Iterator[T], depth: int = 4, join_timeout_s: float = 10.0) -> Iterator[T]:
+    """Produce ``items`` in a background thread, ``depth`` ahead. A failure in the producer is raised to the
+    consumer; closing the returned generator stops the producer (waiting up to ``join_timeout_s`` for it)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as err:  # hand any failure to the consumer
+            q.put(err)
+
+    thread = threading.Thread(target=produce, daemon=True, name="scratchlm-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        # Stop and join the producer now: a thread still in torch code while the interpreter exits can abort
+        # the process. One blocked in I/O (a feed request) ends at its next check of ``stop``.
+        stop.set()
+        thread.join(timeout=join_timeout_s)
+
+
+def eval_blocks(tokens: np.ndarray, block_size: int, max_blocks: int) -> torch.Tensor:
+    """The fixed evaluation blocks: the first ``max_blocks`` non-overlapping blocks of held-out tokens, (n,
+    T+1)."""
+    blocks = TokenBlocks(tokens, block_size)
+    n = min(len(blocks), max_blocks)
+    if n == 0:
+        raise DataError(_too_few_blocks("the held-out set", tokens, block_size, "one block")
+                        + "; raise eval_fraction or lower block_size")
+    return torch.from_numpy(blocks.stack(range(n)).astype(np.int64))

@@ -1,0 +1,126 @@
+"""The feed's HTTP API (FastAPI).
+
+Routes:
+- ``GET /generate`` → JSON array of strings: the seed's contract, from the server's own stream.
+- ``GET /v1/batch?size=N&cursor=C&rank=R&world_size=W`` → ``{"texts", "sources", "ids", "cursor"}``. Asking
+  again from a cursor returns the same corpus texts; teacher texts are never replayed (they are fresh
+  samples).
+- ``GET /v1/heldout?size=N`` → the first N held-out documents (fixed; never in the training stream).
+- ``GET /health`` (no key), ``GET /metrics`` (Prometheus), ``GET /docs`` and ``/openapi.json``.
+
+Every route but ``/health`` needs ``Authorization: Bearer KEY`` when a key is set (compared in constant time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ..serving import require_key
+from .corpus import Cursor, CursorError
+from .mixer import Feed
+
+MAX_URL_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class FeedLimits:
+    generate_size: int = 16
+    """Texts per /generate answer."""
+    max_batch_size: int = 1024
+    """Largest size a request may ask for."""
+
+
+def get_feed(request: Request) -> Feed:
+    return request.app.state.feed
+
+
+def get_limits(request: Request) -> FeedLimits:
+    return request.app.state.limits
+
+
+FeedDep = Annotated[Feed, Depends(get_feed)]
+LimitsDep = Annotated[FeedLimits, Depends(get_limits)]
+Size = Annotated[int, Query(ge=1, description="number of texts (at most the server's --max-batch-size)")]
+
+public = APIRouter()
+authed = APIRouter(dependencies=[Depends(require_key)])
+
+
+def _check_size(size: int, limits: FeedLimits) -> int:
+    if size > limits.max_batch_size:
+        raise HTTPException(status_code=422, detail=f"size {size} is over this server's limit of "
+                                                    f"{limits.max_batch_size} texts")
+    return size
+
+
+@public.get("/health")
+def health(feed: FeedDep) -> dict:
+    return feed.health()
+
+
+@authed.get("/generate")
+def generate(feed: FeedDep, limits: LimitsDep) -> list[str]:
+    return feed.batch(limits.generate_size, None)["texts"]
+
+
+@authed.get("/v1/batch")
+def batch(feed: FeedDep, limits: LimitsDep, size: Size = 16,
+          cursor: Annotated[str | None, Query(max_length=200)] = None, rank: Annotated[int, Query(ge=0)] = 0,
+          world_size: Annotated[int, Query(ge=1, le=65536)] = 1) -> dict:
+    _check_size(size, limits)
+    if rank >= world_size:
+        raise HTTPException(status_code=422, detail=f"rank {rank} must be below world_size {world_size}")
+    if world_size > len(feed.corpus.texts):
+        raise HTTPException(status_code=422, detail=f"world_size {world_size} exceeds the corpus's "
+                                                    f"{len(feed.corpus.texts)} documents")
+    try:
+        start = Cursor.decode(cursor, feed.corpus.fingerprint) if cursor else Cursor(0, 0)
+    except CursorError as err:
+        raise HTTPException(status_code=400, detail=str(err)) from None
+    return feed.batch(size, start, rank, world_size)
+
+
+@authed.get("/v1/heldout")
+def heldout(feed: FeedDep, limits: LimitsDep, size: Size = 64) -> dict:
+    return {"texts": feed.corpus.held_out[: _check_size(size, limits)]}
+
+
+@authed.get("/metrics")
+def metrics(feed: FeedDep) -> PlainTextResponse:
+    return PlainTextResponse(generate_latest(feed.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@authed.get("/openapi.json", include_in_schema=False)
+def openapi(request: Request) -> dict:
+    return request.app.openapi()
+
+
+@authed.get("/docs", include_in_schema=False)
+def docs():
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="scratchlm feed")
+
+
+def create_app(feed: Feed, api_key: str | None, limits: FeedLimits = FeedLimits()) -> FastAPI:
+    app = FastAPI(title="scratchlm feed", docs_url=None, redoc_url=None, openapi_url=None,
+                  description=__doc__)
+    app.state.feed, app.state.api_key, app.state.limits = feed, api_key, limits
+    app.include_router(public)
+    app.include_router(authed)
+
+    @app.middleware("http")
+    async def limit_urls_and_count_errors(request: Request, call_next):
+        if len(str(request.url)) > MAX_URL_BYTES:
+            return JSONResponse({"detail": f"URL longer than {MAX_URL_BYTES} bytes"}, status_code=414)
+        response = await call_next(request)
+        if response.status_code >= 400:
+            feed.errors.labels(str(response.status_code)).inc()
+        return response
+
+    return app

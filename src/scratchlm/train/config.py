@@ -1,0 +1,154 @@
+"""``TrainConfig``: every setting of a training run, each field's docstring its ``--help``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from ..config import ConfigBase, ConfigError
+from ..model.config import ModelConfig, get_preset
+
+if TYPE_CHECKING:  # the config stays light to import: the CLI reads it before anything runs
+    import torch
+
+    from ..data import DataRequest
+
+
+class TrainConfig(ConfigBase):
+    """Everything a training run needs; saved as ``config.yaml`` in the run folder and in every checkpoint."""
+
+    model: str = "phi-tiny"
+    """Model preset (see `scratchlm model-info --list`)."""
+    data: str | None = None
+    """Training text: a folder, .zip, .txt, .jsonl(.gz), .parquet, or a feed URL http(s)://host:port
+    (default: $SCRATCHLM_DATA). A mix: PATH:WEIGHT,PATH:WEIGHT (relative weights: shares of training blocks;
+    evaluation losses are also logged per source)."""
+    feed_url: str | None = None
+    """The seed's setting: a feed server URL to train from (same as --data http://...)."""
+    feed_api_key_file: str | None = None
+    """File holding the feed's API key (else $SCRATCHLM_API_KEY)."""
+    feed_texts_per_request: int = 16
+    """Texts asked of the feed per request (4 requests are prefetched)."""
+    out: str = "runs/train"
+    """Run folder: logs, metrics.jsonl, checkpoints/, final/."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id (default: $SCRATCHLM_TOKENIZER, else microsoft/phi-2)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    max_tokens: int | None = None
+    """Stop after this many training tokens."""
+    max_time: float | None = None
+    """Stop after this many seconds of training (summed over resumed sessions)."""
+    target_loss: Literal["auto"] | float | None = None
+    """Stop when the evaluation loss reaches this; 'auto' = the initial evaluation loss minus 1."""
+    continue_after_target: bool = False
+    """Log the target when reached but keep training until another stop rule."""
+    resume: str | None = None
+    """'auto' = continue from the newest complete checkpoint in the run folder (if any); or a checkpoint
+    path."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (global batch = micro_batch_size × grad_accum_steps × ranks)."""
+    block_size: int | None = None
+    """Tokens per training sequence (default: the model's block size)."""
+    lr: float = 6e-4
+    """Peak learning rate, reached after warmup."""
+    min_lr: float = 6e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Linear warmup steps from 0 to lr."""
+    lr_decay_steps: int | None = None
+    """Steps of warmup + cosine decay (default: max_steps, else max_tokens / tokens per step; else constant
+    lr)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices and embeddings only (not biases, not LayerNorm)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    seed: int = 1337
+    """Seed for weight init and data order."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; 'auto' = cuda if available."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'bf16' = bf16 autocast with fp32 weights; 'auto' = bf16 on a GPU that supports it, fp32 on CPU."""
+    compile: bool = False
+    """torch.compile each block."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in backward to save memory."""
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
+    """Data parallelism under torchrun: DDP (replicas) or FSDP2 (sharded); 'auto' = single for one process,
+    FSDP from 1B parameters, else DDP."""
+    fsdp_reduce_fp32: bool = True
+    """With FSDP and bf16: reduce gradients in fp32 (more exact, twice the traffic) rather than bf16."""
+    eval_interval: int = 50
+    """Evaluate on the held-out set every this many steps (also before step 1 and at the end)."""
+    eval_batches: int = 8
+    """Micro-batches in each evaluation (always the same held-out blocks)."""
+    eval_fraction: float = 0.005
+    """Share of documents held out for evaluation (fixed by a hash of each document's id)."""
+    chunk_chars: int = 8000
+    """Text files are cut into documents of at most this many characters at paragraph breaks."""
+    log_interval: int = 1
+    """Write a console/train.log line every this many steps (metrics.jsonl gets every step)."""
+    log_format: Literal["default", "seed", "litgpt"] = "default"
+    """Console line style: ours, the seed's 'Epoch: … Step count: … loss = …', or litgpt's 'iter … step …'."""
+    checkpoint_interval: int = 100
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept (older ones are deleted after a newer one is complete)."""
+    on_nonfinite_loss: Literal["stop", "skip"] = "stop"
+    """On a NaN/inf loss or gradient: stop with a message (the last checkpoint stays intact) or skip the
+    step."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to the run folder (needs the tensorboard package)."""
+
+    def check(self) -> None:
+        """Settings that are each valid but make no run: no stop rule, counts below one."""
+        if not any(x is not None for x in (self.max_steps, self.max_tokens, self.max_time, self.target_loss)):
+            raise ConfigError("no stop rule: give --max-steps, --max-tokens, --max-time or --target-loss")
+        for name in ("micro_batch_size", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval",
+                     "checkpoint_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"key '{name}' must be at least 1 (got {getattr(self, name)})")
+
+    def preset(self) -> ModelConfig:
+        return get_preset(self.model)
+
+    def resolved_block_size(self) -> int:
+        """``block_size``, or the model's when unset; longer than the model allows is an error."""
+        limit = self.preset().block_size
+        block_size = self.block_size or limit
+        if block_size > limit:
+            raise ConfigError(f"block_size {block_size} exceeds {self.model}'s maximum of {limit}")
+        return block_size
+
+    def data_request(self, progress: bool = False) -> DataRequest:
+        """What this run asks of the data (``build_data``); the data setting falls back to $SCRATCHLM_DATA."""
+        from ..data import DataRequest, corpus_from_env
+
+        source = self.feed_url or corpus_from_env(self.data, "--data")
+        return DataRequest(source=source, block_size=self.resolved_block_size(),
+                           batch_size=self.micro_batch_size,
+                           eval_blocks=self.eval_batches * self.micro_batch_size,
+                           seed=self.seed, chunk_chars=self.chunk_chars, eval_fraction=self.eval_fraction,
+                           feed_api_key_file=self.feed_api_key_file,
+                           feed_texts_per_request=self.feed_texts_per_request, progress=progress)
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """bf16 when asked, or on 'auto' on a GPU that has it; None = fp32."""
+        import torch
+
+        if self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"
+                                        and torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        return None
+
+
+# Settings that only say when to stop or how to log may change on resume; the rest would change the run.
+RESUMABLE_CHANGES = {"max_steps", "max_tokens", "max_time", "target_loss", "continue_after_target", "resume",
+                     "log_interval", "log_format", "eval_interval", "checkpoint_interval", "keep_checkpoints",
+                     "tensorboard", "compile", "activation_checkpointing", "device", "out", "data",
+                     "tokenizer"}

@@ -1,0 +1,291 @@
+"""``fit``: the training loop alone. Everything it works on is set up beforehand and handed over as a ``Run``.
+
+Each step: ``grad_accum_steps`` micro-batches forward and backward, the learning rate of this step, gradient
+clipping, one optimizer step; then the step's record (``metrics.jsonl``), a console line every
+``log_interval`` steps, an evaluation on the fixed held-out blocks every ``eval_interval`` and a checkpoint
+every ``checkpoint_interval``. It stops at the first stop rule that holds and says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .. import checkpoint as ckpt
+from .. import distributed
+from ..config import ConfigError
+from ..data import TrainData
+from ..errors import UserError
+from ..metrics import Window, memory_gib, mfu
+from .config import TrainConfig
+from .logs import MetricsLog, format_line
+from .optim import lr_at
+from .state import TrainState
+
+log = logging.getLogger("scratchlm.trainer")
+
+
+class NonFiniteLoss(UserError, RuntimeError):
+    """A NaN or infinite loss or gradient norm, with ``--on-nonfinite-loss stop``."""
+
+
+class Checkpointer:
+    """Writes a run's checkpoints (collective under DDP/FSDP; rank 0 writes), never the same one twice."""
+
+    def __init__(self, out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config_yaml: str,
+                 keep: int, env: distributed.DistEnv, saved: TrainState | None = None) -> None:
+        self.out, self.model, self.optimizer, self.config_yaml = out, model, optimizer, config_yaml
+        self.keep, self.env = keep, env
+        # What the newest checkpoint holds (a resumed run starts from one): a run that ends on a save step
+        # does not write it again.
+        self.saved_at = self._key(saved) if saved is not None else None
+
+    def _key(self, state: TrainState) -> tuple[int, str]:
+        return state.step, json.dumps(state.data_positions[self.env.rank], sort_keys=True)
+
+    def save(self, state: TrainState) -> None:
+        key = self._key(state)
+        if key == self.saved_at:
+            return
+        self.saved_at = key
+        state.data_positions = distributed.gather_objects(state.data_positions[self.env.rank], self.env)
+        path = ckpt.save_checkpoint(self.out, state.step, self.model, self.optimizer, state.to_dict(),
+                                    self.config_yaml, self.keep, self.env.is_main)
+        distributed.barrier(self.env)
+        log.info("checkpoint saved: %s", path)
+
+
+@dataclass
+class Run:
+    """What ``fit`` works on, set up by ``trainer.train``."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module
+    """The model as wrapped for training (compile, DDP, FSDP); ``model(inputs, targets=...)`` is the loss."""
+    optimizer: torch.optim.Optimizer
+    data: TrainData
+    state: TrainState
+    metrics: MetricsLog
+    checkpoints: Checkpointer
+    device: torch.device
+    tokens_per_step: int
+    decay_steps: int | None = None
+    amp_dtype: torch.dtype | None = None
+    env: distributed.DistEnv = field(default_factory=distributed.DistEnv)
+    flops_per_token: float = 0.0
+    peak: tuple[str, float] | None = None
+    """(card, peak bf16 FLOP/s) for MFU on a known GPU."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    grad_norm: float
+    seconds: float
+    data_seconds: float
+    epoch: int
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def block_losses(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device,
+                 amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mean token loss of each held-out block (float64, on the CPU; every block has T tokens, so their mean is
+    the mean token loss)."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i in range(0, len(blocks), batch_size):
+        batch = blocks[i : i + batch_size].to(device)
+        with autocast(device, amp_dtype):
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")  # (b, T)
+        losses.append(loss.double().mean(dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(losses)
+
+
+def evaluate(run: Run) -> float:
+    """The held-out loss now (overall, and per source for a mix), logged and recorded."""
+    state, data = run.state, run.data
+    # Every rank holds the same evaluation set; the mean over ranks only evens out numerical noise.
+    losses = block_losses(run.model, data.eval_set, run.cfg.micro_batch_size, run.device, run.amp_dtype)
+    losses = distributed.mean(losses.to(run.device), run.env).cpu()
+    loss = losses.mean().item()
+    rec = {"step": state.step, "tokens": state.tokens, "elapsed_s": state.elapsed_s, "eval_loss": loss,
+           "eval_ppl": math.exp(min(loss, 50.0))}
+    by_source = ""
+    if data.eval_groups:
+        rec["eval_loss_by_source"] = {name: losses[a:b].mean().item() for name,
+                                      (a, b) in data.eval_groups.items()}
+        by_source = " (" + ", ".join(f"{n} {v:.4f}" for n, v in rec["eval_loss_by_source"].items()) + ")"
+    run.metrics.write(rec)
+    log.info("eval at step %d: loss %.4f, perplexity %.2f%s", state.step, loss, rec["eval_ppl"], by_source)
+    return loss
+
+
+def _set_target(run: Run) -> None:
+    """The initial evaluation, and the target loss it implies (a fresh run); a given target on resume."""
+    cfg, state = run.cfg, run.state
+    if state.initial_eval_loss is None:
+        state.initial_eval_loss = evaluate(run)
+        if cfg.target_loss is not None:
+            auto = cfg.target_loss == "auto"
+            state.target_loss = state.initial_eval_loss - 1.0 if auto else float(cfg.target_loss)
+            log.info("target loss: %.4f (%s)", state.target_loss,
+                     "initial evaluation loss - 1" if auto else "given")
+    elif cfg.target_loss is not None and cfg.target_loss != "auto":
+        state.target_loss = float(cfg.target_loss)
+
+
+def stop_reason(run: Run) -> str | None:
+    """Why the run should stop before the next step, if it should (taken together on every rank)."""
+    cfg, state = run.cfg, run.state
+    if cfg.max_steps is not None and state.step >= cfg.max_steps:
+        return f"max_steps {cfg.max_steps} reached"
+    if cfg.max_tokens is not None and state.tokens >= cfg.max_tokens:
+        return f"max_tokens {cfg.max_tokens:,} reached"
+    if cfg.max_time is not None and distributed.any_rank(state.elapsed_s >= cfg.max_time, run.env,
+                                                         run.device):
+        return f"max_time {cfg.max_time:.0f} s reached"
+    return None
+
+
+def train_step(run: Run) -> StepResult | None:
+    """One optimizer step over ``grad_accum_steps`` micro-batches; None if it was skipped (non-finite)."""
+    cfg, state = run.cfg, run.state
+    t0 = time.perf_counter()
+    data_s = 0.0
+    loss_sum = torch.zeros((), device=run.device)
+    for _ in range(cfg.grad_accum_steps):
+        td = time.perf_counter()
+        batch = next(run.data.batches)
+        inputs = batch.inputs.to(run.device, non_blocking=True)
+        targets = batch.targets.to(run.device, non_blocking=True)
+        data_s += time.perf_counter() - td
+        with autocast(run.device, run.amp_dtype):
+            loss = run.model(inputs, targets=targets)  # head + loss in chunks: no full logits tensor
+        (loss / cfg.grad_accum_steps).backward()
+        loss_sum += loss.detach()
+    lr = lr_at(state.step, cfg, run.decay_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
+                                               cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the shards
+        grad_norm = grad_norm.full_tensor()
+    # The mean over ranks: with equal batches, the loss of the global batch. One device sync, here.
+    step_loss = distributed.mean(loss_sum / cfg.grad_accum_steps, run.env).item()
+    norm = grad_norm.item()
+    state.data_positions[run.env.rank] = batch.position
+    if not (math.isfinite(step_loss) and math.isfinite(norm)):
+        run.optimizer.zero_grad(set_to_none=True)
+        if cfg.on_nonfinite_loss == "stop":
+            raise NonFiniteLoss(f"non-finite loss ({step_loss}) or gradient norm ({norm}) at step "
+                                f"{state.step + 1}; stopped. The last checkpoint is intact: lower --lr or "
+                                "use --on-nonfinite-loss skip, then --resume auto")
+        state.skipped_steps += 1
+        log.warning("skipped step %d: non-finite loss or gradient", state.step + 1)
+        return None
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.tokens += run.tokens_per_step
+    state.loss_smooth = step_loss if state.loss_smooth is None else 0.9 * state.loss_smooth + 0.1 * step_loss
+    return StepResult(step_loss, lr, norm, time.perf_counter() - t0, data_s, batch.epoch)
+
+
+class StepLog:
+    """The step records and console lines: a window of throughput between lines, the epoch last shown."""
+
+    def __init__(self, run: Run) -> None:
+        self.run, self.window, self.epoch_shown = run, Window(), -1
+        self.bar = tqdm(total=run.cfg.max_steps, initial=run.state.step, desc="training", unit="step",
+                        dynamic_ncols=True, disable=not (sys.stderr.isatty() and run.env.is_main))
+
+    def record(self, step: StepResult) -> None:
+        run, state = self.run, self.run.state
+        self.window.add(run.tokens_per_step, step.seconds, step.data_seconds)
+        tps = run.tokens_per_step / step.seconds
+        rec = {"step": state.step, "loss": step.loss, "lr": step.lr, "grad_norm": step.grad_norm,
+               "tokens": state.tokens, "tokens_per_s": tps,
+               "tokens_per_s_per_device": tps / run.env.world_size,
+               "elapsed_s": state.elapsed_s, "epoch": step.epoch, "step_time_s": step.seconds,
+               "data_wait_s": step.data_seconds}
+        if run.peak:
+            rec["mfu"] = mfu(run.flops_per_token, tps, run.peak[1], run.env.world_size)
+        run.metrics.write(rec)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{step.loss:.3f}", tok_s=f"{tps:,.0f}")
+        if state.step % run.cfg.log_interval == 0:
+            self._line(rec)
+
+    def _line(self, rec: dict) -> None:
+        run = self.run
+        line = {**rec, "loss_smooth": run.state.loss_smooth, "tokens_per_s": self.window.tokens_per_s,
+                "data_wait": self.window.data_wait_share, "mem_gib": memory_gib(run.device),
+                "iter": rec["step"] * run.cfg.grad_accum_steps - 1, "max_steps": run.cfg.max_steps,
+                "epoch_start": rec["epoch"] != self.epoch_shown, "peak": run.peak[0] if run.peak else None}
+        self.epoch_shown = rec["epoch"]
+        log.info(format_line(run.cfg.log_format, line))
+        self.window.reset()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _evaluate_and_check_target(run: Run) -> str | None:
+    """An evaluation; 'target loss reached' when it ends the run."""
+    eval_loss = evaluate(run)
+    state = run.state
+    if not state.record_target(eval_loss):
+        return None
+    run.metrics.write({"step": state.step, "event": "target_reached", "target_loss": state.target_loss,
+                       "eval_loss": eval_loss, "tokens": state.tokens, "elapsed_s": state.elapsed_s})
+    log.info("target reached: eval loss %.4f <= %.4f at step %d, %s tokens, %.1f s", eval_loss,
+             state.target_loss,
+             state.step, f"{state.tokens:,}", state.elapsed_s)
+    return None if run.cfg.continue_after_target else "target loss reached"
+
+
+def fit(run: Run) -> str:
+    """Train until a stop rule holds; returns why it stopped. The caller evaluates, saves and exports
+    after."""
+    cfg, state = run.cfg, run.state
+    _set_target(run)
+    steps = StepLog(run)
+    session_start, elapsed_before = time.perf_counter(), state.elapsed_s
+    run.model.train()
+    try:
+        while (reason := stop_reason(run)) is None:
+            step = train_step(run)
+            if step is None:
+                continue
+            state.elapsed_s = elapsed_before + (time.perf_counter() - session_start)
+            steps.record(step)
+            if state.step % cfg.eval_interval == 0 and (reason := _evaluate_and_check_target(run)):
+                break
+            if state.step % cfg.checkpoint_interval == 0:
+                run.checkpoints.save(state)
+    except torch.OutOfMemoryError:
+        raise ConfigError(f"out of memory at step {state.step + 1} with micro-batch {cfg.micro_batch_size} × "
+                          f"{cfg.resolved_block_size()} tokens: lower --micro-batch-size (raise "
+                          "--grad-accum-steps to keep the batch) or add --activation-checkpointing") from None
+    finally:
+        steps.close()
+        run.data.close()
+    return reason

@@ -1,0 +1,177 @@
+"""``scratchlm train``: pretrain a Phi model from random weights, with full logs and exact resume.
+
+``train(cfg)`` reads top to bottom: the run folder and logging, the resume point, the data (``build_data``),
+the model wrapped for parallelism and its optimizer, ``fit`` (the loop), then a last evaluation and
+checkpoint, the final model in Hugging Face format and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as ckpt
+from .. import distributed
+from ..config import ConfigError, read_yaml, to_yaml
+from ..data import build_data
+from ..devices import pick_device
+from ..metrics import gpu_peak_flops
+from ..model.hf import phi_from_weights, save_hf
+from ..model.model import Phi
+from ..parallelize import parallelize, resolve_strategy
+from ..tokenizer import Tokenizer, load_tokenizer
+from .config import RESUMABLE_CHANGES, TrainConfig
+from .logs import METRICS_FILE, MetricsLog, close_logging, last_eval, setup_logging, truncate_metrics
+from .loop import Checkpointer, NonFiniteLoss, Run, evaluate, fit
+from .optim import build_optimizer, decay_steps
+from .state import TrainState
+
+log = logging.getLogger("scratchlm.trainer")
+
+__all__ = ["NonFiniteLoss", "TrainConfig", "train"]
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) a training run; returns the final summary (also written to ``summary.json``).
+
+    Under ``torchrun`` every process calls this; they join one process group and train one model together.
+    """
+    cfg.check()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device, distributed.local_rank())
+    env = distributed.init(device.type)
+    handlers = setup_logging(out, env)
+    try:
+        return _train(cfg, out, device, env)
+    finally:
+        close_logging(handlers)
+        distributed.shutdown(env)
+
+
+def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
+    existing = ckpt.latest_checkpoint(out)
+    if cfg.resume is None:
+        if existing is not None:
+            raise ConfigError(f"{out} already holds checkpoints of a run; pass --resume auto to continue it, "
+                              "or choose another --out")
+        return None
+    if cfg.resume == "auto":
+        return existing
+    path = Path(cfg.resume)
+    if not (path / "state.json").exists():
+        raise ConfigError(f"--resume {cfg.resume}: not a checkpoint folder (no state.json)")
+    return path
+
+
+def _warn_changed_settings(cfg: TrainConfig, checkpoint: Path) -> None:
+    saved = read_yaml(checkpoint / "config.yaml")
+    changed = {k for k, v in cfg.model_dump(mode="json").items() if saved.get(k) != v} - RESUMABLE_CHANGES
+    if changed:
+        log.warning("resuming with changed settings %s (was %s)", sorted(changed),
+                    {k: saved.get(k) for k in sorted(changed)})
+
+
+def _build_model(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None,
+                 env: distributed.DistEnv) -> torch.nn.Module:
+    """A fresh model (the same seed on every rank: the same initial weights), wrapped for this world size."""
+    model_cfg = cfg.preset()
+    torch.manual_seed(cfg.seed)
+    model = Phi(model_cfg).to(device)
+    try:
+        strategy = resolve_strategy(cfg.strategy, env.world_size, model_cfg.num_parameters)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    peak = gpu_peak_flops(device)
+    log.info("model %s: %s parameters on %s, %s, %s%s", model_cfg.name, f"{model_cfg.num_parameters:,}",
+             device,
+             "bf16 autocast" if amp_dtype else "fp32",
+             f"{strategy} over {env.world_size} processes" if env.enabled else "one process",
+             f" (MFU per device against {peak[0]} peak {peak[1] / 1e12:.0f} TFLOP/s)" if peak else "")
+    return parallelize(model, cfg.activation_checkpointing, cfg.compile, strategy, device,
+                       param_dtype=amp_dtype,
+                       reduce_fp32=cfg.fsdp_reduce_fp32)
+
+
+def _restore(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, out: Path,
+             env: distributed.DistEnv) -> TrainState:
+    state = TrainState.from_dict(ckpt.load_checkpoint(checkpoint, model, optimizer))
+    if len(state.data_positions) != env.world_size:
+        raise ConfigError(f"{checkpoint} was saved by {len(state.data_positions)} processes; resume it with "
+                          f"the same number (this run has {env.world_size}) so every data stream continues")
+    if env.is_main:
+        truncate_metrics(out / METRICS_FILE, state.step)
+    shown = {k: (f"{len(v)} tokens" if k == "leftover" else v) for k,
+             v in state.data_positions[env.rank].items()}
+    log.info("resumed from %s: step %d, %s tokens, data at %s", checkpoint, state.step, f"{state.tokens:,}",
+             shown)
+    return state
+
+
+def _train(cfg: TrainConfig, out: Path, device: torch.device, env: distributed.DistEnv) -> dict:
+    block_size = cfg.resolved_block_size()
+    request = cfg.data_request(progress=sys.stderr.isatty())
+    resume_from = _resume_point(cfg, out)
+    if resume_from is not None:
+        _warn_changed_settings(cfg, resume_from)
+    config_yaml = to_yaml(cfg)
+    if env.is_main:
+        ckpt.remove_partial(out)
+        (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    amp_dtype = cfg.autocast_dtype(device)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    model = _build_model(cfg, device, amp_dtype, env)
+    optimizer = build_optimizer(model, cfg, device)
+    state = (_restore(resume_from, model, optimizer, out, env) if resume_from is not None
+             else TrainState.start(env.world_size))
+    data = build_data(request, tokenizer, env, state.data_positions[env.rank])
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * block_size * env.world_size
+    run = Run(cfg, model, optimizer, data, state, MetricsLog(out, env.is_main, cfg.tensorboard),
+              Checkpointer(out, model, optimizer, config_yaml, cfg.keep_checkpoints, env,
+                           saved=state if resume_from is not None else None),
+              device, tokens_per_step, decay_steps(cfg, tokens_per_step), amp_dtype, env,
+              cfg.preset().flops_per_token(block_size), gpu_peak_flops(device))
+    try:
+        reason = fit(run)
+        log.info("stopping: %s", reason)
+        final_eval = evaluate(run) if state.step % cfg.eval_interval else None
+    finally:
+        run.metrics.close()
+    run.checkpoints.save(state)
+    return _export(run, out, tokenizer, reason, final_eval)
+
+
+def _export(run: Run, out: Path, tokenizer: Tokenizer, reason: str, final_eval: float | None) -> dict:
+    """The final model in Hugging Face format and the summary (rank 0); every rank leaves together."""
+    state, env = run.state, run.env
+    weights = ckpt.full_weights(run.model)  # collective under FSDP
+    if not env.is_main:
+        # leave together: a rank that exits early can break rank 0's last collectives
+        distributed.barrier(env)
+        return {"reason": reason, "steps": state.step, "main": False}
+    model_cfg = run.cfg.preset()
+    final_dir = save_hf(phi_from_weights(model_cfg, weights), out / "final")
+    tokenizer.save(final_dir)
+    summary = {"reason": reason, "model": model_cfg.name, "parameters": model_cfg.num_parameters,
+               "steps": state.step, "tokens": state.tokens, "elapsed_s": state.elapsed_s,
+               "initial_eval_loss": state.initial_eval_loss, "target_loss": state.target_loss,
+               "target_reached": state.target_reached,
+               "final_eval_loss": final_eval if final_eval is not None else last_eval(out / METRICS_FILE),
+               "skipped_steps": state.skipped_steps,
+               "tokens_per_s": state.tokens / state.elapsed_s if state.elapsed_s else 0.0,
+               "final": str(final_dir)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    log.info("wrote %s (Hugging Face format) and %s", final_dir, out / "summary.json")
+    distributed.barrier(env)
+    return summary
+
+
+def run_train(cfg: TrainConfig) -> None:
+    """The ``train`` command: train, then print the summary (rank 0 alone, under torchrun)."""
+    summary = train(cfg)
+    if summary.get("main", True):
+        print(json.dumps(summary, indent=2))
