@@ -1,10 +1,10 @@
-"""Generation throughput: our continuous-batching sampler against transformers' ``generate``, same model,
-batch, prompt length, new tokens and precision, in the same run. Both decode greedily and never stop early
-(every sequence writes exactly ``--new-tokens``). Each side is warmed up at full size first; medians of
-``--repeats``.
+"""Generation throughput: our engine against transformers' ``generate``, same weights, batch, prompt length,
+new tokens, precision and sampling settings, in the same run. A teacher samples, so the sampled case is the
+one that counts; greedy is measured beside it. Every sequence writes exactly ``--new-tokens`` (no early stop).
+Each side is warmed up at full size first; medians of ``--repeats``.
 
-    python bench/gen_throughput.py --model phi-tiny --batch 32                         # CPU
-    python bench/gen_throughput.py --model phi-2 --batch 256 --device cuda --hf-static-compile
+    python bench/gen_throughput.py --model phi-tiny --batch 16 32 --new-tokens 256     # CPU, sampled + greedy
+    python bench/gen_throughput.py --model phi-2 --batch 64 256 --device cuda --hf-static-compile
 """
 
 from __future__ import annotations
@@ -16,12 +16,33 @@ import time
 import torch
 
 
+def measure(runs: dict, sync, repeats: int, expect: int) -> dict[str, list[float]]:
+    """Tokens per second of each of ``runs`` (name → function returning its new tokens), ``repeats`` times,
+    taking turns, so that a machine's drift touches them all alike; each warmed up twice at full size
+    first."""
+    for run in runs.values():
+        run()
+        run()
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            tokens = run()
+            sync()
+            rates[name].append(tokens / (time.perf_counter() - t0))
+            assert tokens == expect, (name, tokens)
+    return rates
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="phi-tiny")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, nargs="+", default=[16, 32])
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8, help="the feed's teacher settings by default")
+    p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -35,62 +56,64 @@ def main() -> None:
     from scratchlm.model.config import get_preset
     from scratchlm.model.hf import hf_config, to_hf_state_dict
     from scratchlm.model.model import Phi
-    from scratchlm.teacher.sampling import BatchGenerator, SamplingParams
+    from scratchlm.teacher.engine import GenerationEngine
+    from scratchlm.teacher.sampling import SamplingParams
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype_name = str(dtype).removeprefix("torch.")
     cfg = get_preset(args.model)
     torch.manual_seed(0)
     ours = Phi(cfg).to(device=device, dtype=dtype).eval()
-    hf_cfg = PhiConfig(**{k: v for k,
-                          v in hf_config(cfg).items() if k not in ("architectures", "torch_dtype")})
+    hf_cfg = PhiConfig(**{k: v for k, v in hf_config(cfg).items()
+                          if k not in ("architectures", "torch_dtype")})
     theirs = PhiForCausalLM(hf_cfg).to(device=device, dtype=dtype).eval()
     theirs.load_state_dict(to_hf_state_dict(ours))
-    prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), device=device)
     new = args.new_tokens
-    engine = BatchGenerator(ours, eot_id=50256, batch_size=args.batch, max_seq_len=args.prompt_len + new)
-    params = SamplingParams(max_new_tokens=new, temperature=0, stop_at_eot=False)
-    hf_kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=50256)
-    if args.hf_static_compile:
-        # transformers compiles the decoding step itself when the cache is static (on a GPU).
-        hf_kwargs.update(cache_implementation="static")
+    cache = "static cache + compile" if args.hf_static_compile else "dynamic cache"
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def run_ours() -> int:
-        out = engine.generate(prompts.tolist(), params)
-        return sum(len(o) for o in out)
+    for batch in args.batch:
+        prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len), device=device)
+        engine = GenerationEngine(ours, eot_id=50256, batch_size=batch, max_seq_len=args.prompt_len + new)
+        runs = {}
+        for case, temperature, top_p in (("sampled", args.temperature, args.top_p), ("greedy", 0.0, None)):
+            params = SamplingParams(max_new_tokens=new, temperature=temperature, top_p=top_p,
+                                    stop_at_eot=False)
+            hf_kwargs = dict(max_new_tokens=new, min_new_tokens=new, pad_token_id=50256,
+                             do_sample=temperature > 0, temperature=temperature or None, top_p=top_p)
+            if args.hf_static_compile:  # transformers compiles the decoding step itself with a static cache
+                hf_kwargs.update(cache_implementation="static")
 
-    @torch.inference_mode()
-    def run_theirs() -> int:
-        out = theirs.generate(prompts, attention_mask=torch.ones_like(prompts), **hf_kwargs)
-        return (out.shape[1] - args.prompt_len) * out.shape[0]
+            def run_ours(params=params, engine=engine, prompts=prompts) -> int:
+                return sum(len(o) for o in engine.generate(prompts.tolist(), params, seed=0))
 
-    results: dict[str, list[float]] = {"ours": [], "transformers": []}
-    for _name, fn in (("ours", run_ours), ("transformers", run_theirs)):
-        fn()  # full-size warm-up
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in (("ours", run_ours), ("transformers", run_theirs)):
-            sync()
-            t0 = time.perf_counter()
-            tokens = fn()
-            sync()
-            results[name].append(tokens / (time.perf_counter() - t0))
-            assert tokens == args.batch * new, (name, tokens)
-    med = {k: statistics.median(v) for k, v in results.items()}
-    cache = "static cache + compile" if args.hf_static_compile else "dynamic cache"
-    print(f"{args.model} {device} {str(dtype).removeprefix('torch.')} batch {args.batch}, prompt "
-          f"{args.prompt_len}, {new} new tokens; transformers {cache}")
-    for k, v in med.items():
-        print(f"{k:>14}: {v:>10,.0f} new tokens/s   (runs: {', '.join(f'{x:,.0f}' for x in results[k])})")
-    print(f"ratio ours/transformers: {med['ours'] / med['transformers']:.2f}")
-    print(f"RESULT gen {args.model} b{args.batch} {str(dtype).removeprefix('torch.')}"
-          f"{' vs-static-compile' if args.hf_static_compile else ''}: ours {med['ours']:,.0f} tok/s, "
-          f"transformers {med['transformers']:,.0f} tok/s, ratio {med['ours'] / med['transformers']:.2f}")
+            @torch.inference_mode()
+            def run_theirs(hf_kwargs=hf_kwargs, prompts=prompts) -> int:
+                out = theirs.generate(prompts, attention_mask=torch.ones_like(prompts), **hf_kwargs)
+                return (out.shape[1] - args.prompt_len) * out.shape[0]
+
+            runs[(case, "ours")], runs[(case, "transformers")] = run_ours, run_theirs
+        rates = measure(runs, sync, args.repeats, batch * new)
+        med = {key: statistics.median(r) for key, r in rates.items()}
+        for (case, name), r in rates.items():
+            print(f"{case:>8} b{batch} {name:>13}: {med[case, name]:>10,.0f} new tokens/s   "
+                  f"(runs: {', '.join(f'{x:,.0f}' for x in r)})", flush=True)
+        for case, settings in (("sampled", f"T={args.temperature} top-p={args.top_p}"), ("greedy", "greedy")):
+            ratio = med[case, "ours"] / med[case, "transformers"]
+            print(f"RESULT gen {args.model} b{batch} {dtype_name} {new} new {settings}"
+                  f"{' vs-static-compile' if args.hf_static_compile else ''}: ours {med[case, 'ours']:,.0f} "
+                  f"tok/s, transformers {med[case, 'transformers']:,.0f} tok/s ({cache}), ratio {ratio:.2f}")
+        # Sampling's own cost, as the runs took turns: the median of each repeat's greedy / sampled speed.
+        cost = statistics.median(g / s for g, s in zip(rates["greedy", "ours"], rates["sampled", "ours"],
+                                                       strict=True))
+        print(f"RESULT gen {args.model} b{batch} {dtype_name} sampled vs greedy, ours: greedy/sampled speed "
+              f"{cost:.2f}", flush=True)
+        engine.close()
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ export SCRATCHLM_TOKENIZER="${SCRATCHLM_TOKENIZER:-$PWD/../shared/tokenizers/phi
 export SCRATCHLM_DATA="${SCRATCHLM_DATA:-$PWD/../shared/data/clean}"
 
 if [[ "${1:-}" == "--cpu" ]]; then
-  dev=cpu; prec=fp32; big=phi-tiny; mid=phi-tiny; block=64; batch=2; gen_batches="4"; steps=2
+  dev=cpu; prec=fp32; big=phi-tiny; mid=phi-tiny; block=64; batch=2; gen_batches="4"; gen_tokens="16"; steps=2
   run_model=phi-tiny; run_block=64; run_args="--micro-batch-size 4 --eval-interval 5 --max-steps 40 --lr 3e-3 --warmup-steps 5"
 else
-  dev=cuda; prec=bf16; big=phi-2; mid=phi-1.5; block=2048; batch=4; gen_batches="64 256"; steps=5
+  dev=cuda; prec=bf16; big=phi-2; mid=phi-1.5; block=2048; batch=4; gen_batches="64 256"; gen_tokens="128 256"
+  steps=5
   run_model=phi-1.5; run_block=1024; run_args="--micro-batch-size 16 --eval-interval 25 --max-steps 400 --lr 1e-3 --warmup-steps 20 --compile"
 fi
 
@@ -30,7 +31,7 @@ step() {  # step NAME COMMAND...: run, log, keep its RESULT lines
 
 [[ $dev == cuda ]] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$log"
 if [[ $dev == cuda ]]; then step "bf16 parity" python -m pytest -q -m gpu tests/test_gpu.py; fi
-for model in $mid $big; do
+for model in $(echo $mid $big | tr ' ' '\n' | uniq); do  # on the CPU both are phi-tiny: run it once
   for compile in "" "--compile"; do
     step "train $model $compile" python bench/train_throughput.py --model "$model" --batch $batch --block $block \
       --device $dev --precision $prec --warmup 3 --steps $steps --repeats 1 $compile
@@ -39,9 +40,9 @@ done
 step "fsdp world size 1" python -m torch.distributed.run --nproc_per_node 1 -m scratchlm train --model $mid \
   --strategy fsdp --device $dev --block-size $block --micro-batch-size $batch --max-steps $((steps + 3)) \
   --eval-interval 1000 --eval-batches 1 --checkpoint-interval 1000 --out "$out/fsdp-run"
-for b in $gen_batches; do
-  step "generation b$b" python bench/gen_throughput.py --model $big --batch "$b" --device $dev --repeats 2 \
-    $([[ $dev == cuda ]] && echo --hf-static-compile)
+for n in $gen_tokens; do  # each run: sampled at the teacher's settings (T 0.8, top-p 0.95) and greedy
+  step "generation $n new tokens" python bench/gen_throughput.py --model $big --batch $gen_batches \
+    --new-tokens "$n" --device $dev --repeats 2 $([[ $dev == cuda ]] && echo --hf-static-compile)
 done
 step "$run_model to initial loss - 1" python -m scratchlm train --model $run_model --block-size $run_block \
   --target-loss auto --out "$out/target-run" --device $dev $run_args

@@ -3,15 +3,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import subprocess
 import sys
 import time
 
 import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from scratchlm.serving import BackgroundServer, free_port
 
 UvicornThread = BackgroundServer
+
+
+class FeedThread(BackgroundServer):
+    """The real feed app, built from a ServeConfig, served on a loopback port; its teachers stop with it."""
+
+    def __init__(self, cfg, teacher=None) -> None:
+        from scratchlm.feed.server import build
+
+        app, self.feed = build(cfg, teacher)
+        super().__init__(app)
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        if self.feed.teachers:
+            self.feed.teachers.stop()
 
 
 def spawn(corpus: str, port: int, *flags: str, timeout_s: float = 120.0) -> subprocess.Popen:
@@ -31,4 +50,32 @@ def spawn(corpus: str, port: int, *flags: str, timeout_s: float = 120.0) -> subp
         time.sleep(0.2)
 
 
-__all__ = ["UvicornThread", "free_port", "spawn"]
+def slow_completions_app(seconds_per_token: float, one_prompt_only: bool = False):
+    """A stand-in teacher written for the tests: an OpenAI-compatible completions server that sleeps
+    ``seconds_per_token`` × max_tokens per request and answers numbered texts. With ``one_prompt_only`` it
+    refuses a list of several prompts the way llama.cpp's server does (HTTP 500, empty message)."""
+    app = FastAPI()
+    counter = itertools.count()
+    app.state.requests = []
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": "slow-teacher", "object": "model"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        prompts = [body["prompt"]] if isinstance(body["prompt"], str) else body["prompt"]
+        app.state.requests.append(len(prompts))
+        if one_prompt_only and len(prompts) > 1:
+            return JSONResponse({"error": {"message": "", "type": "server_error"}}, status_code=500)
+        await asyncio.sleep(seconds_per_token * body["max_tokens"])
+        words = " about the sea and the sky" * max(1, body["max_tokens"] // 6)  # about max_tokens tokens
+        choices = [{"index": i, "text": f" teacher text {next(counter)}{words}",
+                    "finish_reason": "length"} for i in range(len(prompts))]
+        return {"choices": choices, "usage": {"completion_tokens": body["max_tokens"] * len(prompts)}}
+
+    return app
+
+
+__all__ = ["FeedThread", "UvicornThread", "free_port", "slow_completions_app", "spawn"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
-from servers import UvicornThread, free_port, spawn
+from servers import FeedThread
 
 from scratchlm.config import ConfigError
 from scratchlm.data.remote import FeedClient, FeedError
@@ -23,22 +23,9 @@ from scratchlm.feed.server import ServeConfig, build
 from scratchlm.train import TrainConfig, train
 
 
-class ThreadServer(UvicornThread):
-    """The real feed app, built from a config, served on a loopback port."""
-
-    def __init__(self, cfg: ServeConfig, teacher=None) -> None:
-        app, self.feed = build(cfg, teacher)
-        super().__init__(app)
-
-    def __exit__(self, *exc) -> None:
-        super().__exit__(*exc)
-        if self.feed.teacher:
-            self.feed.teacher.stop()
-
-
 @pytest.fixture(scope="module")
 def open_server(small_corpus):
-    with ThreadServer(ServeConfig(corpus=str(small_corpus), batch_size=8, eval_fraction=0.05)) as s:
+    with FeedThread(ServeConfig(corpus=str(small_corpus), batch_size=8, eval_fraction=0.05)) as s:
         yield s
 
 
@@ -46,7 +33,7 @@ def open_server(small_corpus):
 def keyed_server(small_corpus, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("key") / "key"
     key_file.write_text("s3cret-key\n")
-    with ThreadServer(ServeConfig(corpus=str(small_corpus), api_key_file=str(key_file))) as s:
+    with FeedThread(ServeConfig(corpus=str(small_corpus), api_key_file=str(key_file))) as s:
         yield s
 
 
@@ -82,9 +69,9 @@ def test_concurrent_generate_calls_serve_each_document_once(small_corpus):
     sys.setswitchinterval(1e-6)
     try:
         cfg = ServeConfig(corpus=str(small_corpus), batch_size=16, eval_fraction=0.05)
-        with ThreadServer(cfg) as s:
+        with FeedThread(cfg) as s:
             sequential = Counter(t for _ in range(64) for t in httpx.get(s.url + "/generate").json())
-        with ThreadServer(cfg) as s:
+        with FeedThread(cfg) as s:
             texts: list[str] = []
 
             def client() -> None:
@@ -166,7 +153,7 @@ def test_bad_corpus_files_are_served_around_skipped_and_counted(corpus_dir, tmp_
     at = raw.find(b"corrupt.txt") + 40
     raw[at : at + 20] = b"\xff" * 20
     zpath.write_bytes(bytes(raw))
-    with ThreadServer(ServeConfig(corpus=str(zpath))) as s:
+    with FeedThread(ServeConfig(corpus=str(zpath))) as s:
         texts = requests.get(s.url + "/generate").json()
         assert texts and all("text to damage" not in t for t in texts)
         metrics = httpx.get(s.url + "/metrics").text
@@ -185,8 +172,9 @@ def test_teacher_mix_holds_ratio_and_never_starves(small_corpus):
             raise ConnectionError("teacher unreachable")
         return [f"teacher text {time.time_ns()} {i}" for i in range(n)]
 
-    cfg = ServeConfig(corpus=str(small_corpus), teacher_ratio=0.3, teacher_deadline_s=0.05)
-    with ThreadServer(cfg, teacher=produce) as s:
+    cfg = ServeConfig(corpus=str(small_corpus), teacher_ratio=0.3, teacher_mode="best-effort",
+                      teacher_deadline_s=0.05)
+    with FeedThread(cfg, teacher=produce) as s:
         time.sleep(0.3)
         client = FeedClient(s.url)
         sources = [src for _ in range(50) for src in client.batch(20, None)["sources"]]
@@ -204,46 +192,6 @@ def test_teacher_mix_holds_ratio_and_never_starves(small_corpus):
         while httpx.get(s.url + "/health").json()["teacher"] != "up":
             assert time.monotonic() < deadline
             time.sleep(0.1)
-
-
-def test_training_survives_feed_restart(small_corpus, tmp_path):
-    port = free_port()
-    server = spawn(small_corpus, port, "--eval-fraction", "0.05")
-    run = tmp_path / "run"
-    args = [sys.executable, "-m", "scratchlm", "train", "--model", "phi-tiny", "--data",
-            f"http://127.0.0.1:{port}",
-            "--out", str(run), "--block-size", "64", "--micro-batch-size", "4", "--eval-batches", "1",
-            "--max-steps", "120", "--eval-interval", "1000", "--checkpoint-interval", "1000", "--device",
-            "cpu",
-            "--feed-texts-per-request", "1"]
-    trainer = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(trainer.stdout), daemon=True)
-    reader.start()
-
-    def wait_for(text: str, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not any(text in line for line in lines):
-            assert trainer.poll() is None and time.monotonic() < deadline, "".join(lines)[-2000:]
-            time.sleep(0.1)
-
-    try:
-        wait_for("step 3", 120)
-        server.kill()  # mid-run: the trainer drains what it prefetched, then waits
-        server.wait()
-        wait_for("waiting for it", 120)
-        server = spawn(small_corpus, port, "--eval-fraction", "0.05")
-        trainer.wait(timeout=300)
-        reader.join(10)
-    finally:
-        server.kill()
-        trainer.kill()
-    out = "".join(lines)
-    assert trainer.returncode == 0, out[-2000:]
-    assert "is back after" in out
-    assert "waiting for it" in (run / "train.log").read_text()
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 120
 
 
 def test_training_from_the_feed_resumes_exactly(open_server, tmp_path):
@@ -265,9 +213,7 @@ def test_training_from_the_feed_resumes_exactly(open_server, tmp_path):
     assert all(abs(a[s] - b[s]) <= 1e-6 for s in range(1, 13)), (a, b)
 
 
-def test_wait_ready_waits_for_a_cold_teacher_and_gives_up_on_a_dead_one():
-    from scratchlm.feed.mixer import TeacherBuffer
-
+def test_wait_ready_waits_for_a_cold_teacher_and_gives_up_on_a_dead_one(small_corpus):
     def cold(n: int) -> list[str]:
         time.sleep(0.5)  # loading, warming up
         return [f"text {k}" for k in range(n)]
@@ -275,11 +221,8 @@ def test_wait_ready_waits_for_a_cold_teacher_and_gives_up_on_a_dead_one():
     def dead(n: int) -> list[str]:
         raise ConnectionError("refused")
 
-    ready, down = TeacherBuffer(cold, capacity=32), TeacherBuffer(dead, capacity=32)
-    try:
+    with FeedThread(ServeConfig(corpus=str(small_corpus), teacher_ratio=0.3), teacher=cold) as ready, \
+            FeedThread(ServeConfig(corpus=str(small_corpus), teacher_ratio=0.3), teacher=dead) as down:
         t0 = time.monotonic()
-        assert ready.wait_ready(timeout_s=10) and 0.4 < time.monotonic() - t0 < 5
-        assert not down.wait_ready(timeout_s=1) and not down.up
-    finally:
-        ready.stop()
-        down.stop()
+        assert ready.feed.teachers.wait_ready(timeout_s=10) and 0.4 < time.monotonic() - t0 < 5
+        assert not down.feed.teachers.wait_ready(timeout_s=1) and not down.feed.teachers.up

@@ -126,12 +126,13 @@ def test_packed_cpu_linears_equal_plain_ones_and_follow_weight_changes():
 def test_cpu_generation_in_bf16_follows_the_model():
     """bf16 decoding on the CPU (packed linears, float32 cache and attention) gives the greedy tokens of plain
     full forwards of the same bf16 weights."""
-    from scratchlm.teacher.sampling import BatchGenerator, SamplingParams
+    from scratchlm.teacher.engine import GenerationEngine
+    from scratchlm.teacher.sampling import SamplingParams
 
     # randomised: well-separated logits, no near-ties for rounding to flip
     model = _random_tiny().to(torch.bfloat16)
     prompt = torch.randint(0, TINY.vocab_size, (8,)).tolist()
-    new = BatchGenerator(model, eot_id=0, batch_size=2, max_seq_len=40).generate(
+    new = GenerationEngine(model, eot_id=0, batch_size=2, max_seq_len=40).generate(
         [prompt], SamplingParams(max_new_tokens=6, temperature=0, stop_at_eot=False))[0]
     reference, model = list(prompt), model.float()
     with torch.no_grad():

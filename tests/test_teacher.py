@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -25,8 +26,9 @@ from scratchlm.model.hf import load_hf, save_hf
 from scratchlm.model.model import Phi
 from scratchlm.teacher.backends import LocalTeacher
 from scratchlm.teacher.diversity import DiversityMeter
+from scratchlm.teacher.engine import GenerationEngine
 from scratchlm.teacher.prompts import PromptSource
-from scratchlm.teacher.sampling import BatchGenerator, SamplingParams
+from scratchlm.teacher.sampling import SamplingParams
 from scratchlm.teacher.serve_model import create_app
 
 EOT = 50256
@@ -55,7 +57,8 @@ PROMPTS = ["Hello world, I", "The", "In the beginning the quick brown fox jumped
 
 
 def test_greedy_batched_generation_equals_transformers(teacher_dir, tokenizer):
-    ours = BatchGenerator(load_hf(str(teacher_dir)), EOT, batch_size=2, max_seq_len=96)  # 4 prompts, 2 slots
+    # 4 prompts, 2 slots
+    ours = GenerationEngine(load_hf(str(teacher_dir)), EOT, batch_size=2, max_seq_len=96)
     ids = tokenizer.encode_batch(PROMPTS)
     got = ours.generate(ids, SamplingParams(max_new_tokens=24, temperature=0))
     hf = PhiForCausalLM.from_pretrained(teacher_dir).eval()
@@ -93,6 +96,38 @@ def test_openai_client_against_serve_model(teacher_dir):
                           headers={"Authorization": "Bearer k3y"}).status_code == 422
 
 
+def test_serve_model_decodes_concurrent_clients_together(teacher_dir):
+    teacher = LocalTeacher(str(teacher_dir), device="cpu", batch_size=32)
+    body = {"prompt": ["Once upon a time", "The river", "In 1850", "def f(x):"], "max_tokens": 48,
+            "temperature": 0.8, "top_p": 0.95, "seed": 3}
+    with UvicornThread(create_app(teacher, "phi-tiny-test", None)) as s, httpx.Client(timeout=120) as http:
+        http.post(s.url + "/v1/completions", json=body)  # warm-up
+        t0 = time.perf_counter()
+        alone = http.post(s.url + "/v1/completions", json=body).json()
+        one = time.perf_counter() - t0
+        replies, health = [], []
+
+        def client() -> None:
+            with httpx.Client(timeout=120) as own:
+                replies.append(own.post(s.url + "/v1/completions", json=body).json())
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        h0 = time.perf_counter()
+        health.append(http.get(s.url + "/health").status_code)
+        health_s = time.perf_counter() - h0
+        for t in threads:
+            t.join()
+        eight = time.perf_counter() - t0
+    assert len(replies) == 8 and all(r["choices"] == alone["choices"] for r in replies)  # seeded: same texts
+    assert eight < 4 * one, (eight, one)  # decoded together, not one after another
+    assert health == [200] and health_s < 1.0
+    assert teacher.engine.stats.most_requests_in_a_step > 1
+    teacher.close()
+
+
 def test_feed_with_openai_teacher_holds_the_ratio(teacher_dir, small_corpus):
     teacher = LocalTeacher(str(teacher_dir), device="cpu", batch_size=32)
     with UvicornThread(create_app(teacher, "phi-tiny-test", None)) as model_server:
@@ -101,14 +136,14 @@ def test_feed_with_openai_teacher_holds_the_ratio(teacher_dir, small_corpus):
         app, feed = build(cfg)
         with UvicornThread(app) as feed_server:
             deadline = time.monotonic() + 240
-            while len(feed.teacher.texts) < 320:  # let the teacher fill its buffer first
-                assert time.monotonic() < deadline, f"teacher produced {len(feed.teacher.texts)} texts"
+            while len(feed.teachers.texts.texts) < 320:  # let the teacher fill its buffer first
+                assert time.monotonic() < deadline, f"teacher produced {len(feed.teachers.texts.texts)} texts"
                 time.sleep(0.2)
             client = FeedClient(feed_server.url)
             sources = [s for _ in range(50) for s in client.batch(20, None)["sources"]]
             metrics = httpx.get(feed_server.url + "/metrics").text
             health = httpx.get(feed_server.url + "/health").json()
-        feed.teacher.stop()
+        feed.teachers.stop()
     share = sources.count("teacher") / len(sources)
     assert len(sources) == 1000 and abs(share - 0.3) <= 0.05, share
     assert health["teacher"] == "up"

@@ -38,7 +38,7 @@ def serve(**settings):
     return serve_background(validate(ServeConfig, settings, "scratchlm.serve"))
 
 
-def serve_model(model: str, api_key: str | None = None, batch_size: int = 32, device: str = "auto",
+def serve_model(model: str, api_key: str | None = None, batch_size: int | None = None, device: str = "auto",
                 port: int = 0):
     """Serve a model folder through the OpenAI-compatible completions API in the background (loopback)."""
     from .serving import BackgroundServer
@@ -46,7 +46,8 @@ def serve_model(model: str, api_key: str | None = None, batch_size: int = 32, de
     from .teacher.serve_model import create_app
 
     teacher = LocalTeacher(model, device=device, batch_size=batch_size)
-    return BackgroundServer(create_app(teacher, model, api_key), port=port or None).start()
+    app = create_app(teacher, model, api_key)
+    return BackgroundServer(app, port=port or None, on_stop=teacher.close).start()
 
 
 def evaluate(model: str, data: str, block_size: int = 2048, max_tokens: int | None = None) -> dict:

@@ -92,7 +92,7 @@ def demo(out: Path, plan: DemoPlan) -> dict:
         try:
             # Without this, a short run on a slow machine can end before the teacher's first texts exist.
             print("waiting for the teacher's first texts...", flush=True)
-            if not feed.feed.teacher.wait_ready(timeout_s=300):
+            if not feed.feed.teachers.wait_ready(timeout_s=300):
                 raise RuntimeError(f"the teacher at {teacher.url} produced no text in 300 s")
             _banner(f"4/6 run 'stream': {plan.model} from the feed, {plan.teacher_ratio:.0%} teacher texts")
             train(TrainConfig(**common, data=feed.url, out=str(runs["stream"])))
@@ -121,7 +121,8 @@ def demo(out: Path, plan: DemoPlan) -> dict:
     summary = {"out": str(out), "report": str(out / "report" / "report.md"), "held_out_eval": evals,
                "teacher_share_served": feed_stats, "wall_s": time.perf_counter() - started,
                "runs": {r["run"]: {"initial": r["initial_loss"], "final": r["final_eval_loss"],
-                                   "target_reached": r["target_reached"]} for r in report["runs"]}}
+                                   "target_reached": r["target_reached"],
+                                   "teacher_token_share": r["teacher_token_share"]} for r in report["runs"]}}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\ndone in {summary['wall_s']:.0f} s. Report: {summary['report']} (plots beside it); runs: "
           f"{runs['clean']} and {runs['stream']}; summary: {out / 'demo_summary.json'}")

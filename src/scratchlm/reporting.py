@@ -108,10 +108,19 @@ def extrapolate(tokens: np.ndarray, losses: np.ndarray, target: float, samples: 
 def read_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     records = read_jsonl(run_dir / "metrics.jsonl")
+    shares = [r["teacher_token_share"] for r in records if r.get("teacher_token_share") is not None]
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return {"name": run_dir.name, "dir": str(run_dir), "summary": summary,
-            "train": [r for r in records if "loss" in r], "eval": [r for r in records if "eval_loss" in r]}
+            "train": [r for r in records if "loss" in r], "eval": [r for r in records if "eval_loss" in r],
+            # What a stream run really trained on (every step has the same number of tokens: a plain mean).
+            "teacher_token_share": sum(shares) / len(shares) if shares else None}
+
+
+def run_label(run: dict) -> str:
+    """A run's name, with the share of its tokens a teacher wrote when it trained from a feed."""
+    share = run["teacher_token_share"]
+    return run["name"] if share is None else f"{run['name']} (teacher {share:.1%} of tokens)"
 
 
 def _plot(runs: list[dict], reference: tuple[str, float] | None, out: Path) -> dict:
@@ -129,10 +138,11 @@ def _plot(runs: list[dict], reference: tuple[str, float] | None, out: Path) -> d
                              "eval": {"step": [r["step"] for r in ev], "tokens": [r["tokens"] for r in ev],
                                       "loss": [r["eval_loss"] for r in ev]}}
         d = data[run["name"]]
-        axes[0][0].plot(d["train"]["step"], d["train"]["loss"], label=run["name"], alpha=0.8)
-        axes[0][1].plot(d["train"]["tokens"], d["train"]["loss"], label=run["name"], alpha=0.8)
-        axes[1][0].plot(d["eval"]["step"], d["eval"]["loss"], "o-", label=run["name"])
-        axes[1][1].plot(d["eval"]["tokens"], d["eval"]["loss"], "o-", label=run["name"])
+        label = run_label(run)
+        axes[0][0].plot(d["train"]["step"], d["train"]["loss"], label=label, alpha=0.8)
+        axes[0][1].plot(d["train"]["tokens"], d["train"]["loss"], label=label, alpha=0.8)
+        axes[1][0].plot(d["eval"]["step"], d["eval"]["loss"], "o-", label=label)
+        axes[1][1].plot(d["eval"]["tokens"], d["eval"]["loss"], "o-", label=label)
         # a mix of corpora: each one, dotted
         for source in ev[0].get("eval_loss_by_source", {}) if ev else ():
             losses = [r["eval_loss_by_source"][source] for r in ev]
@@ -211,7 +221,8 @@ def build_report(run_dirs: list[Path], out: Path, reference: tuple[str, float] |
         row = {"run": run["name"], "initial_loss": s.get("initial_eval_loss"),
                "target_loss": s.get("target_loss"),
                "target_reached": s.get("target_reached"), "final_eval_loss": final, "steps": s.get("steps"),
-               "tokens": s.get("tokens"), "tokens_per_s": s.get("tokens_per_s"), "wall_s": s.get("elapsed_s")}
+               "tokens": s.get("tokens"), "tokens_per_s": s.get("tokens_per_s"), "wall_s": s.get("elapsed_s"),
+               "teacher_token_share": run["teacher_token_share"]}
         if extra_eval and run["name"] in extra_eval:
             row["final_loss_on_eval_data"] = extra_eval[run["name"]]
         if reference:
@@ -241,18 +252,23 @@ def build_report(run_dirs: list[Path], out: Path, reference: tuple[str, float] |
 def _markdown(report: dict) -> str:
     ref = report["reference"]
     extra = any("final_loss_on_eval_data" in r for r in report["runs"])
+    shares = any(r.get("teacher_token_share") is not None for r in report["runs"])
     lines = ["# scratchlm report", "", "![loss curves](loss_curves.png)", "",
              "| run | initial eval loss | initial − 1 reached at | final eval loss |"
-             + (" final loss on the evaluation text |" if extra else "") + " tokens | tokens/s | wall time |",
-             "|---|---|---|---|" + ("---|" if extra else "") + "---|---|---|"]
+             + (" final loss on the evaluation text |" if extra else "") + " tokens |"
+             + (" teacher share of tokens |" if shares else "") + " tokens/s | wall time |",
+             "|---|---|---|---|" + ("---|" if extra else "") + "---|" + ("---|" if shares else "")
+             + "---|---|"]
     for r in report["runs"]:
         t = r["target_reached"]
         reached = (f"step {t['step']}, {_fmt_tokens(t['tokens'])} tokens, {t['elapsed_s']:.0f} s" if t
                    else "not reached")
+        share = r.get("teacher_token_share")
         lines.append(f"| {r['run']} | {r['initial_loss']:.3f} | {reached} | {r['final_eval_loss']:.3f} |"
                      + (f" {r['final_loss_on_eval_data']:.3f} |" if extra else "")
-                     + f" {_fmt_tokens(r['tokens'])} | {r['tokens_per_s'] or 0:,.0f} |"
-                     + f" {r['wall_s'] or 0:.0f} s |")
+                     + f" {_fmt_tokens(r['tokens'])} |"
+                     + ((f" {share:.1%} |" if share is not None else " — |") if shares else "")
+                     + f" {r['tokens_per_s'] or 0:,.0f} | {r['wall_s'] or 0:.0f} s |")
     if ref:
         lines += ["", f"## Against {ref['name']}: {ref['loss']:.3f} nats/token", ""]
         for r in report["runs"]:

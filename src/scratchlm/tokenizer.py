@@ -51,9 +51,15 @@ class Tokenizer:
 
     def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
         """Documents tokenized in one batch and joined, each followed by <|endoftext|> (int64)."""
+        return self.encode_documents_with_lengths(texts)[0]
+
+    def encode_documents_with_lengths(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``encode_documents`` and each document's length in it (its <|endoftext|> included)."""
         ids = self.encode_batch(texts)
-        return np.fromiter((t for doc in ids for t in (*doc, self.eot_id)), dtype=np.int64,
-                           count=sum(len(d) + 1 for d in ids))
+        lengths = np.array([len(d) + 1 for d in ids], dtype=np.int64)
+        tokens = np.fromiter((t for doc in ids for t in (*doc, self.eot_id)), dtype=np.int64,
+                             count=int(lengths.sum()))
+        return tokens, lengths
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)

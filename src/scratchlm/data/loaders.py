@@ -35,12 +35,14 @@ class Batch:
     targets: torch.Tensor  # (B, T): inputs shifted by one
     position: dict  # the stream position after this batch (JSON-serialisable, tagged with "kind")
     epoch: int = 0  # passes over the data so far (for logs)
+    teacher_share: float | None = None  # share of its tokens a teacher wrote (from a feed)
 
     @staticmethod
-    def from_blocks(blocks: np.ndarray, position: dict, epoch: int = 0) -> Batch:
+    def from_blocks(blocks: np.ndarray, position: dict, epoch: int = 0,
+                    teacher_share: float | None = None) -> Batch:
         """(B, T+1) token ids → inputs (B, T) and targets (B, T)."""
         data = torch.from_numpy(np.asarray(blocks, dtype=np.int64))
-        return Batch(data[:, :-1], data[:, 1:], position, epoch)
+        return Batch(data[:, :-1], data[:, 1:], position, epoch, teacher_share)
 
 
 class TokenBlocks:

@@ -44,26 +44,22 @@ class FeedClient:
                 r = self.http.get(self.url + path, params={k: v for k, v in params.items() if v is not None})
                 if r.status_code < 500:
                     break
-                problem = f"HTTP {r.status_code}"
+                problem = f"HTTP {r.status_code}: {_detail(r)}"  # a strict feed's 503: its teachers lag
             except httpx.TransportError as err:
                 problem = f"{type(err).__name__}: {err}"
             now = time.monotonic()
             if started is None:
                 started = now
-                log.warning("feed %s unreachable (%s); waiting for it, retrying with backoff", self.url,
+                log.warning("feed %s not answering (%s); waiting for it, retrying with backoff", self.url,
                             problem)
             if now - started > self.max_wait_s:
-                raise FeedError(f"feed {self.url} unreachable for {self.max_wait_s:.0f} s ({problem})")
+                raise FeedError(f"feed {self.url} not answering for {self.max_wait_s:.0f} s ({problem})")
             time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: replicas' clients do not retry in lockstep
             delay = min(delay * 2, self.max_backoff_s)
         if started is not None:
             log.info("feed %s is back after %.1f s; carrying on", self.url, time.monotonic() - started)
         if r.status_code >= 400:
-            try:
-                detail = r.json().get("detail")
-            except ValueError:
-                detail = r.text[:200]
-            raise FeedError(f"feed {self.url}{path} answered {r.status_code}: {detail}")
+            raise FeedError(f"feed {self.url}{path} answered {r.status_code}: {_detail(r)}")
         return r.json()
 
     def batch(self, size: int, cursor: str | None, rank: int = 0, world_size: int = 1) -> dict:
@@ -74,6 +70,14 @@ class FeedClient:
 
     def close(self) -> None:
         self.http.close()
+
+
+def _detail(r: httpx.Response) -> str:
+    """The message of an error reply."""
+    try:
+        return str(r.json().get("detail"))[:300]
+    except (ValueError, AttributeError):
+        return r.text[:200]
 
 
 def client_from_env(url: str, api_key_file: str | None = None) -> FeedClient:
@@ -100,13 +104,18 @@ class FeedBlockLoader:
         position = position or {}
         self.cursor: str | None = position.get("cursor")
         self.buffer = np.asarray(position.get("leftover", []), dtype=np.int64)
+        # Which buffered tokens are a teacher's, saved as runs of (count, 0 or 1) (older positions: none).
+        runs = position.get("leftover_teacher") or [[len(self.buffer), 0]]
+        self.teacher = np.repeat([bool(t) for _, t in runs], [n for n, _ in runs])
 
-    def _replies(self, cursor: str | None) -> Iterator[tuple[np.ndarray, str]]:
-        """(tokens, cursor after them) for each request, from ``cursor`` on."""
+    def _replies(self, cursor: str | None) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
+        """(tokens, which of them are a teacher's, cursor after them) for each request, from ``cursor`` on."""
         while True:
             reply = self.client.batch(self.texts_per_request, cursor, self.rank, self.world_size)
             cursor = reply["cursor"]
-            yield self.tokenizer.encode_documents(reply["texts"]), cursor
+            tokens, lengths = self.tokenizer.encode_documents_with_lengths(reply["texts"])
+            teacher = np.repeat(np.array([s == "teacher" for s in reply["sources"]], dtype=bool), lengths)
+            yield tokens, teacher, cursor
 
     def __iter__(self) -> Iterator[Batch]:
         # A short join: the fetching thread may be inside a request, and ends at its next check.
@@ -116,15 +125,26 @@ class FeedBlockLoader:
         try:
             while True:
                 while len(self.buffer) < need:
-                    tokens, self.cursor = next(replies)
+                    tokens, teacher, self.cursor = next(replies)
                     self.buffer = np.concatenate([self.buffer, tokens])
+                    self.teacher = np.concatenate([self.teacher, teacher])
                 blocks = self.buffer[:need].reshape(self.batch_size, span)
-                self.buffer = self.buffer[need:]
+                share = float(self.teacher[:need].mean())
+                self.buffer, self.teacher = self.buffer[need:], self.teacher[need:]
                 position = self.position()
-                yield Batch.from_blocks(blocks, position, position["epoch"])
+                yield Batch.from_blocks(blocks, position, position["epoch"], teacher_share=share)
         finally:
             replies.close()
 
     def position(self) -> dict:
         epoch = int(self.cursor.split("-")[2]) if self.cursor else 0
-        return {"kind": self.KIND, "cursor": self.cursor, "leftover": self.buffer.tolist(), "epoch": epoch}
+        return {"kind": self.KIND, "cursor": self.cursor, "leftover": self.buffer.tolist(),
+                "leftover_teacher": _runs(self.teacher), "epoch": epoch}
+
+
+def _runs(mask: np.ndarray) -> list[list[int]]:
+    """A boolean array as runs: [[count, 0 or 1], ...]."""
+    if not len(mask):
+        return []
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(mask.astype(np.int8))) + 1, [len(mask)]])
+    return [[int(b - a), int(mask[a])] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

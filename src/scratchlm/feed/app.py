@@ -24,9 +24,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..serving import require_key
 from .corpus import Cursor, CursorError
-from .mixer import Feed
+from .mixer import Feed, TeacherBehind
 
 MAX_URL_BYTES = 4096
+RETRY_AFTER_S = 5
+"""What a 503 from a strict feed whose teachers are behind tells the client to wait."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,11 @@ def create_app(feed: Feed, api_key: str | None, limits: FeedLimits = FeedLimits(
     app.state.feed, app.state.api_key, app.state.limits = feed, api_key, limits
     app.include_router(public)
     app.include_router(authed)
+
+    @app.exception_handler(TeacherBehind)
+    async def teachers_behind(request: Request, err: TeacherBehind) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @app.middleware("http")
     async def limit_urls_and_count_errors(request: Request, call_next):

@@ -1,8 +1,13 @@
 """The feed's mixer: corpus documents and teacher texts served in a chosen ratio, with Prometheus counters.
 
-Teacher texts come from a bounded buffer that a background thread keeps filled (``TeacherBuffer``); a request
-takes its teacher share from it within a deadline and the rest from the corpus, so a slow or dead teacher
-never stalls the feed.
+Each response's teacher share is the target ratio applied to everything served so far (rounded), so shares
+hold over the stream and within a text of the target in every response. What happens when the teachers are
+behind depends on the mode:
+
+- ``strict``: the request waits for its share (up to ``wait_s``), then fails with 503 and ``Retry-After``; the
+  trainer's client retries, so training runs at the teachers' pace and its data-wait figure says so.
+- ``best-effort``: the request waits at most ``deadline_s`` and fills the rest from the corpus; when the share
+  over the last 1,000 texts is more than 5 points below the target, a warning goes to the log and ``/health``.
 """
 
 from __future__ import annotations
@@ -11,133 +16,45 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ..teacher.diversity import DiversityMeter
 from .corpus import CorpusSource, Cursor
+from .teachers import TeacherPool
 
 log = logging.getLogger("scratchlm.feed")
 
-
-@dataclass
-class TeacherStats:
-    """What the feed's teacher has written: tokens, seconds spent generating, and how repetitive it is."""
-
-    tokens: int = 0
-    busy_s: float = 0.0
-    diversity: DiversityMeter = field(default_factory=DiversityMeter)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.busy_s if self.busy_s else 0.0
+TeacherMode = Literal["strict", "best-effort"]
+SHARE_WINDOW = 1000
+SHARE_SLACK = 0.05
 
 
-class TeacherProducer:
-    """``produce(n)`` for the teacher buffer: n prompts → the teacher's backend → texts, counted in
-    ``stats``."""
-
-    def __init__(self, backend, prompts, params, stats: TeacherStats) -> None:
-        self.backend, self.prompts, self.params, self.stats = backend, prompts, params, stats
-
-    def __call__(self, n: int) -> list[str]:
-        t0 = time.perf_counter()
-        completions = self.backend.complete(self.prompts.sample(n), self.params)
-        self.stats.busy_s += time.perf_counter() - t0
-        self.stats.tokens += sum(c.tokens for c in completions)
-        texts = [c.text.strip() for c in completions if c.text.strip()]
-        for t in texts:
-            self.stats.diversity.add(t)
-        return texts
+class TeacherBehind(RuntimeError):
+    """Strict mode: the teachers did not write a response's share in time (the route answers 503)."""
 
 
-class TeacherBuffer:
-    """A bounded buffer of teacher texts, filled by a background producer thread.
-
-    ``produce(n)`` is any callable returning up to n fresh texts (a local model, an OpenAI-compatible
-    server...). If it raises, the teacher is marked down and retried with backoff; the feed goes on from the
-    corpus.
-    """
-
-    def __init__(self, produce: Callable[[int], list[str]], capacity: int, chunk: int = 16,
-                 stall_s: float = 120.0) -> None:
-        self.produce, self.capacity, self.chunk, self.stall_s = produce, capacity, chunk, stall_s
-        self.texts: deque[str] = deque()
-        self.cond = threading.Condition()
-        self.answering = True  # the last call returned texts
-        self.busy_since: float | None = None
-        self.generated = 0
-        self.errors = 0
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="scratchlm-teacher")
-        self.thread.start()
-
-    def _run(self) -> None:
-        backoff = 0.5
-        while not self._stop.is_set():
-            with self.cond:
-                while len(self.texts) >= self.capacity and not self._stop.is_set():
-                    self.cond.wait(0.5)
-            self.busy_since = time.monotonic()
-            try:
-                new = self.produce(self.chunk)
-            except Exception as err:  # the teacher's own failure: keep serving from the corpus
-                self.busy_since = None
-                self.errors += 1
-                if self.answering:
-                    log.warning("teacher down: %s", err)
-                self.answering = False
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-                continue
-            self.busy_since = None
-            if not self.up:
-                log.info("teacher back")
-            self.answering, backoff = True, 0.5
-            with self.cond:
-                self.texts.extend(t for t in new if t)
-                self.generated += len(new)
-                self.cond.notify_all()
-
-    @property
-    def up(self) -> bool:
-        """Answering, and not stuck in a call for longer than ``stall_s`` (a hung teacher counts as down)."""
-        busy = self.busy_since
-        return self.answering and (busy is None or time.monotonic() - busy < self.stall_s)
-
-    def take(self, n: int, deadline_s: float) -> list[str]:
-        """Up to n buffered texts, waiting at most ``deadline_s`` for the first one."""
-        with self.cond:
-            if not self.texts:
-                self.cond.wait(deadline_s)
-            out = [self.texts.popleft() for _ in range(min(n, len(self.texts)))]
-            self.cond.notify_all()
-            return out
-
-    def wait_ready(self, timeout_s: float) -> bool:
-        """Wait until the first texts are buffered (a cold teacher loads and warms up first); False on
-        timeout."""
-        with self.cond:
-            return bool(self.cond.wait_for(lambda: self.texts or self._stop.is_set(),
-                                           timeout_s) and self.texts)
-
-    def stop(self) -> None:
-        self._stop.set()
-        with self.cond:
-            self.cond.notify_all()
+@dataclass(frozen=True)
+class MixSettings:
+    ratio: float = 0.0
+    """Share of served texts that come from the teachers."""
+    mode: TeacherMode = "strict"
+    wait_s: float = 20.0
+    """Strict: the longest a request waits for its teacher texts."""
+    deadline_s: float = 0.05
+    """Best-effort: the longest a request waits for the first teacher text."""
 
 
 class Feed:
-    """Corpus + optional teacher, mixed to a target ratio, with counters for /metrics."""
+    """Corpus + optional teachers, mixed to a target ratio, with counters for /metrics."""
 
-    def __init__(self, corpus: CorpusSource, teacher: TeacherBuffer | None = None, teacher_ratio: float = 0.0,
-                 teacher_deadline_s: float = 0.05, teacher_stats: TeacherStats | None = None) -> None:
-        self.corpus, self.teacher, self.teacher_ratio = corpus, teacher, teacher_ratio
-        self.teacher_deadline_s = teacher_deadline_s
-        self.teacher_stats = teacher_stats or TeacherStats()
+    def __init__(self, corpus: CorpusSource, teachers: TeacherPool | None = None,
+                 mix: MixSettings = MixSettings()) -> None:
+        self.corpus, self.teachers, self.mix = corpus, teachers, mix
         self._served = {"corpus": 0, "teacher": 0}
+        self._recent: deque[bool] = deque(maxlen=SHARE_WINDOW)  # was each recent text the teacher's
+        self.warning: str | None = None
         self._lock = threading.Lock()
         self.registry = CollectorRegistry()
         self.texts_served = Counter("scratchlm_texts_served", "Texts served", ["source"],
@@ -149,8 +66,8 @@ class Feed:
         self._gauges()
 
     def _gauges(self) -> None:
-        """Gauges read when /metrics is scraped."""
-        registry, corpus, teacher, stats = self.registry, self.corpus, self.teacher, self.teacher_stats
+        """Gauges read when /metrics is scraped: the corpus, the teachers together, and each teacher."""
+        registry, corpus, teachers = self.registry, self.corpus, self.teachers
         skipped = Gauge("scratchlm_corpus_files_skipped", "Corpus files skipped, by reason", ["reason"],
                         registry=registry)
         for reason, n in corpus.stats.skipped.items():
@@ -160,48 +77,82 @@ class Feed:
         depth = Gauge("scratchlm_buffer_depth", "Texts ready to serve, per source", ["source"],
                       registry=registry)
         depth.labels("corpus").set_function(lambda: len(corpus.texts))  # in memory: always all of it
-        depth.labels("teacher").set_function(lambda: len(teacher.texts) if teacher else 0)
+        depth.labels("teacher").set_function(lambda: len(teachers.texts.texts) if teachers else 0)
+        diversity = (lambda k: teachers.diversity.summary()[k]) if teachers else (lambda k: 0)
         for name, doc, value in [
-            ("texts_generated", "Texts the teacher has produced since start",
-             lambda: teacher.generated if teacher else 0),
-            ("tokens", "Tokens the teacher has generated", lambda: stats.tokens),
-            ("tokens_per_second", "Teacher tokens per second of generation", lambda: stats.tokens_per_s),
-            ("up", "1 when the teacher answers", lambda: 1 if teacher and teacher.up else 0),
-            ("ratio_realised", "Share of served texts that came from the teacher", self.realised_ratio),
-        ] + [(key, f"Teacher texts: {key.replace('_', ' ')}", lambda k=key: stats.diversity.summary()[k])
+            ("texts_generated", "Texts the teachers have written since start",
+             lambda: teachers.generated if teachers else 0),
+            ("tokens", "Tokens the teachers have generated", lambda: teachers.tokens if teachers else 0),
+            ("tokens_per_second", "Teacher tokens per second of generation, all teachers",
+             lambda: teachers.tokens_per_s if teachers else 0),
+            ("up", "1 when at least one teacher answers", lambda: 1 if teachers and teachers.up else 0),
+            ("ratio_realised", "Share of served texts that came from the teachers", self.realised_ratio),
+        ] + [(key, f"Teacher texts: {key.replace('_', ' ')}", lambda k=key: diversity(k))
              for key in ("exact_duplicate_rate", "near_duplicate_rate", "top_opening_share")]:
             Gauge(f"scratchlm_teacher_{name}", doc, registry=registry).set_function(value)
+        per_teacher = [("up", "1 when this teacher answers", lambda w: int(w.up)),
+                       ("tokens_per_second", "This teacher's tokens per second", lambda w: w.tokens_per_s),
+                       ("in_flight", "Sequences sent to this teacher, not yet back", lambda w: w.in_flight)]
+        for name, doc, value in per_teacher:
+            gauge = Gauge(f"scratchlm_teacher_backend_{name}", doc, ["teacher"], registry=registry)
+            for worker in teachers.workers if teachers else []:
+                gauge.labels(worker.name).set_function(lambda w=worker, value=value: value(w))
 
     def realised_ratio(self) -> float:
         total = sum(self._served.values())
         return self._served["teacher"] / total if total else 0.0
 
-    def _teacher_share(self, n: int) -> list[str]:
-        if self.teacher is None or self.teacher_ratio <= 0:
+    def _teacher_texts(self, n: int) -> list[str]:
+        """This response's teacher share (module docstring); raises ``TeacherBehind`` in strict mode."""
+        if self.teachers is None or self.mix.ratio <= 0:
             return []
         with self._lock:
             total = sum(self._served.values()) + n
-            want = max(0, round(self.teacher_ratio * total) - self._served["teacher"])
-        return self.teacher.take(min(want, n), self.teacher_deadline_s) if want else []
+            want = min(n, max(0, round(self.mix.ratio * total) - self._served["teacher"]))
+        if self.mix.mode == "best-effort":
+            return self.teachers.take(want, self.mix.deadline_s, exact=False)
+        texts = self.teachers.take(want, self.mix.wait_s, exact=True)
+        if len(texts) < want:
+            raise TeacherBehind(f"the teachers are behind: fewer than the {want} teacher texts this response "
+                                f"needs were ready after {self.mix.wait_s:.0f} s (strict mode); retry, or "
+                                "serve with --teacher-mode best-effort")
+        return texts
 
-    def _count(self, source: str, texts: list[str]) -> None:
+    def _count(self, teacher_texts: list[str], corpus_texts: list[str]) -> None:
         with self._lock:
-            self._served[source] += len(texts)
-        self.texts_served.labels(source).inc(len(texts))
-        self.bytes_served.labels(source).inc(sum(len(t.encode("utf-8")) for t in texts))
+            self._served["teacher"] += len(teacher_texts)
+            self._served["corpus"] += len(corpus_texts)
+            self._recent.extend([True] * len(teacher_texts) + [False] * len(corpus_texts))
+            recent_share = sum(self._recent) / len(self._recent) if self._recent else 0.0
+        for source, texts in (("teacher", teacher_texts), ("corpus", corpus_texts)):
+            self.texts_served.labels(source).inc(len(texts))
+            self.bytes_served.labels(source).inc(sum(len(t.encode("utf-8")) for t in texts))
+        if self.teachers is not None and self.mix.mode == "best-effort":
+            self._watch_share(recent_share)
+
+    def _watch_share(self, recent_share: float) -> None:
+        behind = len(self._recent) == SHARE_WINDOW and recent_share < self.mix.ratio - SHARE_SLACK
+        if behind and self.warning is None:
+            self.warning = (f"teacher share over the last {SHARE_WINDOW:,} texts is {recent_share:.1%}, "
+                            f"target {self.mix.ratio:.0%}: the teachers are behind, and best-effort mode "
+                            "serves corpus text in their place")
+            log.warning(self.warning)
+        elif not behind and self.warning is not None:
+            log.info("teacher share back near its target (%.1f%% over the last %d texts)", 100 * recent_share,
+                     SHARE_WINDOW)
+            self.warning = None
 
     def batch(self, n: int, cursor: Cursor | None, rank: int = 0, world_size: int = 1) -> dict:
-        """n texts: the teacher's share, the rest from the corpus (from ``cursor``, or the server's own
+        """n texts: the teachers' share, the rest from the corpus (from ``cursor``, or the server's own
         stream)."""
-        teacher_texts = self._teacher_share(n)
+        teacher_texts = self._teacher_texts(n)  # first: a strict refusal must not move the corpus stream
         n_corpus = n - len(teacher_texts)
         if cursor is None:
             indices, after = self.corpus.take_shared(n_corpus), None
         else:
             indices, after = self.corpus.take(cursor, n_corpus, rank, world_size)
         corpus_texts = [self.corpus.texts[i] for i in indices]
-        self._count("corpus", corpus_texts)
-        self._count("teacher", teacher_texts)
+        self._count(teacher_texts, corpus_texts)
         # Teacher texts go last so that a batch's corpus part is the same on replay from its cursor.
         return {
             "texts": corpus_texts + teacher_texts,
@@ -212,5 +163,10 @@ class Feed:
         }
 
     def health(self) -> dict:
-        teacher = "none" if self.teacher is None else ("up" if self.teacher.up else "down")
-        return {"status": "ok", "documents": len(self.corpus.texts), "teacher": teacher}
+        state = {"status": "ok", "documents": len(self.corpus.texts)}
+        if self.teachers is None:
+            return {**state, "teacher": "none"}
+        state.update(teacher="up" if self.teachers.up else "down", teacher_mode=self.mix.mode,
+                     teacher_ratio=self.mix.ratio, teacher_ratio_realised=round(self.realised_ratio(), 4),
+                     teachers=[w.health() for w in self.teachers.workers])
+        return {**state, "warning": self.warning} if self.warning else state

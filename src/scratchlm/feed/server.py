@@ -7,14 +7,18 @@ import logging
 import os
 
 from fastapi import FastAPI
+from pydantic import field_validator
 
 from ..config import ConfigError
 from ..data import corpus_from_env
 from ..serving import API_KEY_ENV, ServerConfig
-from ..teacher.prompts import PromptStrategy
+from ..teacher.diversity import DiversityMeter
+from ..teacher.prompts import PromptSource, PromptStrategy
+from ..teacher.sampling import SamplingParams
 from .app import FeedLimits, create_app
 from .corpus import CorpusSource
-from .mixer import Feed, TeacherBuffer, TeacherProducer, TeacherStats
+from .mixer import Feed, MixSettings, TeacherMode
+from .teachers import TeacherPool, TeacherWorker, TextPool, WorkerSettings
 
 log = logging.getLogger("scratchlm.feed")
 
@@ -34,64 +38,94 @@ class ServeConfig(ServerConfig):
     """Documents longer than this are served in pieces cut at paragraph breaks."""
     eval_fraction: float = 0.005
     """Share of documents held out (served only by /v1/heldout)."""
-    teacher: str | None = None
-    """Teacher spec: local:PATH_OR_HUB_ID or openai:URL[#model] (none = corpus only)."""
+    teacher: list[str] = []
+    """Teacher spec, local:PATH_OR_HUB_ID or openai:URL[#model]; give several (--teacher A --teacher B) to
+    spread the work over several teachers (none = corpus only)."""
     teacher_ratio: float = 0.0
-    """Share of served texts that should come from the teacher, when one is attached."""
+    """Share of served texts that should come from the teachers, when there are any."""
+    teacher_mode: TeacherMode = "strict"
+    """strict: every response carries the share, waiting for the teachers (up to --teacher-wait-s, then 503);
+    best-effort: never waits, fills from the corpus, and warns when the share falls behind."""
+    teacher_wait_s: float = 20.0
+    """strict: the longest a request waits for its teacher texts before a 503 with Retry-After."""
+    teacher_deadline_s: float = 0.05
+    """best-effort: how long a request waits for teacher texts before answering from the corpus instead."""
     teacher_api_key_file: str | None = None
-    """API key file of an openai: teacher (else $SCRATCHLM_API_KEY)."""
+    """API key file of openai: teachers (else $SCRATCHLM_API_KEY)."""
+    teacher_concurrency: int = 16
+    """openai: requests in flight to each teacher server (× prompts per request = sequences in flight)."""
+    teacher_prompts_per_request: int = 4
+    """Prompts per request to a teacher (a server that refuses lists, like llama.cpp's, is sent one)."""
+    teacher_batch_size: int | None = None
+    """local: sequences decoded together (default: 256 on a GPU, 32 on a CPU)."""
     teacher_max_new_tokens: int = 256
-    """Tokens the teacher writes per text."""
+    """Tokens a teacher writes per text."""
     teacher_temperature: float = 0.8
     """Teacher sampling temperature (0 = greedy)."""
     teacher_top_p: float = 0.95
     """Teacher nucleus sampling mass."""
     prompts: list[PromptStrategy] = ["words", "topic", "snippet"]
-    """Prompt strategies for the teacher, mixed: token (the seed's), words, topic, snippet."""
-    teacher_deadline_s: float = 0.05
-    """How long a request waits for teacher texts before answering from the corpus instead."""
+    """Prompt strategies for the teachers, mixed: token (the seed's), words, topic, snippet."""
     teacher_buffer: int = 256
-    """Teacher texts kept ready (bounded buffer)."""
+    """Teacher texts kept ready (a bounded pool shared by the teachers)."""
     teacher_stall_s: float = 120.0
-    """A teacher call running longer than this marks the teacher down (hung) until it answers."""
+    """A teacher request running longer than this marks the teacher down (hung) until it answers."""
     public: bool = False
     """Open an ngrok tunnel (needs pyngrok and NGROK_AUTHTOKEN, and an API key)."""
 
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _one_or_several(cls, value):
+        """A single spec (the seed's one teacher, a YAML string) is a list of one."""
+        return [value] if isinstance(value, str) else ([] if value is None else value)
 
 
-def _teacher(cfg: ServeConfig, corpus: CorpusSource) -> tuple[TeacherProducer, TeacherStats]:
-    """The feed's teacher source: diverse prompts → the teacher's backend → texts, with counters."""
+def _teachers(cfg: ServeConfig, corpus: CorpusSource, extra=None, owned: bool = False) -> TeacherPool | None:
+    """A worker per teacher (and ``extra``, a backend given as an object, closed with the feed if ``owned``),
+    all filling one pool."""
     from ..teacher.backends import load_teacher
-    from ..teacher.prompts import PromptSource
-    from ..teacher.sampling import SamplingParams
 
-    backend = load_teacher(cfg.teacher, cfg.teacher_api_key_file)
-    decode = backend.tokenizer.decode if hasattr(backend, "tokenizer") else None
-    strategies = [s for s in cfg.prompts if s != "token" or decode is not None]
-    prompts = PromptSource(strategies, corpus.texts, seed=cfg.seed, decode=decode)
+    backends = [load_teacher(spec, cfg.teacher_api_key_file, batch_size=cfg.teacher_batch_size,
+                             concurrency=cfg.teacher_concurrency,
+                             prompts_per_request=cfg.teacher_prompts_per_request)
+                for spec in cfg.teacher] + ([extra] if extra is not None else [])
+    if not backends:
+        return None
     params = SamplingParams(max_new_tokens=cfg.teacher_max_new_tokens, temperature=cfg.teacher_temperature,
                             top_p=cfg.teacher_top_p)
-    log.info("teacher %s: %d%% of served texts, prompts %s", cfg.teacher, round(cfg.teacher_ratio * 100),
-             ", ".join(strategies))
-    stats = TeacherStats()
-    return TeacherProducer(backend, prompts, params, stats), stats
+    texts, diversity = TextPool(cfg.teacher_buffer), DiversityMeter()
+    workers = []
+    for i, backend in enumerate(backends):
+        decode = backend.tokenizer.decode if hasattr(backend, "tokenizer") else None
+        strategies = [s for s in cfg.prompts if s != "token" or decode is not None]
+        prompts = PromptSource(strategies, corpus.texts, seed=cfg.seed + i, decode=decode)
+        settings = WorkerSettings(params, backend.max_in_flight, backend.prompts_per_request,
+                                  cfg.teacher_stall_s,
+                                  diversity)
+        owns = owned or backend is not extra
+        workers.append(TeacherWorker(backend, prompts, settings, texts, owns_backend=owns))
+        log.info("teacher %s: %d sequences in flight, %d prompts per request, prompts %s", workers[-1].name,
+                 settings.in_flight, settings.per_request, ", ".join(strategies))
+    log.info("teachers: %d%% of served texts, %s mode", round(cfg.teacher_ratio * 100), cfg.teacher_mode)
+    return TeacherPool(texts, workers, diversity)
 
 
 def build(cfg: ServeConfig, teacher=None) -> tuple[FastAPI, Feed]:
-    """Check the settings, read the corpus and make the app (no socket yet). ``teacher``, a callable returning
-    n fresh texts, stands in for ``cfg.teacher`` (tests)."""
+    """Check the settings, read the corpus and make the app (no socket yet). ``teacher``, a teacher object or
+    a function returning n fresh texts, joins the teachers ``cfg`` names (notebooks, tests)."""
+    from ..teacher.backends import FunctionTeacher
+
     api_key = cfg.checked_key("feed")
     if cfg.public and api_key is None:
         raise ConfigError(f"--public exposes the feed to the internet: set {API_KEY_ENV} or pass "
                           "--api-key-file")
     corpus_path = corpus_from_env(cfg.corpus, "--corpus")
     corpus = CorpusSource(corpus_path, cfg.seed, cfg.chunk_chars, cfg.eval_fraction)
-    stats = None
-    if teacher is None and cfg.teacher:
-        teacher, stats = _teacher(cfg, corpus)
-    buffer = TeacherBuffer(teacher, cfg.teacher_buffer,
-                           stall_s=cfg.teacher_stall_s) if teacher is not None else None
-    feed = Feed(corpus, buffer, cfg.teacher_ratio, cfg.teacher_deadline_s, stats)
+    mix = MixSettings(cfg.teacher_ratio, cfg.teacher_mode, cfg.teacher_wait_s, cfg.teacher_deadline_s)
+    if callable(teacher) and not hasattr(teacher, "submit"):  # a function: wrapped here, so closed here
+        feed = Feed(corpus, _teachers(cfg, corpus, FunctionTeacher(teacher), owned=True), mix)
+    else:
+        feed = Feed(corpus, _teachers(cfg, corpus, teacher), mix)
     log.info("corpus %s: %d documents (%d held out), files skipped: %s", corpus_path, len(corpus.texts),
              len(corpus.held_out), dict(corpus.stats.skipped) or "none")
     return create_app(feed, api_key, FeedLimits(cfg.batch_size, cfg.max_batch_size)), feed
@@ -117,7 +151,7 @@ def serve_background(cfg: ServeConfig, teacher=None):
 
     app, feed = build(cfg, teacher)
     server = BackgroundServer(app, cfg.host, cfg.port or None,
-                              on_stop=feed.teacher.stop if feed.teacher else None)
+                              on_stop=feed.teachers.stop if feed.teachers else None)
     server.feed = feed
     return server.start()
 

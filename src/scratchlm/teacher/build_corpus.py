@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import zipfile
+from collections import deque
 from pathlib import Path
 
 from tqdm import tqdm
@@ -58,14 +59,16 @@ def build_corpus(teacher, out: Path, size_bytes: int, prompts: PromptSource, par
         total += len(text.encode("utf-8"))
     next_index = int(stored[-1].stem) + 1 if stored else 0
     bar = tqdm(total=size_bytes, initial=min(total, size_bytes), unit="B", unit_scale=True,
-               desc="building corpus",
-               disable=not progress or None)
-    round_no = state["generated"]
+               desc="building corpus", disable=not progress or None)
+    # Two batches in flight, so a local engine's slots never wait while a batch's texts are being stored.
+    # Seeds move on with the texts generated so far: a restarted run does not redo the same prompts.
+    in_flight: deque = deque()
+    next_seed = seed + state["generated"]
     while total < size_bytes:
-        # Seeds move on with the texts generated so far, so a restarted run does not redo the same prompts.
-        completions = teacher.complete(prompts.sample(batch_size), params, seed=seed + round_no)
-        round_no += len(completions)
-        for c in completions:
+        while len(in_flight) < 2:
+            in_flight.append(teacher.submit(prompts.sample(batch_size), params, seed=next_seed))
+            next_seed += batch_size
+        for c in in_flight.popleft().result():
             text = c.text.strip()
             state["generated"] += 1
             state["tokens"] += c.tokens
@@ -84,6 +87,8 @@ def build_corpus(teacher, out: Path, size_bytes: int, prompts: PromptSource, par
             bar.update(n)
         atomic_write(state_path, json.dumps(state), fsync=False)
     bar.close()
+    for extra in in_flight:  # the batch beyond the size asked for
+        extra.cancel()
 
     with atomic_file(out) as tmp_zip, zipfile.ZipFile(tmp_zip, "w", compression=zipfile.ZIP_DEFLATED) as z:
         for path in sorted(parts.glob("*.txt")):

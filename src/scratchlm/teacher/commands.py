@@ -63,8 +63,8 @@ class ServeModelConfig(ServerConfig):
     """Hugging Face folder or hub id."""
     port: int = 8001
     """TCP port."""
-    batch_size: int = 32
-    """Sequences decoded together."""
+    batch_size: int | None = None
+    """Sequences decoded together, across all clients (default: 256 on a GPU, 32 on a CPU)."""
     device: DeviceSpec = "auto"
     """auto, cpu, cuda or cuda:N."""
 

@@ -1,26 +1,40 @@
-"""Batched sampling from our Phi with a preallocated KV cache and continuous batching.
+"""Choosing each new token: greedy, or temperature + top-k + top-p sampling, exactly, without sorting the
+vocabulary at every step.
 
-Each of ``batch_size`` slots holds one sequence. A finished sequence (``<|endoftext|>`` or max new tokens)
-frees its slot at once, and the next prompt is prefilled into that slot's cache rows while the others keep
-decoding, so a long sequence never holds the whole batch back. Prompts of different lengths need no padding
-tricks: every row carries its own positions.
+Every row of a batch has its own settings (rows belong to different requests) and its own uniform random
+numbers, drawn from that sequence's own seeded generator: a seeded sequence samples the same tokens whatever
+else shares its batch.
+
+- top-k rows: ``torch.topk`` picks the k candidates (a partial selection, not a sort); top-p then applies
+  among them.
+- top-p over the whole vocabulary: rejection sampling with a rising pivot, as FlashInfer does. Draw a token
+  from the probabilities above the pivot; accept it if the tokens more probable than it hold less than top_p
+  of the mass (it is then in the nucleus); else raise the pivot to its probability and draw again. The nucleus
+  is an upper set of the probabilities, so it always stays above the pivot, and an accepted draw is
+  distributed as the probabilities restricted to the nucleus: the exact top-p distribution. Each round is a
+  few passes over the row; most rows accept in the first. The rare row that has not accepted after ``ROUNDS``
+  falls back to a sort.
+- Draws use the inverse CDF: one uniform number per row per round, a cumulative sum and a binary search.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-from ..model.cpu_inference import PackedLinear, pack_linears
-from ..model.kv_cache import KVCache
-from ..model.model import Phi
+ROUNDS = 8
+"""Rejection rounds before a row falls back to sorting (each round accepts with probability ≥ 1 − top_p of the
+mass left, so this almost never happens)."""
+UNIFORMS_PER_STEP = ROUNDS + 1
+CPU_ROWS_PER_CHUNK = 8
+"""Rows of 50k probabilities sampled together on a CPU: 1.6 MB, within its cache."""
+"""Uniform numbers a sampled sequence draws at every step (a fixed count: its stream stays reproducible)."""
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each new token."""
+    """How to pick each new token, and when to stop."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -29,121 +43,139 @@ class SamplingParams:
     top_p: float | None = None
     stop_at_eot: bool = True
 
-
-def sample_next(logits: torch.Tensor, params: SamplingParams,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) → next ids (B,): greedy, or temperature + top-k + top-p sampling."""
-    logits = logits.float()  # also contiguous: argmax over a strided bf16 view is several times slower on CPU
-    if params.temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    if params.top_k is not None and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p is not None and params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # keep the smallest set reaching top_p
-        drop = cumulative - sorted_logits.softmax(dim=-1) > params.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
 
 
 @dataclass
-class _Slot:
-    index: int  # which prompt
-    pos: int  # position of the next token to feed
-    last: int  # the token to feed next
-    out: list[int]
+class RowSettings:
+    """The sampling settings of each row of a batch, as tensors on the logits' device."""
+
+    temperature: torch.Tensor  # (B,) float; 0 = greedy
+    top_k: torch.Tensor  # (B,) long; 0 = no top-k
+    top_p: torch.Tensor  # (B,) float; 1 = no top-p
+
+    @staticmethod
+    def of(params: list[SamplingParams], device: torch.device) -> RowSettings:
+        return RowSettings(torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+                           torch.tensor([p.top_k or 0 for p in params], dtype=torch.long, device=device),
+                           torch.tensor([p.top_p if p.top_p is not None else 1.0 for p in params],
+                                        dtype=torch.float32, device=device))
 
 
-class BatchGenerator:
-    """Continuous-batching generation with our model; one instance owns the model's KV cache."""
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor,
+                 scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An index per row drawn in proportion to ``weights`` (B, N) ≥ 0, from uniforms ``u`` (B,) in [0, 1),
+    and each row's total weight; ``scratch``, a buffer of the weights' shape, saves an allocation."""
+    cum = torch.cumsum(weights, dim=-1, out=scratch) if scratch is not None else weights.cumsum(dim=-1)
+    total = cum[:, -1].clone()
+    target = (u * total).unsqueeze(-1).to(cum.dtype)
+    index = torch.searchsorted(cum, target, right=True).squeeze(-1).clamp_(max=weights.shape[-1] - 1)
+    return index, total
 
-    def __init__(self, model: Phi, eot_id: int, batch_size: int = 32, max_seq_len: int | None = None) -> None:
-        self.model, self.eot_id, self.batch_size = model.eval(), eot_id, batch_size
-        self.max_seq_len = min(max_seq_len or model.config.block_size, model.config.block_size)
-        self.vocab_size = model.config.vocab_size
-        self.device = model.lm_head.weight.device
-        # The LM head restricted to real token ids: padding rows are never sampled, so never computed.
-        head = model.lm_head
-        self.head = PackedLinear(lambda: (head.weight[: self.vocab_size], head.bias[: self.vocab_size]))
-        # on the CPU: oneDNN with reordered weights, several times faster than plain F.linear
-        pack_linears(model)
-        # A float32 cache on the CPU: attention there runs in float32 (see ``cpu_cached_attention``).
-        self.cache = KVCache(model, batch_size, self.max_seq_len,
-                             dtype=torch.float32 if self.device.type == "cpu" else None)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, 1, n_embd) → logits over the real vocabulary (B, vocab_size)."""
-        return self.head(hidden[:, -1])
+def _nucleus_of_sorted(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Probabilities sorted in decreasing order (B, N) with those outside each row's top-p nucleus set to 0:
+    a token stays while the mass before it is below top_p (the smallest set reaching top_p)."""
+    before = probs.cumsum(dim=-1) - probs
+    return probs.masked_fill(before >= top_p.unsqueeze(-1), 0.0)
 
-    @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 seed: int | None = None) -> list[list[int]]:
-        """New token ids for each prompt (the stop token, if hit, not included), in prompt order."""
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed)
-        room = self.max_seq_len - params.max_new_tokens
-        if room < 1:
-            raise ValueError(f"max_new_tokens {params.max_new_tokens} leaves no room for a prompt in "
-                             f"{self.max_seq_len} positions")
-        # keep the prompt's end
-        pending = deque((i, (p or [self.eot_id])[-room:]) for i, p in enumerate(prompts))
-        slots: list[_Slot | None] = [None] * self.batch_size
-        results: list[list[int] | None] = [None] * len(prompts)
 
-        def finish(row: int) -> None:
-            slot = slots[row]
-            results[slot.index] = slot.out
-            slots[row] = None
+def _sample_top_k(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  u: torch.Tensor) -> torch.Tensor:
+    """Rows with a top-k: among their k most likely tokens (top-p applied there)."""
+    k = int(top_k.max())
+    values, ids = torch.topk(scaled, min(k, scaled.shape[-1]), dim=-1)  # sorted, decreasing
+    beyond = torch.arange(values.shape[-1], device=values.device).unsqueeze(0) >= top_k.unsqueeze(-1)
+    probs = values.masked_fill(beyond, float("-inf")).softmax(dim=-1)
+    pick, _ = _inverse_cdf(_nucleus_of_sorted(probs, top_p), u)
+    return ids.gather(1, pick.unsqueeze(-1)).squeeze(-1)
 
-        def accept(row: int, token: int) -> None:
-            slot = slots[row]
-            if params.stop_at_eot and token == self.eot_id:
-                finish(row)
-                return
-            slot.out.append(token)
-            slot.last = token
-            if len(slot.out) >= params.max_new_tokens:
-                finish(row)
 
-        while pending or any(slots):
-            free = [r for r, s in enumerate(slots) if s is None][: len(pending)]
-            if free:  # prefill new prompts into the free rows
-                group = [pending.popleft() for _ in free]
-                lengths = torch.tensor([len(p) for _, p in group], device=self.device)
-                width = int(lengths.max())
-                idx = torch.full((len(group), width), self.eot_id, dtype=torch.long, device=self.device)
-                for j, (_, p) in enumerate(group):
-                    idx[j, : len(p)] = torch.tensor(p, device=self.device)
-                pos = torch.arange(width, device=self.device).expand(len(group), width)
-                hidden = self.cache.forward(self.model, idx, pos, torch.tensor(free, device=self.device),
-                                            kv_len=width, keep=lengths - 1)
-                tokens = sample_next(self._logits(hidden), params, generator).tolist()
-                for row, (i, p), tok in zip(free, group, tokens, strict=True):
-                    slots[row] = _Slot(i, len(p), tok, [])
-                    accept(row, tok)
-            active = [r for r, s in enumerate(slots) if s is not None]
-            if not active:
-                continue
-            idx = torch.tensor([[slots[r].last] for r in active], device=self.device)
-            positions = [slots[r].pos for r in active]
-            rows = None if len(active) == self.batch_size else torch.tensor(active, device=self.device)
-            # all in step: the cheaper shared-position path
-            if rows is None and min(positions) == max(positions):
-                pos = torch.tensor(positions[:1], device=self.device)
-            else:
-                pos = torch.tensor(positions, device=self.device)[:, None]
-            # Attend over the cache only as far as the longest sequence (rounded up: fewer distinct shapes).
-            kv_len = min(self.max_seq_len, -(-(max(positions) + 1) // 16) * 16)
-            hidden = self.cache.forward(self.model, idx, pos, rows, kv_len=kv_len)
-            tokens = sample_next(self._logits(hidden), params, generator).tolist()
-            for row, tok in zip(active, tokens, strict=True):
-                slots[row].pos += 1
-                accept(row, tok)
-        return [r if r is not None else [] for r in results]
+def _mass_above(w: torch.Tensor, level: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the total weight of the tokens weighted more than ``level`` (B, 1).
+
+    Written as Σ relu(w − level) + level · #(w > level): in-place elementwise passes that are several times
+    cheaper on a CPU than a masked select (``torch.where``) or a comparison to a boolean tensor.
+    """
+    excess = torch.sub(w, level, out=scratch) if scratch is not None else w - level
+    above = excess.relu_().sum(dim=-1)
+    return above + level.squeeze(-1) * excess.sign_().sum(dim=-1)
+
+
+def _sample_top_p(weights: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows sampled over the whole vocabulary, restricted to the top-p nucleus by rejection (module
+    docstring). ``weights`` (B, V): probabilities up to a factor per row (no need to normalise them); ``u``
+    (B, UNIFORMS_PER_STEP); ``scratch``, a buffer of the weights' shape for the first round."""
+    # The first round, on every row (most accept here).
+    tokens, total = _inverse_cdf(weights, u[:, 0], scratch)
+    level = weights.gather(1, tokens.unsqueeze(-1))  # (B, 1): the drawn tokens' weights
+    cut = top_p * total  # the nucleus's share of each row's weight
+    accepted = (_mass_above(weights, level, scratch) < cut) | (top_p >= 1.0)
+    if bool(accepted.all()):
+        return tokens
+    # Later rounds, on the few rows still drawing: only tokens above the last draw's weight.
+    rows = (~accepted).nonzero().squeeze(-1)
+    pivot = level.squeeze(-1)[rows]
+    for r in range(1, ROUNDS):
+        w = weights[rows]
+        drawn, _ = _inverse_cdf(torch.where(w > pivot.unsqueeze(-1), w, 0.0), u[rows, r])
+        w_drawn = w.gather(1, drawn.unsqueeze(-1))  # (b, 1)
+        accepted = _mass_above(w, w_drawn) < cut[rows]
+        tokens[rows[accepted]] = drawn[accepted]
+        pivot, rows = w_drawn.squeeze(-1)[~accepted], rows[~accepted]
+        if len(rows) == 0:
+            return tokens
+    # Still drawing after ROUNDS (vanishingly rare): the exact sorted path for those rows.
+    sorted_w, order = torch.sort(weights[rows], dim=-1, descending=True)
+    pick, _ = _inverse_cdf(_nucleus_of_sorted(sorted_w / total[rows].unsqueeze(-1), top_p[rows]),
+                           u[rows, ROUNDS])
+    tokens[rows] = order.gather(1, pick.unsqueeze(-1)).squeeze(-1)
+    return tokens
+
+
+def sample(logits: torch.Tensor, settings: RowSettings, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """logits (B, V) → next token ids (B,). ``uniforms`` (B, UNIFORMS_PER_STEP) in [0, 1), one row per
+    sequence (ignored for greedy rows; may be None if every row is greedy)."""
+    logits = logits.float()  # also contiguous: argmax over a strided bf16 view is several times slower on CPU
+    sampled = settings.temperature > 0
+    if not bool(sampled.any()):
+        return logits.argmax(dim=-1)
+    tokens = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+    if not bool(sampled.all()):
+        greedy = (~sampled).nonzero().squeeze(-1)
+        tokens[greedy] = logits[greedy].argmax(dim=-1)
+    rows = sampled.nonzero().squeeze(-1)
+    every = len(rows) == len(logits)  # the usual case: skip the row selections (each a copy of the logits)
+    chosen = logits if every else logits[rows]
+    inverse_t = (1.0 / settings.temperature[rows]).unsqueeze(-1)
+    top_k, top_p, u = settings.top_k[rows], settings.top_p[rows], uniforms[rows]
+    with_k = top_k > 0
+    if bool(with_k.any()):
+        tokens[rows[with_k]] = _sample_top_k(chosen[with_k] * inverse_t[with_k], top_k[with_k], top_p[with_k],
+                                             u[with_k, 0])
+    if not bool(with_k.any()):
+        tokens[rows] = _sample_top_p_in_chunks(chosen, inverse_t, top_p, u)
+    elif not bool(with_k.all()):
+        rest = ~with_k
+        tokens[rows[rest]] = _sample_top_p_in_chunks(chosen[rest], inverse_t[rest], top_p[rest], u[rest])
+    return tokens
+
+
+def _sample_top_p_in_chunks(logits: torch.Tensor, inverse_t: torch.Tensor, top_p: torch.Tensor,
+                            u: torch.Tensor) -> torch.Tensor:
+    """``_sample_top_p`` of softmax(logits / T), in groups of rows small enough to stay in a CPU's cache
+    between the passes (a GPU takes them all together). The weights are exp((logits − max) / T): the softmax
+    without its normalisation, which the sampler does not need."""
+    step = CPU_ROWS_PER_CHUNK if logits.device.type == "cpu" else len(logits)
+    # reused: no allocations
+    weights, scratch = torch.empty_like(logits[:step]), torch.empty_like(logits[:step])
+    parts = []
+    for i in range(0, len(logits), step):
+        chunk = logits[i : i + step]
+        w = torch.sub(chunk, torch.amax(chunk, dim=-1, keepdim=True), out=weights[: len(chunk)])
+        w.mul_(inverse_t[i : i + step]).exp_()
+        parts.append(_sample_top_p(w, top_p[i : i + step], u[i : i + step], scratch[: len(chunk)]))
+    return torch.cat(parts)

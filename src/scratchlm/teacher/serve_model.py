@@ -2,7 +2,8 @@
 
 ``POST /v1/completions`` (prompt: a string or a list; max_tokens, temperature, top_p, top_k, n, seed, stop)
 and ``GET /v1/models``, authenticated like the feed server, so a teacher can run on its own GPU machine and
-several can serve one feed. All prompts of a request are generated in one continuous batch.
+several can serve one feed. Every request's prompts join the one running batch of the model's generation
+engine, whatever other requests are in flight.
 """
 
 import time

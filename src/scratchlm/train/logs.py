@@ -61,10 +61,12 @@ def format_line(fmt: str, rec: dict) -> str:
                 f"iter time: {rec['step_time_s'] * 1000:.2f}ms (optimizer.step)")
     mfu_text = f"MFU {rec['mfu'] * 100:.1f}% of {rec['peak']}" if rec.get("mfu") is not None else "MFU n/a"
     total = f"/{rec['max_steps']}" if rec.get("max_steps") else ""
+    teacher = (f" | teacher {rec['teacher_token_share'] * 100:.1f}% of tokens"
+               if rec.get("teacher_token_share") is not None else "")
     return (f"step {rec['step']}{total} | epoch {rec['epoch']} | loss {rec['loss']:.4f} (smoothed "
             f"{rec['loss_smooth']:.4f}) | lr {rec['lr']:.2e} | grad norm {rec['grad_norm']:.3f} | tokens "
             f"{rec['tokens']:,} | {rec['tokens_per_s']:,.0f} tok/s | {mfu_text} | data wait "
-            f"{rec['data_wait'] * 100:.1f}% | mem {rec['mem_gib']:.2f} GiB")
+            f"{rec['data_wait'] * 100:.1f}%{teacher} | mem {rec['mem_gib']:.2f} GiB")
 
 
 def truncate_metrics(path: Path, step: int) -> None:

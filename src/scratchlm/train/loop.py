@@ -95,6 +95,8 @@ class StepResult:
     seconds: float
     data_seconds: float
     epoch: int
+    teacher_share: float | None = None
+    """Share of the step's tokens a teacher wrote (training from a feed)."""
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -169,7 +171,7 @@ def train_step(run: Run) -> StepResult | None:
     """One optimizer step over ``grad_accum_steps`` micro-batches; None if it was skipped (non-finite)."""
     cfg, state = run.cfg, run.state
     t0 = time.perf_counter()
-    data_s = 0.0
+    data_s, shares = 0.0, []
     loss_sum = torch.zeros((), device=run.device)
     for _ in range(cfg.grad_accum_steps):
         td = time.perf_counter()
@@ -177,6 +179,7 @@ def train_step(run: Run) -> StepResult | None:
         inputs = batch.inputs.to(run.device, non_blocking=True)
         targets = batch.targets.to(run.device, non_blocking=True)
         data_s += time.perf_counter() - td
+        shares.append(batch.teacher_share)
         with autocast(run.device, run.amp_dtype):
             loss = run.model(inputs, targets=targets)  # head + loss in chunks: no full logits tensor
         (loss / cfg.grad_accum_steps).backward()
@@ -188,8 +191,13 @@ def train_step(run: Run) -> StepResult | None:
                                                cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the shards
         grad_norm = grad_norm.full_tensor()
-    # The mean over ranks: with equal batches, the loss of the global batch. One device sync, here.
-    step_loss = distributed.mean(loss_sum / cfg.grad_accum_steps, run.env).item()
+    # The means over ranks: with equal batches, the loss (and teacher share) of the global batch. One
+    # collective and one device sync, here.
+    from_feed = None not in shares
+    share = sum(shares) / len(shares) if from_feed else 0.0
+    means = distributed.mean(torch.stack([loss_sum / cfg.grad_accum_steps,
+                                          torch.tensor(share, device=run.device)]), run.env).tolist()
+    step_loss, teacher_share = means[0], means[1] if from_feed else None
     norm = grad_norm.item()
     state.data_positions[run.env.rank] = batch.position
     if not (math.isfinite(step_loss) and math.isfinite(norm)):
@@ -206,7 +214,7 @@ def train_step(run: Run) -> StepResult | None:
     state.step += 1
     state.tokens += run.tokens_per_step
     state.loss_smooth = step_loss if state.loss_smooth is None else 0.9 * state.loss_smooth + 0.1 * step_loss
-    return StepResult(step_loss, lr, norm, time.perf_counter() - t0, data_s, batch.epoch)
+    return StepResult(step_loss, lr, norm, time.perf_counter() - t0, data_s, batch.epoch, teacher_share)
 
 
 class StepLog:
@@ -228,6 +236,8 @@ class StepLog:
                "data_wait_s": step.data_seconds}
         if run.peak:
             rec["mfu"] = mfu(run.flops_per_token, tps, run.peak[1], run.env.world_size)
+        if step.teacher_share is not None:
+            rec["teacher_token_share"] = step.teacher_share
         run.metrics.write(rec)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{step.loss:.3f}", tok_s=f"{tps:,.0f}")

@@ -1,0 +1,270 @@
+"""One generation engine per local model: a background loop that owns the KV cache and decodes every caller's
+sequences in one continuous batch, as vLLM's engine does.
+
+Callers ``submit`` requests (prompts, sampling settings, a seed) from any thread and get a ``Future``. Each of
+``batch_size`` slots holds one sequence; a sequence joins the running batch at the next step (its prompt
+prefilled into its slot's cache rows while the others keep decoding) and leaves it when it ends
+(``<|endoftext|>`` or its max tokens), freeing the slot for the next waiting sequence. Every row carries its
+own positions, so prompts of different lengths need no padding tricks, and its own sampling settings and
+seeded random numbers (``sampling``), so a seeded request gives the same text alone or in company.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import random
+import threading
+import weakref
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..model.cpu_inference import PackedLinear, pack_linears
+from ..model.kv_cache import KVCache
+from ..model.model import Phi
+from .sampling import UNIFORMS_PER_STEP, RowSettings, SamplingParams, sample
+
+log = logging.getLogger("scratchlm.teacher")
+
+_ENGINES: weakref.WeakSet[GenerationEngine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_engines() -> None:
+    # A thread still in torch code while the interpreter exits can abort the process: stop them first.
+    for engine in list(_ENGINES):
+        engine.close()
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Sequences decoded together when not set: a GPU is busy only with hundreds, a CPU is saturated by
+    tens."""
+    return 256 if device.type == "cuda" else 32
+
+
+@dataclass
+class _Request:
+    params: SamplingParams
+    future: Future
+    results: list[list[int] | None]
+    remaining: int
+    waiting: deque = field(default_factory=deque)  # its sequences not yet in the batch
+
+
+@dataclass
+class _Sequence:
+    request: _Request
+    index: int  # which prompt of its request
+    prompt: list[int]
+    rng: np.random.Generator | None  # None when greedy
+    out: list[int] = field(default_factory=list)
+    pos: int = 0  # position of the next token to feed
+    last: int = 0  # the token to feed next
+
+
+@dataclass
+class EngineStats:
+    """What the engine has done: for logs, metrics and tests."""
+
+    steps: int = 0
+    tokens: int = 0
+    sequences: int = 0
+    requests: int = 0
+    most_requests_in_a_step: int = 0
+    """The most distinct requests whose sequences shared one decoding step."""
+
+
+class GenerationEngine:
+    """Continuous batching over our Phi model for every caller of one local teacher."""
+
+    def __init__(self, model: Phi, eot_id: int, batch_size: int = 32, max_seq_len: int | None = None) -> None:
+        self.model, self.eot_id, self.batch_size = model.eval(), eot_id, batch_size
+        self.max_seq_len = min(max_seq_len or model.config.block_size, model.config.block_size)
+        self.vocab_size = model.config.vocab_size
+        self.device = model.lm_head.weight.device
+        # The LM head restricted to real token ids: padding rows are never sampled, so never computed.
+        head = model.lm_head
+        self.head = PackedLinear(lambda: (head.weight[: self.vocab_size], head.bias[: self.vocab_size]))
+        pack_linears(model)  # on the CPU: oneDNN with reordered weights (cpu_inference)
+        # A float32 cache on the CPU: attention there runs in float32 (see ``cpu_cached_attention``).
+        self.cache = KVCache(model, batch_size, self.max_seq_len,
+                             dtype=torch.float32 if self.device.type == "cpu" else None)
+        self.slots: list[_Sequence | None] = [None] * batch_size
+        self.stats = EngineStats()
+        self._pending: deque[_Request] = deque()  # requests with sequences waiting for a slot
+        self._cond = threading.Condition()
+        self._closed = False
+        self._seeds = random.Random()
+        self._thread: threading.Thread | None = None
+        _ENGINES.add(self)
+
+    # --- callers' side -------------------------------------------------------------------------------------
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None) -> Future:
+        """Queue a request; the future's result is each prompt's new token ids (the stop token excluded), in
+        order. Prompt i samples with seed ``seed + i`` (a random seed when None)."""
+        room = self.max_seq_len - params.max_new_tokens
+        if room < 1:
+            raise ValueError(f"max_new_tokens {params.max_new_tokens} leaves no room for a prompt in this "
+                             f"model's {self.max_seq_len} positions; ask for at most {self.max_seq_len - 1}")
+        future: Future = Future()
+        request = _Request(params, future, [None] * len(prompts), len(prompts))
+        if not prompts:
+            future.set_result([])
+            return future
+        base = seed if seed is not None else self._seeds.getrandbits(63)
+        # Any integer seeds a generator (numpy's seeds must be non-negative: hence the modulo).
+        sequences = [_Sequence(request, i, (p or [self.eot_id])[-room:],  # keep the prompt's end
+                               None if params.greedy else np.random.default_rng([(base + i) % 2**64]))
+                     for i, p in enumerate(prompts)]
+        request.waiting.extend(sequences)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the generation engine is closed")
+            self._pending.append(request)
+            self.stats.requests += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True, name="scratchlm-engine")
+                self._thread.start()
+            self._cond.notify()
+        return future
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 seed: int | None = None) -> list[list[int]]:
+        """``submit`` and wait for the result."""
+        return self.submit(prompts, params, seed).result()
+
+    @property
+    def in_flight(self) -> int:
+        """Sequences waiting or decoding."""
+        return sum(len(r.waiting) for r in list(self._pending)) + sum(s is not None for s in self.slots)
+
+    def close(self) -> None:
+        """Stop the loop after its current step; waiting requests fail."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    # --- the loop ------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._pending and not any(self.slots):
+                    self._cond.wait()
+                if self._closed:
+                    self._fail_all(RuntimeError("the generation engine was closed"))
+                    return
+            try:
+                with torch.inference_mode():
+                    self._admit()
+                    self._decode()
+            except Exception as err:  # fail the requests in flight, keep serving new ones
+                log.exception("generation failed")
+                self._fail_all(err)
+
+    def _fail_all(self, err: BaseException) -> None:
+        with self._cond:
+            requests, self._pending = list(self._pending), deque()
+        for request in requests + [s.request for s in self.slots if s is not None]:
+            if not request.future.done():
+                request.future.set_exception(err)
+        self.slots = [None] * self.batch_size
+
+    def _uniforms(self, rows: list[_Sequence]) -> torch.Tensor | None:
+        """Each sampled row's random numbers for this step, from its own generator (greedy rows: zeros)."""
+        if all(s.rng is None for s in rows):
+            return None
+        u = np.zeros((len(rows), UNIFORMS_PER_STEP))
+        for j, s in enumerate(rows):
+            if s.rng is not None:
+                u[j] = s.rng.random(UNIFORMS_PER_STEP)
+        return torch.from_numpy(u).to(self.device)
+
+    def _next_tokens(self, hidden: torch.Tensor, rows: list[_Sequence]) -> list[int]:
+        logits = self.head(hidden[:, -1])  # (B, vocab_size)
+        settings = RowSettings.of([s.request.params for s in rows], self.device)
+        return sample(logits, settings, self._uniforms(rows)).tolist()
+
+    def _waiting(self, n: int) -> list[_Sequence]:
+        """Up to n waiting sequences, one request at a time in turn: a small request is not queued behind
+        every sequence of a large one that came first."""
+        group: list[_Sequence] = []
+        with self._cond:
+            while self._pending and len(group) < n:
+                request = self._pending.popleft()
+                group.append(request.waiting.popleft())
+                if request.waiting:
+                    self._pending.append(request)
+        return group
+
+    def _admit(self) -> None:
+        """Prefill waiting prompts into the free slots and take each one's first token."""
+        free = [r for r, s in enumerate(self.slots) if s is None]
+        group = self._waiting(len(free))
+        free = free[: len(group)]
+        if not group:
+            return
+        lengths = torch.tensor([len(s.prompt) for s in group], device=self.device)
+        width = int(lengths.max())
+        idx = torch.full((len(group), width), self.eot_id, dtype=torch.long, device=self.device)
+        for j, s in enumerate(group):
+            idx[j, : len(s.prompt)] = torch.tensor(s.prompt, device=self.device)
+        pos = torch.arange(width, device=self.device).expand(len(group), width)
+        hidden = self.cache.forward(self.model, idx, pos, torch.tensor(free, device=self.device),
+                                    kv_len=width,
+                                    keep=lengths - 1)
+        for row, seq, token in zip(free, group, self._next_tokens(hidden, group), strict=True):
+            seq.pos = len(seq.prompt)
+            self.slots[row] = seq
+            self.stats.sequences += 1
+            self._accept(row, token)
+
+    def _decode(self) -> None:
+        """One step for every active sequence."""
+        active = [r for r, s in enumerate(self.slots) if s is not None]
+        if not active:
+            return
+        rows = [self.slots[r] for r in active]
+        idx = torch.tensor([[s.last] for s in rows], device=self.device)
+        positions = [s.pos for s in rows]
+        cache_rows = None if len(active) == self.batch_size else torch.tensor(active, device=self.device)
+        if cache_rows is None and min(positions) == max(positions):  # all in step: the shared-position path
+            pos = torch.tensor(positions[:1], device=self.device)
+        else:
+            pos = torch.tensor(positions, device=self.device)[:, None]
+        # Attend over the cache only as far as the longest sequence (rounded up: fewer distinct shapes).
+        kv_len = min(self.max_seq_len, -(-(max(positions) + 1) // 16) * 16)
+        hidden = self.cache.forward(self.model, idx, pos, cache_rows, kv_len=kv_len)
+        self.stats.steps += 1
+        self.stats.most_requests_in_a_step = max(self.stats.most_requests_in_a_step,
+                                                 len({id(s.request) for s in rows}))
+        for row, seq, token in zip(active, rows, self._next_tokens(hidden, rows), strict=True):
+            seq.pos += 1
+            self._accept(row, token)
+
+    def _accept(self, row: int, token: int) -> None:
+        seq = self.slots[row]
+        params = seq.request.params
+        if params.stop_at_eot and token == self.eot_id:
+            self._finish(row)
+            return
+        seq.out.append(token)
+        seq.last = token
+        self.stats.tokens += 1
+        if len(seq.out) >= params.max_new_tokens:
+            self._finish(row)
+
+    def _finish(self, row: int) -> None:
+        seq, self.slots[row] = self.slots[row], None
+        request = seq.request
+        request.results[seq.index] = seq.out
+        request.remaining -= 1
+        if request.remaining == 0 and not request.future.done():
+            request.future.set_result(request.results)

@@ -1,0 +1,141 @@
+"""The feed's teachers over real sockets: a share that holds (strict) or warns (best-effort), several
+teachers, a server that takes one prompt at a time, and the trainer's record of what it ate.
+
+The teachers here are ``servers.slow_completions_app``: an OpenAI-compatible server written for these tests
+that sleeps per token, so it is slower than the reader by a known amount."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import httpx
+import numpy as np
+import pytest
+from servers import FeedThread, UvicornThread, slow_completions_app
+
+from scratchlm.data.remote import FeedClient
+from scratchlm.feed.server import ServeConfig
+from scratchlm.train import TrainConfig, train
+
+
+class Records(logging.Handler):
+    """scratchlm's log lines, whatever the logging set-up of earlier tests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def feed_log():
+    handler, logger = Records(), logging.getLogger("scratchlm")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def teacher_feed(corpus, *urls: str, **settings) -> ServeConfig:
+    return ServeConfig(**{"corpus": str(corpus), "teacher": [f"openai:{u}" for u in urls],
+                          "teacher_ratio": 0.3,
+                          "teacher_max_new_tokens": 10, "eval_fraction": 0.05, **settings})
+
+
+def test_strict_mode_holds_the_share_in_every_response_with_a_slow_teacher(small_corpus):
+    # 0.5 s per request of 4 texts, 8 requests at once: about 64 teacher texts a second, over 10× below what
+    # the reader takes when it need not wait (checked below).
+    with UvicornThread(slow_completions_app(0.05)) as teacher, \
+            FeedThread(teacher_feed(small_corpus, teacher.url, teacher_concurrency=8)) as feed:
+        client = FeedClient(feed.url)
+        t0 = time.monotonic()
+        replies = [client.batch(20, None) for _ in range(100)]
+        took = time.monotonic() - t0
+        corpus_only = time.monotonic()
+        for _ in range(100):  # the same client and sizes, corpus text only: the reader when it need not wait
+            client.heldout(20)
+        reader = time.monotonic() - corpus_only
+    shares = [r["sources"].count("teacher") for r in replies]
+    assert sum(len(r["texts"]) for r in replies) == 2000 and sum(shares) == 600
+    assert all(5 <= s <= 7 for s in shares), shares  # 30% ± 1 text in every response
+    assert took > 10 * reader  # the reader waited for the teacher instead of taking corpus text
+
+
+def test_best_effort_mode_warns_when_the_share_falls_behind(small_corpus, feed_log):
+    with UvicornThread(slow_completions_app(0.05)) as teacher:
+        cfg = teacher_feed(small_corpus, teacher.url, teacher_mode="best-effort")
+        with FeedThread(cfg) as feed:
+            client = FeedClient(feed.url)
+            sources = [s for _ in range(100) for s in client.batch(20, None)["sources"]]
+            health = httpx.get(feed.url + "/health").json()
+    assert sources.count("teacher") < 0.25 * len(sources)  # never waited: corpus text filled in
+    assert "teacher share over the last 1,000 texts" in health["warning"]
+    assert any("teachers are behind" in line for line in feed_log)
+
+
+def test_two_teachers_one_killed_midway(small_corpus):
+    with UvicornThread(slow_completions_app(0.005)) as first, \
+            UvicornThread(slow_completions_app(0.005)) as second:
+        with FeedThread(teacher_feed(small_corpus, first.url, second.url, teacher_stall_s=5)) as feed:
+            client = FeedClient(feed.url)
+            before = [s for _ in range(20) for s in client.batch(20, None)["sources"]]
+            both = httpx.get(feed.url + "/health").json()["teachers"]
+            second.stop()
+            after = [s for _ in range(50) for s in client.batch(20, None)["sources"]]
+            deadline = time.monotonic() + 10
+            while (health := httpx.get(feed.url + "/health").json())["teachers"][1]["up"]:
+                assert time.monotonic() < deadline, health
+                time.sleep(0.1)
+            metrics = httpx.get(feed.url + "/metrics").text
+    assert [t["up"] for t in both] == [True, True] and all(t["texts"] > 0 for t in both)  # both did work
+    assert before.count("teacher") == 120 and after.count("teacher") == 300  # the share held throughout
+    assert health["teacher"] == "up" and [t["up"] for t in health["teachers"]] == [True, False]
+    assert f'scratchlm_teacher_backend_up{{teacher="openai:{second.url}"}} 0.0' in metrics
+
+
+def test_a_server_that_takes_one_prompt_per_request_is_detected(small_corpus, feed_log):
+    # llama.cpp's OpenAI-compatible server answers 500 (with an empty message) to a list of prompts.
+    app = slow_completions_app(0.001, one_prompt_only=True)
+    with UvicornThread(app) as teacher, FeedThread(teacher_feed(small_corpus, teacher.url)) as feed:
+        sources = [s for _ in range(10) for s in FeedClient(feed.url).batch(20, None)["sources"]]
+    assert sources.count("teacher") == 60
+    assert app.state.requests[0] == 4 and set(app.state.requests[-20:]) == {1}  # refused once, then one each
+    assert any("refused a list of 4 prompts (500" in line and "one prompt per request" in line
+               for line in feed_log)
+
+
+def test_training_from_a_strict_feed_records_its_teacher_token_share(small_corpus, tmp_path, tokenizer):
+    # Texts of about 200 teacher tokens among corpus documents of about 250: the share is well away from 0 and
+    # 1.
+    with UvicornThread(slow_completions_app(0.0001)) as teacher:
+        cfg = teacher_feed(small_corpus, teacher.url, teacher_max_new_tokens=200, chunk_chars=1000)
+        with FeedThread(cfg) as feed:
+            served: list[dict] = []
+            batch = feed.feed.batch
+
+            def recording(*args, **kwargs):  # observe what the trainer is sent, in order
+                served.append(batch(*args, **kwargs))
+                return served[-1]
+
+            feed.feed.batch = recording
+            train(TrainConfig(model="phi-tiny", data=feed.url, out=str(tmp_path / "run"), block_size=64,
+                              micro_batch_size=8, max_steps=30, eval_interval=1000, eval_batches=1,
+                              device="cpu",
+                              feed_texts_per_request=4, log_interval=10))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["teacher_token_share"] for r in records if "loss" in r]
+    # The stream the trainer packed: every reply's texts in order, each followed by <|endoftext|>.
+    texts = [(t, s == "teacher") for reply in served for t,
+             s in zip(reply["texts"], reply["sources"], strict=True)]
+    tokens, lengths = tokenizer.encode_documents_with_lengths([t for t, _ in texts])
+    teacher = np.repeat([is_teacher for _, is_teacher in texts], lengths)
+    per_step = 8 * 65
+    expected = [teacher[i * per_step : (i + 1) * per_step].mean() for i in range(30)]
+    assert len(logged) == 30 and np.allclose(logged, expected, atol=1e-6)
+    assert 0.1 < np.mean(logged) < 0.5
+    assert "teacher" in (tmp_path / "run" / "train.log").read_text()
