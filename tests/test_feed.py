@@ -221,8 +221,8 @@ def test_wait_ready_waits_for_a_cold_teacher_and_gives_up_on_a_dead_one(small_co
     def dead(n: int) -> list[str]:
         raise ConnectionError("refused")
 
+    t0 = time.monotonic()  # the teacher starts working as the feed is built
     with FeedThread(ServeConfig(corpus=str(small_corpus), teacher_ratio=0.3), teacher=cold) as ready, \
             FeedThread(ServeConfig(corpus=str(small_corpus), teacher_ratio=0.3), teacher=dead) as down:
-        t0 = time.monotonic()
         assert ready.feed.teachers.wait_ready(timeout_s=10) and 0.4 < time.monotonic() - t0 < 5
         assert not down.feed.teachers.wait_ready(timeout_s=1) and not down.feed.teachers.up

@@ -2,7 +2,8 @@
 
 Layout: ``RUN/checkpoints/step-00000100/`` holding ``model.safetensors`` (our keys, never a compile, DDP or
 FSDP prefix), ``optimizer.safetensors`` + ``optimizer.json`` (keyed by parameter name), ``rng.safetensors``,
-``state.json`` (step, tokens, time, data positions, ...) and ``config.yaml``. A checkpoint is written into
+``state.json`` (step, tokens, time, data positions, ...), ``config.yaml`` and ``manifest.json`` (each file's
+size and CRC-32, checked before a checkpoint is trusted). A checkpoint is written into
 ``step-….tmp``, each file fsynced, then the folder is renamed (``files.atomic_dir``): a crash at any moment
 leaves the previous checkpoints whole.
 
@@ -19,6 +20,7 @@ import random
 import re
 import shutil
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -154,9 +156,59 @@ def _write(root: Path, final: Path, step: int, weights: dict, optim: dict, state
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_meta}, indent=2))
         (tmp / "config.yaml").write_text(config_yaml)
+        manifest = {name: _fingerprint(tmp / name) for name in REQUIRED}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+MANIFEST = "manifest.json"
+REQUIRED = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json",
+            "config.yaml")
+
+
+def _fingerprint(path: Path) -> dict:
+    """A file's size and CRC-32 (corruption, not tampering, is what a checkpoint is checked for)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(16 * 2**20):
+            crc = zlib.crc32(block, crc)
+    return {"bytes": path.stat().st_size, "crc32": crc}
+
+
+def verify(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted, or None when it can: every file there, of the size and
+    checksum written with it (checkpoints from before manifests: present, and their JSON readable)."""
+    path = Path(path)
+    missing = [name for name in REQUIRED if not (path / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        expected = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).exists() else None
+    except (ValueError, OSError):
+        return f"unreadable {MANIFEST}"
+    for name in REQUIRED:
+        if expected is not None and _fingerprint(path / name) != expected.get(name):
+            return f"{name} differs from its manifest (size or checksum): damaged"
+    for name in ("state.json", "optimizer.json"):
+        try:
+            if not isinstance(json.loads((path / name).read_text()), dict):
+                return f"{name} does not hold a JSON object"
+        except (ValueError, OSError, UnicodeDecodeError):
+            return f"{name} is not readable JSON"
+    return None
+
+
+def latest_verified(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the newer ones skipped with why."""
+    skipped = []
+    for path in reversed(checkpoint_dirs(run_dir)):
+        reason = verify(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:

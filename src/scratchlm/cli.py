@@ -141,8 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as err:
-        print(f"scratchlm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        status = getattr(err, "exit_status", 2)  # a stop on request (SIGTERM) has its own, and is no error
+        print(f"scratchlm {args.command}: {'error: ' if status == 2 else ''}{err}", file=sys.stderr)
+        return status
     except KeyboardInterrupt:
         print(f"scratchlm {args.command}: interrupted", file=sys.stderr)
         return 130

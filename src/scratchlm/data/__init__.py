@@ -15,7 +15,7 @@ import torch
 
 from .. import distributed
 from ..tokenizer import Tokenizer
-from .documents import CorpusStats, DataError, is_held_out, iter_documents, split_paragraphs
+from .documents import CorpusStats, DataError, is_held_out, iter_documents
 from .loaders import (
     Batch,
     BlockLoader,
@@ -28,6 +28,7 @@ from .loaders import (
     prefetch,
 )
 from .sources import DataSource, corpus_from_env, is_feed_url, parse_data_list
+from .splitting import split_paragraphs
 from .token_cache import TokenizedCorpus, tokenize_corpus
 
 log = logging.getLogger("scratchlm.data")

@@ -1,13 +1,16 @@
 """Reading a corpus into documents: formats, size caps, bad files skipped and counted, the held-out split.
 
-A corpus is a zip of text files (the seed's ``sample.zip``), a folder, a ``.txt``, ``.jsonl``/``.jsonl.gz``
-(``text`` field) or ``.parquet`` (``text`` column). Text files are cut into documents of at most
-``chunk_chars`` characters at paragraph breaks. A fixed share of documents, chosen by a hash of their id (so
-the same for every run and seed), is held out for evaluation and never trained on.
+A corpus is a zip of text files (the seed's ``sample.zip``), a folder, a ``.txt``, ``.jsonl`` / ``.jsonl.gz``
+/ ``.jsonl.zst`` (a ``text`` field, or another) or ``.parquet`` (a ``text`` column, or another). Every file is
+streamed (text in blocks, JSON lines one by one, parquet a record batch at a time), so a file's size does not
+matter. Text is cut into documents of at most ``chunk_chars`` characters at paragraph breaks. A fixed share of
+documents, chosen by a hash of their id (so the same for every run and seed), is held out for evaluation and
+never trained on.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import io
@@ -19,15 +22,25 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import UserError
+from .splitting import Splitter, split_paragraphs
 
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt",)
-RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+MEMBER_SUFFIXES = TEXT_SUFFIXES + RECORD_SUFFIXES
+SUFFIXES = MEMBER_SUFFIXES + (".zip",)
+READ_BLOCK = 8 * 2**20
+"""Bytes of a text file read at a time."""
 MAX_MEMBER_BYTES = 256 * 2**20
-"""Largest file or zip member read (decompressed): guards against zip bombs and stray binaries."""
+"""Largest zip member read (decompressed). Plain files have no limit: they are streamed."""
+MAX_COMPRESSION_RATIO = 100
+"""A zip member (over 1 MiB) compressed more than this is skipped: text packs 3–10:1, a zip bomb 1000:1."""
+MAX_ARCHIVE_BYTES = 64 * 2**30
+"""Most bytes decompressed from one zip archive: members beyond are skipped and counted."""
 
 
 class DataError(UserError, RuntimeError):
@@ -53,28 +66,6 @@ class CorpusStats:
         return {**asdict(self), "skipped": dict(self.skipped)}
 
 
-def _decode(name: str, raw: bytes, stats: CorpusStats) -> str | None:
-    if not raw.strip():
-        stats.skip(name, "empty")
-        return None
-    if b"\x00" in raw[:8192]:
-        stats.skip(name, "binary")
-        return None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        stats.skip(name, "not UTF-8")
-        return None
-
-
-def _read_capped(f, name: str, stats: CorpusStats) -> bytes | None:
-    raw = f.read(MAX_MEMBER_BYTES + 1)
-    if len(raw) > MAX_MEMBER_BYTES:
-        stats.skip(name, f"larger than {MAX_MEMBER_BYTES // 2**20} MiB")
-        return None
-    return raw
-
-
 def _corpus_files(root: Path, stats: CorpusStats) -> list[Path]:
     """Files of a folder corpus, sorted; links pointing outside the folder are refused."""
     real_root = root.resolve()
@@ -85,110 +76,193 @@ def _corpus_files(root: Path, stats: CorpusStats) -> list[Path]:
         if not path.resolve().is_relative_to(real_root):
             stats.skip(str(path), "link pointing outside the corpus folder")
             continue
-        if path.name.endswith(TEXT_SUFFIXES + RECORD_SUFFIXES + (".zip",)):
+        if path.name.endswith(SUFFIXES):
             files.append(path)
     return files
 
 
-def _records(name: str, raw: bytes, stats: CorpusStats) -> Iterator[str]:
-    """The ``text`` values of a JSON-lines or parquet file."""
-    if name.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError("reading .parquet needs pyarrow: pip install 'scratchlm[parquet]'") from None
-        table = pq.read_table(io.BytesIO(raw), columns=["text"])
-        yield from (t for t in table.column("text").to_pylist() if t)
+def _text_documents(stream: BinaryIO, name: str, chunk_chars: int, stats: CorpusStats) -> Iterator[str]:
+    """A text file's documents, read in blocks (memory: a block and a few documents, whatever the file's
+    size).
+
+    A file with a NUL byte is binary: skipped, from that block on (a small file, whole). So is one that is not
+    UTF-8.
+    """
+    raw = stream.read(READ_BLOCK)
+    if len(raw) < READ_BLOCK:  # the whole file in one block: the checks apply to all of it
+        if not raw.strip():
+            stats.skip(name, "empty")
+        elif b"\x00" in raw:
+            stats.skip(name, "binary")
+        else:
+            try:
+                yield from split_paragraphs(raw.decode("utf-8"), chunk_chars)
+            except UnicodeDecodeError:
+                stats.skip(name, "not UTF-8")
         return
-    if name.endswith(".gz"):
-        try:
-            raw = gzip.GzipFile(fileobj=io.BytesIO(raw)).read(MAX_MEMBER_BYTES + 1)
-        except (OSError, EOFError):
-            stats.skip(name, "corrupt gzip")
+    decoder, splitter = codecs.getincrementaldecoder("utf-8")(), Splitter(chunk_chars)
+    while raw:
+        if b"\x00" in raw:
+            stats.skip(name, "binary")
             return
-    for line_no, line in enumerate(raw.splitlines(), 1):
+        try:
+            text = decoder.decode(raw)
+        except UnicodeDecodeError:
+            stats.skip(name, "not UTF-8")
+            return
+        yield from splitter.feed(text)
+        raw = stream.read(READ_BLOCK)
+    yield from splitter.finish()
+
+
+def _decompressed(stream: BinaryIO, name: str) -> BinaryIO:
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=stream)
+    if name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError("reading .zst needs zstandard: pip install 'scratchlm[data]'") from None
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(stream))  # iterable by lines
+    return stream
+
+
+def _json_text(line: bytes, text_field: str) -> str | None:
+    """The text of one JSON line; None if it has none; ValueError if the line is not usable JSON text."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError; nesting can be too deep
+        raise ValueError("bad JSON line") from err
+    text = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str) or not text.strip():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): JSON allows it, UTF-8 does not
+        raise ValueError("JSON line with invalid Unicode (a lone surrogate)") from None
+    return text
+
+
+def _jsonl_texts(stream: BinaryIO, name: str, stats: CorpusStats, text_field: str) -> Iterator[str]:
+    """The ``text_field`` values of a JSON-lines file (plain, .gz or .zst), line by line."""
+    lines = enumerate(_decompressed(stream, name), 1)
+    while True:
+        try:
+            line_no, line = next(lines)
+        except StopIteration:
+            return
+        except (OSError, EOFError, zlib.error) as err:  # flipped bits, a truncated download
+            stats.skip(name, f"corrupt compressed file ({type(err).__name__})")
+            return
         if not line.strip():
             continue
         try:
-            text = json.loads(line).get("text")
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-            stats.skip(f"{name}:{line_no}", "bad JSON line")
+            text = _json_text(line, text_field)
+        except ValueError as err:
+            stats.skip(f"{name}:{line_no}", str(err))
             continue
-        if isinstance(text, str) and text.strip():
+        if text is not None:
             yield text
 
 
-def split_paragraphs(text: str, chunk_chars: int) -> Iterator[str]:
-    """Cut text into pieces of at most ``chunk_chars`` at blank lines (at newlines, then anywhere, if
-    needed)."""
-    if len(text) <= chunk_chars:
-        yield text
+def _parquet_texts(source, name: str, stats: CorpusStats, text_field: str) -> Iterator[str]:
+    """The ``text_field`` column of a parquet file, a record batch at a time."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading .parquet needs pyarrow: pip install 'scratchlm[parquet]'") from None
+    try:
+        parquet = pq.ParquetFile(source)
+        schema = parquet.schema_arrow
+    except (pa.ArrowException, OSError) as err:
+        stats.skip(name, f"not a readable parquet file ({type(err).__name__})")
         return
-    piece: list[str] = []
-    size = 0
-    for para in text.split("\n\n"):
-        while len(para) > chunk_chars:  # one huge paragraph (or a single huge line): cut it
-            cut = para.rfind("\n", 0, chunk_chars)
-            cut = cut if cut > 0 else chunk_chars
-            if piece:
-                yield "\n\n".join(piece)
-                piece, size = [], 0
-            yield para[:cut]
-            para = para[cut:].lstrip("\n")
-        if size + len(para) + 2 > chunk_chars and piece:
-            yield "\n\n".join(piece)
-            piece, size = [], 0
-        piece.append(para)
-        size += len(para) + 2
-    if piece and any(p.strip() for p in piece):
-        yield "\n\n".join(piece)
+    if text_field not in schema.names:
+        stats.skip(name, f"no '{text_field}' column")
+        return
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        stats.skip(name, f"'{text_field}' column is not text")
+        return
+    try:
+        for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+            yield from (t for t in batch.column(0).to_pylist() if t and t.strip())
+    except (pa.ArrowException, OSError) as err:
+        stats.skip(name, f"corrupt parquet file ({type(err).__name__})")
 
 
-def _member_documents(name: str, raw: bytes, chunk_chars: int,
-                      stats: CorpusStats) -> Iterator[tuple[str, str]]:
-    if name.endswith(RECORD_SUFFIXES):
-        texts = _records(name, raw, stats)
+def _member_texts(stream: BinaryIO, name: str, chunk_chars: int, stats: CorpusStats,
+                  text_field: str) -> Iterator[str]:
+    if name.endswith(TEXT_SUFFIXES):
+        yield from _text_documents(stream, name, chunk_chars, stats)
+    elif name.endswith(".parquet"):
+        yield from _parquet_texts(stream, name, stats, text_field)
     else:
-        text = _decode(name, raw, stats)
-        texts = iter([text] if text is not None else [])
+        yield from _jsonl_texts(stream, name, stats, text_field)
+
+
+def _documents(stream: BinaryIO, name: str, chunk_chars: int, stats: CorpusStats,
+               text_field: str) -> Iterator[tuple[str, str]]:
+    """(id, text) of one file's documents: record i's piece j is ``name#i.j`` (a text file is one record)."""
     n = 0
-    for i, text in enumerate(texts):
-        for j, piece in enumerate(split_paragraphs(text, chunk_chars)):
-            if piece.strip():
-                n += 1
-                yield f"{name}#{i}.{j}", piece
+    texts = _member_texts(stream, name, chunk_chars, stats, text_field)
+    if name.endswith(TEXT_SUFFIXES):
+        pieces = (("0", j, piece) for j, piece in enumerate(texts))
+    else:
+        pieces = ((str(i), j, piece) for i, text in enumerate(texts)
+                  for j, piece in enumerate(split_paragraphs(text, chunk_chars)))
+    for i, j, piece in pieces:
+        if piece.strip():
+            n += 1
+            yield f"{name}#{i}.{j}", piece
     if n:
         stats.files_read += 1
 
 
-def _zip_documents(path: Path, label: str, chunk_chars: int, stats: CorpusStats) -> Iterator[tuple[str, str]]:
+def _zip_members(archive: zipfile.ZipFile, label: str, stats: CorpusStats) -> Iterator[zipfile.ZipInfo]:
+    """The members worth reading, by their headers: bombs (too large, too compressed, too much in all) are
+    skipped and counted before a byte of them is decompressed."""
+    total = 0
+    for info in sorted((i for i in archive.infolist() if not i.is_dir()), key=lambda i: i.filename):
+        name = f"{label}/{info.filename}"
+        if not info.filename.endswith(MEMBER_SUFFIXES):
+            stats.skip(name, "not a text, jsonl or parquet member")
+        elif info.file_size > MAX_MEMBER_BYTES:
+            stats.skip(name, f"larger than {MAX_MEMBER_BYTES // 2**20} MiB")
+        elif info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1) and info.file_size > 2**20:
+            stats.skip(name, f"compressed more than {MAX_COMPRESSION_RATIO}:1 (a zip bomb?)")
+        elif total + info.file_size > MAX_ARCHIVE_BYTES:
+            stats.skip(name, f"beyond {MAX_ARCHIVE_BYTES // 2**30} GiB decompressed from one archive")
+        else:
+            total += info.file_size
+            yield info
+
+
+def _zip_documents(path: Path, label: str, chunk_chars: int, stats: CorpusStats,
+                   text_field: str) -> Iterator[tuple[str, str]]:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
         stats.skip(label, f"not a readable zip ({err})")
         return
     with archive:
-        members = sorted(i.filename for i in archive.infolist() if not i.is_dir())
-        for member in members:
-            member_label = f"{label}/{member}"
-            if not member.endswith(TEXT_SUFFIXES + RECORD_SUFFIXES):
-                stats.skip(member_label, "not a text, jsonl or parquet member")
-                continue
+        for info in _zip_members(archive, label, stats):
+            name = f"{label}/{info.filename}"
             try:
-                with archive.open(member) as f:
-                    raw = _read_capped(f, member_label, stats)
+                with archive.open(info) as member:
+                    # parquet needs to seek: read it (within the member cap) into memory.
+                    stream = io.BytesIO(member.read()) if name.endswith(".parquet") else member
+                    yield from _documents(stream, name, chunk_chars, stats, text_field)
             except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError,
                     NotImplementedError):
-                stats.skip(member_label, "corrupt zip member")
-                continue
-            if raw is not None:
-                yield from _member_documents(member_label, raw, chunk_chars, stats)
+                stats.skip(name, "corrupt zip member")
 
 
-def iter_documents(source: str | Path, chunk_chars: int = 8000,
-                   stats: CorpusStats | None = None) -> Iterator[tuple[str, str]]:
+def iter_documents(source: str | Path, chunk_chars: int = 8000, stats: CorpusStats | None = None,
+                   text_field: str = "text") -> Iterator[tuple[str, str]]:
     """(document id, text) for every document of a corpus, in a fixed order. Bad files are skipped and
-    counted."""
+    counted; files are streamed, so their size does not matter."""
     stats = stats if stats is not None else CorpusStats()
     root = Path(source).expanduser()
     if not root.exists():
@@ -197,19 +271,16 @@ def iter_documents(source: str | Path, chunk_chars: int = 8000,
     for path in files:
         label = str(path.relative_to(root)) if root.is_dir() else path.name
         if path.suffix == ".zip":
-            yield from _zip_documents(path, label, chunk_chars, stats)
+            yield from _zip_documents(path, label, chunk_chars, stats, text_field)
             continue
-        if not path.name.endswith(TEXT_SUFFIXES + RECORD_SUFFIXES):
-            raise DataError(f"'{source}': unsupported corpus format "
-                            "(use a folder, .zip, .txt, .jsonl, .parquet)")
+        if not path.name.endswith(MEMBER_SUFFIXES):
+            raise DataError(f"'{source}': unsupported corpus format (use a folder, .zip, .txt, .jsonl, "
+                            ".jsonl.gz, .jsonl.zst, .parquet)")
         try:
             with open(path, "rb") as f:
-                raw = _read_capped(f, label, stats)
+                yield from _documents(f, label, chunk_chars, stats, text_field)
         except OSError as err:
             stats.skip(label, f"unreadable ({err.strerror})")
-            continue
-        if raw is not None:
-            yield from _member_documents(label, raw, chunk_chars, stats)
 
 
 def is_held_out(doc_id: str, fraction: float) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,12 +76,32 @@ def tokenize_corpus(source: str | Path, tokenizer: Tokenizer, cache_dir: str | P
     key = _cache_key(source, tokenizer, chunk_chars, eval_fraction)
     cache = Path(cache_dir or default_cache_dir()) / "tokens" / key
     if not (cache / "meta.json").exists():
+        _remove_abandoned(cache.parent)
         # A folder of our own (by process id): two processes building the same cache do not collide.
         with atomic_dir(cache, cache.with_name(f"{key}.tmp{os.getpid()}"), replace=False) as tmp:
             _write_tokens(source, tokenizer, tmp, chunk_chars, eval_fraction, batch_docs, progress)
     meta = json.loads((cache / "meta.json").read_text())
     return TokenizedCorpus(_memmap(cache / "train.bin", meta["train_tokens"]),
                            _memmap(cache / "val.bin", meta["val_tokens"]), meta)
+
+
+def _remove_abandoned(tokens_dir: Path) -> None:
+    """Delete the half-written caches (``KEY.tmpPID``) of tokenizations that were killed: their process is
+    gone."""
+    for tmp in tokens_dir.glob("*.tmp*") if tokens_dir.is_dir() else []:
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdecimal() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _write_tokens(source: Path, tokenizer: Tokenizer, out: Path, chunk_chars: int, eval_fraction: float,

@@ -22,11 +22,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..serving import require_key
+from ..serving import harden
 from .corpus import Cursor, CursorError
 from .mixer import Feed, TeacherBehind
 
-MAX_URL_BYTES = 4096
+MAX_BODY_BYTES = 64 * 2**10
+"""The feed's routes take no body: anything bigger than a form is refused."""
 RETRY_AFTER_S = 5
 """What a 503 from a strict feed whose teachers are behind tells the client to wait."""
 
@@ -51,8 +52,7 @@ FeedDep = Annotated[Feed, Depends(get_feed)]
 LimitsDep = Annotated[FeedLimits, Depends(get_limits)]
 Size = Annotated[int, Query(ge=1, description="number of texts (at most the server's --max-batch-size)")]
 
-public = APIRouter()
-authed = APIRouter(dependencies=[Depends(require_key)])
+router = APIRouter()  # the key is checked in front of the app (serving.Guard), before any body is read
 
 
 def _check_size(size: int, limits: FeedLimits) -> int:
@@ -62,17 +62,17 @@ def _check_size(size: int, limits: FeedLimits) -> int:
     return size
 
 
-@public.get("/health")
+@router.get("/health")
 def health(feed: FeedDep) -> dict:
     return feed.health()
 
 
-@authed.get("/generate")
+@router.get("/generate")
 def generate(feed: FeedDep, limits: LimitsDep) -> list[str]:
     return feed.batch(limits.generate_size, None)["texts"]
 
 
-@authed.get("/v1/batch")
+@router.get("/v1/batch")
 def batch(feed: FeedDep, limits: LimitsDep, size: Size = 16,
           cursor: Annotated[str | None, Query(max_length=200)] = None, rank: Annotated[int, Query(ge=0)] = 0,
           world_size: Annotated[int, Query(ge=1, le=65536)] = 1) -> dict:
@@ -89,22 +89,22 @@ def batch(feed: FeedDep, limits: LimitsDep, size: Size = 16,
     return feed.batch(size, start, rank, world_size)
 
 
-@authed.get("/v1/heldout")
+@router.get("/v1/heldout")
 def heldout(feed: FeedDep, limits: LimitsDep, size: Size = 64) -> dict:
     return {"texts": feed.corpus.held_out[: _check_size(size, limits)]}
 
 
-@authed.get("/metrics")
+@router.get("/metrics")
 def metrics(feed: FeedDep) -> PlainTextResponse:
     return PlainTextResponse(generate_latest(feed.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@authed.get("/openapi.json", include_in_schema=False)
+@router.get("/openapi.json", include_in_schema=False)
 def openapi(request: Request) -> dict:
     return request.app.openapi()
 
 
-@authed.get("/docs", include_in_schema=False)
+@router.get("/docs", include_in_schema=False)
 def docs():
     return get_swagger_ui_html(openapi_url="/openapi.json", title="scratchlm feed")
 
@@ -112,22 +112,16 @@ def docs():
 def create_app(feed: Feed, api_key: str | None, limits: FeedLimits = FeedLimits()) -> FastAPI:
     app = FastAPI(title="scratchlm feed", docs_url=None, redoc_url=None, openapi_url=None,
                   description=__doc__)
-    app.state.feed, app.state.api_key, app.state.limits = feed, api_key, limits
-    app.include_router(public)
-    app.include_router(authed)
+    app.state.feed, app.state.limits = feed, limits
+    app.include_router(router)
 
     @app.exception_handler(TeacherBehind)
     async def teachers_behind(request: Request, err: TeacherBehind) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=503,
                             headers={"Retry-After": str(RETRY_AFTER_S)})
 
-    @app.middleware("http")
-    async def limit_urls_and_count_errors(request: Request, call_next):
-        if len(str(request.url)) > MAX_URL_BYTES:
-            return JSONResponse({"detail": f"URL longer than {MAX_URL_BYTES} bytes"}, status_code=414)
-        response = await call_next(request)
-        if response.status_code >= 400:
-            feed.errors.labels(str(response.status_code)).inc()
-        return response
+    def count(status: int) -> None:
+        if status >= 400:
+            feed.errors.labels(str(status)).inc()
 
-    return app
+    return harden(app, api_key, MAX_BODY_BYTES, count)

@@ -30,7 +30,8 @@ class Cursor:
     @staticmethod
     def decode(text: str, fingerprint: str) -> Cursor:
         parts = text.split("-")
-        if len(parts) != 4 or parts[0] != "v1" or not parts[2].isdigit() or not parts[3].isdigit():
+        # ASCII digits only: str.isdigit also accepts "²" or "①", which int() refuses.
+        if len(parts) != 4 or parts[0] != "v1" or not all(p.isascii() and p.isdigit() for p in parts[2:]):
             raise CursorError(f"malformed cursor {text[:80]!r}")
         if parts[1] != fingerprint:
             raise CursorError("cursor was issued for another corpus or seed")

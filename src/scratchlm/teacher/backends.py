@@ -123,8 +123,19 @@ class LocalTeacher:
         """Sequences a feed keeps submitted: twice the batch, so a freed slot never waits for a prompt."""
         return 2 * self.batch_size
 
-    def submit(self, prompts: list[str], params: SamplingParams, seed: int | None = None) -> Future:
-        ids = self.tokenizer.encode_batch(prompts)
+    def token_ids(self, prompts: list) -> list[list[int]]:
+        """Prompts as token ids: strings are encoded, lists of ids pass through."""
+        encoded = iter(self.tokenizer.encode_batch([p for p in prompts if isinstance(p, str)]))
+        return [p if isinstance(p, list) else next(encoded) for p in prompts]
+
+    def check(self, params: SamplingParams) -> None:
+        """Refuse settings this model cannot serve (ValueError), before anything is queued."""
+        if self.engine is not None:
+            self.engine.check(params)
+
+    def submit(self, prompts: list, params: SamplingParams, seed: int | None = None) -> Future:
+        """Prompts are strings or lists of token ids."""
+        ids = self.token_ids(prompts)
         if self.engine is not None:
             outs = self.engine.submit(ids, params, seed)
         else:

@@ -65,6 +65,10 @@ class ServeModelConfig(ServerConfig):
     """TCP port."""
     batch_size: int | None = None
     """Sequences decoded together, across all clients (default: 256 on a GPU, 32 on a CPU)."""
+    served_model_name: str | None = None
+    """The model's id in /v1/models and in answers (default: its folder's name or hub id; never a path)."""
+    max_body_bytes: int = 8 * 2**20
+    """Largest request body accepted (413 beyond it)."""
     device: DeviceSpec = "auto"
     """auto, cpu, cuda or cuda:N."""
 

@@ -107,10 +107,8 @@ class GenerationEngine:
     def submit(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None) -> Future:
         """Queue a request; the future's result is each prompt's new token ids (the stop token excluded), in
         order. Prompt i samples with seed ``seed + i`` (a random seed when None)."""
+        self.check(params)
         room = self.max_seq_len - params.max_new_tokens
-        if room < 1:
-            raise ValueError(f"max_new_tokens {params.max_new_tokens} leaves no room for a prompt in this "
-                             f"model's {self.max_seq_len} positions; ask for at most {self.max_seq_len - 1}")
         future: Future = Future()
         request = _Request(params, future, [None] * len(prompts), len(prompts))
         if not prompts:
@@ -132,6 +130,15 @@ class GenerationEngine:
                 self._thread.start()
             self._cond.notify()
         return future
+
+    def check(self, params: SamplingParams) -> None:
+        """ValueError for settings this engine cannot serve."""
+        if self.max_seq_len - params.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens {params.max_new_tokens} leaves no room for a prompt in this "
+                             f"model's {self.max_seq_len} positions; ask for at most {self.max_seq_len - 1}")
+        if 0 < params.temperature < 0.01:
+            raise ValueError(f"temperature {params.temperature} is too small to sample with: use 0 (greedy) "
+                             "or at least 0.01")
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  seed: int | None = None) -> list[list[int]]:

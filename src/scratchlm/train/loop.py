@@ -12,7 +12,9 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,34 @@ log = logging.getLogger("scratchlm.trainer")
 
 class NonFiniteLoss(UserError, RuntimeError):
     """A NaN or infinite loss or gradient norm, with ``--on-nonfinite-loss stop``."""
+
+
+class StopRequests:
+    """SIGTERM or SIGINT while training (a scheduler's preemption, ``kill``, Ctrl-C): the first asks the loop
+    to stop after the step under way, so that a checkpoint is written; a second ends the process at once.
+    Installed only in the main thread (the only one that receives signals)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: stopping after this step and writing a checkpoint (send it again to stop "
+                    "at once)", self.received)
+        for sig in self.SIGNALS:  # the second signal: the default action
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class Checkpointer:
@@ -85,6 +115,7 @@ class Run:
     flops_per_token: float = 0.0
     peak: tuple[str, float] | None = None
     """(card, peak bf16 FLOP/s) for MFU on a known GPU."""
+    stop_requests: StopRequests = field(default_factory=StopRequests)
 
 
 @dataclass
@@ -157,6 +188,11 @@ def _set_target(run: Run) -> None:
 def stop_reason(run: Run) -> str | None:
     """Why the run should stop before the next step, if it should (taken together on every rank)."""
     cfg, state = run.cfg, run.state
+    signalled = run.stop_requests.received is not None
+    if run.env.enabled:  # every rank stops together (a signal may reach some ranks only)
+        signalled = distributed.any_rank(signalled, run.env, run.device)
+    if signalled:
+        return f"stopped by {run.stop_requests.received or 'a signal to another rank'}"
     if cfg.max_steps is not None and state.step >= cfg.max_steps:
         return f"max_steps {cfg.max_steps} reached"
     if cfg.max_tokens is not None and state.tokens >= cfg.max_tokens:

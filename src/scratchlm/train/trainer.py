@@ -7,6 +7,7 @@ checkpoint, the final model in Hugging Face format and ``summary.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -19,6 +20,7 @@ from .. import distributed
 from ..config import ConfigError, read_yaml, to_yaml
 from ..data import build_data
 from ..devices import pick_device
+from ..errors import UserError
 from ..metrics import gpu_peak_flops
 from ..model.hf import phi_from_weights, save_hf
 from ..model.model import Phi
@@ -32,7 +34,13 @@ from .state import TrainState
 
 log = logging.getLogger("scratchlm.trainer")
 
-__all__ = ["NonFiniteLoss", "TrainConfig", "train"]
+__all__ = ["Interrupted", "NonFiniteLoss", "TrainConfig", "train"]
+
+
+class Interrupted(UserError):
+    """Training stopped by SIGTERM or SIGINT, after writing a checkpoint."""
+
+    exit_status = 75  # EX_TEMPFAIL: "try again later", what a scheduler's requeue wants to see
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -42,7 +50,7 @@ def train(cfg: TrainConfig) -> dict:
     """
     cfg.check()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
     device = pick_device(cfg.device, distributed.local_rank())
     env = distributed.init(device.type)
     handlers = setup_logging(out, env)
@@ -53,6 +61,20 @@ def train(cfg: TrainConfig) -> dict:
         distributed.shutdown(env)
 
 
+def _check_writable(out: Path) -> None:
+    """Fail now, with one clear line, if the run folder cannot be written (a full disk, no permission), rather
+    than at the first log line or checkpoint."""
+    probe = out / ".write-check"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write to the run folder {out}: {err.strerror}") from None
+
+
 def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
     existing = ckpt.latest_checkpoint(out)
     if cfg.resume is None:
@@ -61,10 +83,20 @@ def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
                               "or choose another --out")
         return None
     if cfg.resume == "auto":
-        return existing
+        if existing is None:
+            return None
+        newest, skipped = ckpt.latest_verified(out)
+        for path, reason in skipped:
+            log.warning("skipping checkpoint %s: %s", path.name, reason)
+        if newest is None:
+            raise ConfigError(f"no checkpoint in {out} can be trusted ("
+                              + "; ".join(f"{p.name}: {r}" for p, r in skipped) + ")")
+        return newest
     path = Path(cfg.resume)
     if not (path / "state.json").exists():
         raise ConfigError(f"--resume {cfg.resume}: not a checkpoint folder (no state.json)")
+    if (reason := ckpt.verify(path)) is not None:
+        raise ConfigError(f"--resume {cfg.resume}: this checkpoint cannot be trusted: {reason}")
     return path
 
 
@@ -136,12 +168,17 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, env: distributed.D
               device, tokens_per_step, decay_steps(cfg, tokens_per_step), amp_dtype, env,
               cfg.preset().flops_per_token(block_size), gpu_peak_flops(device))
     try:
-        reason = fit(run)
+        with run.stop_requests:
+            reason = fit(run)
         log.info("stopping: %s", reason)
-        final_eval = evaluate(run) if state.step % cfg.eval_interval else None
+        signalled = reason.startswith("stopped by")
+        final_eval = evaluate(run) if state.step % cfg.eval_interval and not signalled else None
     finally:
         run.metrics.close()
     run.checkpoints.save(state)
+    if signalled:  # a preempted job has seconds left: the checkpoint, not the export
+        raise Interrupted(f"{reason} at step {state.step}: checkpoint written to {out / 'checkpoints'}; "
+                          "continue with --resume auto")
     return _export(run, out, tokenizer, reason, final_eval)
 
 

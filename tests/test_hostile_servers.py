@@ -1,0 +1,180 @@
+"""What hostile and careless requests did to the servers (issue 13's list), each over a real socket: the key
+is checked before a body is read, bodies and connections are bounded, and bad input gets a 4xx with a
+message."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+import torch
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+from servers import FeedThread, UvicornThread
+
+from scratchlm.config import ConfigError
+from scratchlm.feed.server import ServeConfig, build
+from scratchlm.model.config import ModelConfig
+from scratchlm.model.hf import save_hf
+from scratchlm.model.model import Phi
+from scratchlm.serving import ServerConfig
+from scratchlm.teacher.backends import LocalTeacher
+from scratchlm.teacher.serve_model import create_app
+
+KEY = {"Authorization": "Bearer k3y"}
+# Phi-2's vocabulary and a context of 64 positions: small, so that every request is answered in a moment.
+SMALL = ModelConfig(name="small-context", n_layer=1, n_embd=32, n_head=2, intermediate_size=64, block_size=64)
+
+
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("models") / "small-context"
+    torch.manual_seed(0)
+    save_hf(Phi(SMALL), folder)
+    tokenizer.save(folder)
+    teacher = LocalTeacher(str(folder), device="cpu", batch_size=8, dtype=torch.float32)
+    with UvicornThread(create_app(teacher, "small-context", "k3y", max_body_bytes=2**20)) as server:
+        yield server
+    teacher.close()
+
+
+def rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def raw_post(port: int, headers: str, body: bytes) -> bytes:
+    """The answer to a POST sent by hand: headers, then the first part of the body, then reading."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode() + body)
+        return s.recv(4096)
+
+
+def test_the_key_comes_before_the_body_and_bodies_are_capped(model_server):
+    before, t0 = rss_mib(), time.monotonic()
+    # 400 MB announced, a little sent: refused at once, the body never read (it took 7 s and 1.2 GB before).
+    reply = raw_post(model_server.port, "Content-Length: 400000000\r\n", b"x" * 65536)
+    assert reply.startswith(b"HTTP/1.1 401") and time.monotonic() - t0 < 2 and rss_mib() - before < 50
+    reply = raw_post(model_server.port, "Authorization: Bearer k3y\r\nContent-Length: 400000000\r\n",
+                     b"x" * 10)
+    assert reply.startswith(b"HTTP/1.1 413") and b"limit" in reply
+    chunked = httpx.post(model_server.url + "/v1/completions", headers=KEY,
+                         content=iter([b"{" + b" " * 2**19] * 4))  # no length given: counted as it comes
+    assert chunked.status_code == 413
+    for path in ("/docs", "/openapi.json", "/redoc", "/v1/models"):
+        assert httpx.get(model_server.url + path).status_code == 401, path
+    models = httpx.get(model_server.url + "/v1/models", headers=KEY).json()
+    assert [m["id"] for m in models["data"]] == ["small-context"] and "/" not in json.dumps(models)
+
+
+@pytest.mark.parametrize("body,status,words", [
+    ('{"prompt": "x", "max_tokens": 100}', 400, "room"),  # more than the 64-position context leaves
+    ('{"prompt": "x", "temperature": NaN}', 422, "temperature"),
+    ('{"prompt": "x", "top_p": Infinity}', 422, "top_p"),
+    ('{"prompt": "x", "top_k": -Infinity}', 422, "top_k"),
+    ('{"prompt": "x", "temperature": 1e-45}', 422, "at least 0.01"),
+    ('{"prompt": "x", "seed": 18446744073709551616}', 422, "seed"),
+    ('{"prompt": "x", "seed": -9223372036854775809}', 422, "seed"),
+    ('{"prompt": "a lone surrogate \\ud800"}', 422, "surrogate"),
+    ('{"prompt": "x", "logprobs": 2}', 400, "logprobs"),
+    ('{"prompt": "x", "echo": true}', 400, "echo"),
+    ('{"prompt": [[15496, 999999]]}', 400, "token ids"),
+])
+def test_bad_completion_requests_get_a_4xx_with_a_message(model_server, body, status, words):
+    r = httpx.post(model_server.url + "/v1/completions", content=body,
+                   headers={**KEY, "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    assert words in json.dumps(r.json())
+
+
+def test_token_id_prompts_and_streaming(model_server):
+    url, ids = model_server.url + "/v1/completions", [15496, 995]  # "Hello world"
+    as_text = httpx.post(url, headers=KEY, json={"prompt": "Hello world", "max_tokens": 8, "temperature": 0})
+    as_ids = httpx.post(url, headers=KEY, json={"prompt": ids, "max_tokens": 8, "temperature": 0})
+    assert as_ids.json()["choices"][0]["text"] == as_text.json()["choices"][0]["text"]
+    assert as_ids.json()["usage"]["prompt_tokens"] == 2
+    body = {"prompt": ["One", "Two", "Three"], "max_tokens": 6, "temperature": 0.8, "seed": 4}
+    whole = httpx.post(url, headers=KEY, json=body).json()["choices"]
+    with httpx.stream("POST", url, headers=KEY, json={**body, "stream": True}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.headers["content-type"].startswith("text/event-stream") and events[-1] == "[DONE]"
+    streamed = sorted((c for e in events[:-1] for c in json.loads(e)["choices"]), key=lambda c: c["index"])
+    assert [c["text"] for c in streamed] == [c["text"] for c in whole]  # same seeds, same texts
+
+
+def test_serve_model_schema_fuzzing_finds_no_server_error(model_server):
+    schema = schemathesis.openapi.from_url(model_server.url + "/openapi.json", headers=KEY)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/models", "/health"}
+    for operation in operations:
+
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=operation.as_strategy())
+        def check(case):
+            case.call_and_validate(headers=KEY, checks=[not_a_server_error])
+
+        check()
+
+
+@pytest.fixture(scope="module")
+def feed(small_corpus):
+    with FeedThread(ServeConfig(corpus=str(small_corpus), eval_fraction=0.05)) as server:
+        yield server
+
+
+def test_cursors_with_unicode_digits_are_refused_and_every_error_is_counted(feed):
+    fingerprint = feed.feed.corpus.fingerprint
+    for cursor in (f"v1-{fingerprint}-²-0", f"v1-{fingerprint}-0-¹", f"v1-{fingerprint}-①-0"):
+        r = httpx.get(feed.url + "/v1/batch", params={"cursor": cursor})
+        assert r.status_code == 400 and "malformed" in r.json()["detail"], cursor
+    assert httpx.get(feed.url + "/v1/batch?cursor=" + "x" * 5000).status_code == 414
+    batch = feed.feed.batch
+
+    def broken(*args, **kwargs):  # a fault injected for this test: the route fails inside
+        raise RuntimeError("injected")
+
+    feed.feed.batch = broken
+    try:
+        assert httpx.get(feed.url + "/v1/batch").status_code == 500
+    finally:
+        feed.feed.batch = batch
+    metrics = httpx.get(feed.url + "/metrics").text
+    for status, n in (("400", 3), ("414", 1), ("500", 1)):
+        assert f'scratchlm_request_errors_total{{status="{status}"}} {n}.0' in metrics, status
+
+
+def test_slow_clients_cannot_hold_every_connection(small_corpus):
+    limits = ServerConfig(header_timeout_s=1.0, max_connections=64)
+    app, feed = build(ServeConfig(corpus=str(small_corpus), eval_fraction=0.05))
+    fds = len(os.listdir("/proc/self/fd"))
+    with UvicornThread(app, limits=limits) as server:
+        slow = []
+        for _ in range(300):  # each sends the start of a request and then nothing
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            slow.append(s)
+        time.sleep(0.5)
+        held = len(os.listdir("/proc/self/fd")) - fds - 300  # the server's side of the connections
+        t0 = time.monotonic()
+        while True:
+            try:
+                if httpx.get(server.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() - t0 < 5, "health never answered"
+        for s in slow:
+            s.close()
+    assert held <= 64 + 5  # no more than the limit (and a few of the server's own)
+
+
+def test_a_key_that_no_header_can_carry_is_refused_at_start(small_corpus, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("clé-secrète")
+    with pytest.raises(ConfigError, match="printable ASCII"):
+        build(ServeConfig(corpus=str(small_corpus), api_key_file=str(key)))
