@@ -126,5 +126,7 @@ def test_a_config_that_is_not_utf8_and_a_full_disk_are_one_clear_line(small_corp
 
     r = subprocess.run(args(small_corpus, tmp_path / "full", 2), capture_output=True, text=True,
                        preexec_fn=full_disk)
-    assert r.returncode == 2 and "cannot write to the run folder" in r.stderr, r.stderr[-2000:]
+    # Which write fails first depends on what is installed (torch writes a temporary file as it is imported
+    # when dill is there): either way, one line that says a write failed.
+    assert r.returncode == 2 and "cannot write to" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -136,6 +137,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        # Libraries the commands import (torch, when dill is installed) write to a temporary folder as they
+        # are imported: on a full disk, say so rather than end in their traceback.
+        tempfile.gettempdir()
+    except OSError as err:
+        print(f"scratchlm: error: cannot write to a temporary folder ({err.strerror}): is the disk full?",
+              file=sys.stderr)
+        return 2
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:

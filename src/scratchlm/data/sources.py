@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError
-from .documents import DataError
+from .documents import HF_PREFIX, DataError
 
 DATA_ENV = "SCRATCHLM_DATA"
 """The environment variable naming the default corpus of every command."""
@@ -37,29 +37,45 @@ class DataSource:
 
     @property
     def name(self) -> str:
+        if self.path.startswith(HF_PREFIX):
+            return self.path.removeprefix(HF_PREFIX).replace("/", "_")
         return Path(self.path).name or self.path
+
+
+def _weighted(item: str) -> bool:
+    """Whether an item ends in ``:WEIGHT`` (a Hugging Face spec has colons of its own)."""
+    head, _, tail = item.rpartition(":")
+    try:
+        float(tail)
+    except ValueError:
+        return False
+    return bool(head) and head != "hf"
+
+
+def _item(item: str) -> DataSource:
+    path, _, weight_text = item.rpartition(":")
+    if not path or (item.startswith(HF_PREFIX) and not _weighted(item)):  # a corpus alone: weight 1
+        path, weight_text = item, "1"
+    try:
+        weight = float(weight_text)
+    except ValueError:
+        raise DataError(f"data list item '{item}': the weight after ':' must be a number") from None
+    if not weight > 0:
+        raise DataError(f"data list item '{item}': the weight must be positive")
+    if not path.startswith(HF_PREFIX) and not Path(path).expanduser().exists():
+        raise DataError(f"data list item '{item}': corpus '{path}' does not exist")
+    return DataSource(path, weight)
 
 
 def parse_data_list(spec: str) -> list[DataSource]:
     """``PATH`` (one corpus) or ``PATH:WEIGHT,PATH:WEIGHT,...`` (a mix; a missing weight is 1; weights are
     relative). A string naming an existing file or folder is always that one corpus, commas or colons and
-    all."""
+    all; ``hf:NAME[:CONFIG][@SPLIT]`` names a Hugging Face dataset."""
     if Path(spec).expanduser().exists() or "," not in spec and ":" not in spec:
         return [DataSource(spec)]
-    sources = []
-    for item in spec.split(","):
-        path, _, weight_text = item.strip().rpartition(":")
-        if not path:  # no colon: a path alone
-            path, weight_text = weight_text, "1"
-        try:
-            weight = float(weight_text)
-        except ValueError:
-            raise DataError(f"data list item '{item}': the weight after ':' must be a number") from None
-        if not weight > 0:
-            raise DataError(f"data list item '{item}': the weight must be positive")
-        if not Path(path).expanduser().exists():
-            raise DataError(f"data list item '{item}': corpus '{path}' does not exist")
-        sources.append(DataSource(path, weight))
+    if "," not in spec and spec.startswith(HF_PREFIX) and not _weighted(spec):
+        return [DataSource(spec)]
+    sources = [_item(item.strip()) for item in spec.split(",")]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):  # they label the per-source evaluation losses
         raise DataError(f"data list: two sources are named alike ({', '.join(names)}); rename one")

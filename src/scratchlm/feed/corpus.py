@@ -1,6 +1,6 @@
 """The corpus side of the feed: documents in a seeded order, addressable by a cursor.
 
-Documents are read once into memory (the 100 MB ``sample.zip`` class of corpus fits easily). Training order is
+Documents are written once to disk and read one at a time (``data.text_store``). Training order is
 a per-epoch permutation seeded by ``seed``; a cursor names a place in that order, so any replica, asked from
 the same cursor, returns the same texts. Held-out documents (``data.is_held_out``) are never in the stream;
 they are served separately for evaluation.
@@ -12,7 +12,7 @@ import hashlib
 import threading
 from dataclasses import dataclass
 
-from ..data import CorpusStats, DataError, EpochOrder, is_held_out, iter_documents
+from ..data import EpochOrder, open_text_store
 
 
 class CursorError(ValueError):
@@ -39,29 +39,18 @@ class Cursor:
 
 
 class CorpusSource:
-    """Training documents in a seeded, resumable order; held-out documents apart."""
+    """Training documents in a seeded, resumable order; held-out documents apart. The documents stay on disk
+    (``data.text_store``): the server's memory does not grow with its corpus."""
 
-    def __init__(self, path: str, seed: int = 1337, chunk_chars: int = 8000,
-                 eval_fraction: float = 0.005) -> None:
-        self.stats = CorpusStats()
-        self.ids: list[str] = []
-        self.texts: list[str] = []
-        self.held_out: list[str] = []
-        for doc_id, text in iter_documents(path, chunk_chars, self.stats):
-            self.stats.documents += 1
-            self.stats.bytes += len(text)
-            if is_held_out(doc_id, eval_fraction):
-                self.held_out.append(text)
-            else:
-                self.ids.append(doc_id)
-                self.texts.append(text)
-        if not self.texts:
-            raise DataError(f"corpus '{path}' has no usable text "
-                            f"(files skipped: {dict(self.stats.skipped) or 'none'})")
+    def __init__(self, path: str, seed: int = 1337, chunk_chars: int = 8000, eval_fraction: float = 0.005,
+                 text_field: str = "text") -> None:
+        store = open_text_store(path, chunk_chars, eval_fraction, text_field)
+        self.texts, self.ids, self.held_out = store.train, store.ids, store.held_out
+        self.stats = store.stats
         self.seed = seed
-        h = hashlib.blake2b(f"{seed}|{chunk_chars}|{eval_fraction}|{len(self.texts)}".encode(), digest_size=4)
-        h.update("\n".join(self.ids).encode())
-        self.fingerprint = h.hexdigest()
+        self.fingerprint = hashlib.blake2b(
+            f"{seed}|{chunk_chars}|{eval_fraction}|{len(self.texts)}|{store.meta['ids_digest']}".encode(),
+            digest_size=4).hexdigest()
         self.order = EpochOrder(len(self.texts), seed)
         self._stream = Cursor(0, 0)  # the shared stream behind the cursor-less /generate
         self._stream_lock = threading.Lock()

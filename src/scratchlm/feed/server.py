@@ -27,7 +27,8 @@ class ServeConfig(ServerConfig):
     """The data-feed server: corpus texts (and teacher texts) over HTTP."""
 
     corpus: str | None = None
-    """Corpus to serve: folder, .zip, .txt, .jsonl(.gz), .parquet (default: $SCRATCHLM_DATA)."""
+    """Corpus to serve: folder, .zip, .txt, .jsonl(.gz/.zst), .parquet, hf:NAME[:CONFIG][@SPLIT] (default:
+    $SCRATCHLM_DATA)."""
     batch_size: int = 16
     """Texts per /generate answer."""
     max_batch_size: int = 1024
@@ -38,6 +39,8 @@ class ServeConfig(ServerConfig):
     """Documents longer than this are served in pieces cut at paragraph breaks."""
     eval_fraction: float = 0.005
     """Share of documents held out (served only by /v1/heldout)."""
+    text_field: str = "text"
+    """The field (JSON lines) or column (parquet, Hugging Face datasets) that holds the text."""
     teacher: list[str] = []
     """Teacher spec, local:PATH_OR_HUB_ID or openai:URL[#model]; give several (--teacher A --teacher B) to
     spread the work over several teachers (none = corpus only)."""
@@ -120,7 +123,7 @@ def build(cfg: ServeConfig, teacher=None) -> tuple[FastAPI, Feed]:
         raise ConfigError(f"--public exposes the feed to the internet: set {API_KEY_ENV} or pass "
                           "--api-key-file")
     corpus_path = corpus_from_env(cfg.corpus, "--corpus")
-    corpus = CorpusSource(corpus_path, cfg.seed, cfg.chunk_chars, cfg.eval_fraction)
+    corpus = CorpusSource(corpus_path, cfg.seed, cfg.chunk_chars, cfg.eval_fraction, cfg.text_field)
     mix = MixSettings(cfg.teacher_ratio, cfg.teacher_mode, cfg.teacher_wait_s, cfg.teacher_deadline_s)
     if callable(teacher) and not hasattr(teacher, "submit"):  # a function: wrapped here, so closed here
         feed = Feed(corpus, _teachers(cfg, corpus, FunctionTeacher(teacher), owned=True), mix)

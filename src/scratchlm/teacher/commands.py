@@ -3,6 +3,7 @@ function (heavy imports wait until a command runs)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -113,7 +114,9 @@ def run_build_corpus(cfg: BuildCorpusConfig) -> None:
     teacher = load_teacher(cfg.teacher, cfg.api_key_file, cfg.device, cfg.batch_size)
     corpus = corpus_from_env(cfg.prompt_corpus)
     needs_documents = {"words", "snippet"} & set(cfg.prompts)
-    documents = [t for _, t in iter_documents(corpus)] if corpus and needs_documents else []
+    # The prompts draw on a sample of the corpus: its first 10,000 documents are plenty and bound the memory.
+    found = iter_documents(corpus) if corpus and needs_documents else iter(())
+    documents = [text for _, text in itertools.islice(found, 10_000)]
     tokenizer = load_tokenizer() if "token" in cfg.prompts else None
     prompts = PromptSource(cfg.prompts, documents, seed=cfg.seed,
                            decode=tokenizer.decode if tokenizer else None)

@@ -55,7 +55,7 @@ class PromptSource:
             strategies = [s for s in strategies if s not in needs_docs] or ["topic"]
         if "token" in strategies and decode is None:
             raise ValueError("the 'token' strategy needs a tokenizer's decode function")
-        self.strategies, self.documents, self.decode = list(strategies), list(documents), decode
+        self.strategies, self.documents, self.decode = list(strategies), documents, decode  # any sequence
         self.vocab_size = vocab_size
         self.rng = random.Random(seed)
         self._words: list[str] | None = None

@@ -19,9 +19,10 @@ class TrainConfig(ConfigBase):
     model: str = "phi-tiny"
     """Model preset (see `scratchlm model-info --list`)."""
     data: str | None = None
-    """Training text: a folder, .zip, .txt, .jsonl(.gz), .parquet, or a feed URL http(s)://host:port
-    (default: $SCRATCHLM_DATA). A mix: PATH:WEIGHT,PATH:WEIGHT (relative weights: shares of training blocks;
-    evaluation losses are also logged per source)."""
+    """Training text: a folder, .zip, .txt, .jsonl(.gz/.zst), .parquet, a Hugging Face dataset
+    hf:NAME[:CONFIG][@SPLIT], or a feed URL http(s)://host:port (default: $SCRATCHLM_DATA). A mix:
+    PATH:WEIGHT,PATH:WEIGHT (relative weights: shares of training blocks; evaluation losses are also logged
+    per source)."""
     feed_url: str | None = None
     """The seed's setting: a feed server URL to train from (same as --data http://...)."""
     feed_api_key_file: str | None = None
@@ -89,6 +90,10 @@ class TrainConfig(ConfigBase):
     """Micro-batches in each evaluation (always the same held-out blocks)."""
     eval_fraction: float = 0.005
     """Share of documents held out for evaluation (fixed by a hash of each document's id)."""
+    text_field: str = "text"
+    """The field (JSON lines) or column (parquet, Hugging Face datasets) that holds the text."""
+    num_proc: int | None = None
+    """Processes that tokenize a corpus the first time it is used (default: every core)."""
     chunk_chars: int = 8000
     """Text files are cut into documents of at most this many characters at paragraph breaks."""
     log_interval: int = 1
@@ -134,6 +139,7 @@ class TrainConfig(ConfigBase):
                            batch_size=self.micro_batch_size,
                            eval_blocks=self.eval_batches * self.micro_batch_size,
                            seed=self.seed, chunk_chars=self.chunk_chars, eval_fraction=self.eval_fraction,
+                           text_field=self.text_field, num_proc=self.num_proc,
                            feed_api_key_file=self.feed_api_key_file,
                            feed_texts_per_request=self.feed_texts_per_request, progress=progress)
 
@@ -151,4 +157,5 @@ class TrainConfig(ConfigBase):
 RESUMABLE_CHANGES = {"max_steps", "max_tokens", "max_time", "target_loss", "continue_after_target", "resume",
                      "log_interval", "log_format", "eval_interval", "checkpoint_interval", "keep_checkpoints",
                      "tensorboard", "compile", "activation_checkpointing", "device", "out", "data",
+                     "num_proc",
                      "tokenizer"}

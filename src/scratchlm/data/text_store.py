@@ -1,0 +1,121 @@
+"""A corpus's documents written once to disk, for the feed: read one at a time, so that a server's memory does
+not grow with its corpus.
+
+``texts/KEY/`` (in the cache folder, keyed like the token cache but without the tokenizer) holds the training
+documents and the held-out ones apart, each as ``NAME.bin`` (UTF-8 texts end to end) and ``NAME.offsets.npy``
+(where each starts), the training documents' ids the same way, and ``meta.json`` (counts, skipped files, a
+digest of the ids). Documents are read with ``os.pread``: thread-safe, and nothing stays in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..files import atomic_dir
+from .documents import CorpusStats, DataError, is_held_out, iter_documents
+from .token_cache import default_cache_dir, remove_abandoned, source_key
+
+STORE_FORMAT = 1
+
+
+class DocumentStore(Sequence):
+    """Texts on disk, by index (``store[i]``, ``store[a:b]``, ``len(store)``)."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.offsets = np.load(folder / f"{name}.offsets.npy")
+        self.fd = os.open(folder / f"{name}.bin", os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        return os.pread(self.fd, end - start, start).decode("utf-8")
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except (OSError, AttributeError):
+            pass
+
+
+class _Writer:
+    """Texts appended to ``NAME.bin``, their offsets kept for ``NAME.offsets.npy``."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder, self.name = folder, name
+        self.file = open(folder / f"{name}.bin", "wb")
+        self.offsets = array("q", [0])  # 8 bytes a document, not a Python int's 28 plus a list slot
+
+    def add(self, text: str) -> None:
+        data = text.encode("utf-8")
+        self.file.write(data)
+        self.offsets.append(self.offsets[-1] + len(data))
+
+    def close(self) -> None:
+        self.file.close()
+        np.save(self.folder / f"{self.name}.offsets.npy", np.frombuffer(self.offsets, dtype=np.int64))
+
+
+class TextStore:
+    """The stored documents of a corpus: ``train`` and ``held_out`` texts, the training ``ids``, ``meta``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.meta = json.loads((folder / "meta.json").read_text())
+        self.train, self.ids = DocumentStore(folder, "train"), DocumentStore(folder, "ids")
+        self.held_out = DocumentStore(folder, "heldout")
+
+    @property
+    def stats(self) -> CorpusStats:
+        stats = CorpusStats()
+        stats.merge(self.meta["stats"])
+        return stats
+
+
+def open_text_store(source: str | Path, chunk_chars: int = 8000, eval_fraction: float = 0.005,
+               text_field: str = "text",
+               cache_dir: str | Path | None = None) -> TextStore:
+    """The corpus's documents on disk, written on first use (streamed: memory is a document at a time)."""
+    key = source_key(source, [STORE_FORMAT, chunk_chars, eval_fraction, text_field])
+    folder = Path(cache_dir or default_cache_dir()) / "texts" / key
+    if not (folder / "meta.json").exists():
+        remove_abandoned(folder.parent)
+        with atomic_dir(folder, folder.with_name(f"{key}.tmp{os.getpid()}"), replace=False) as tmp:
+            _write(source, tmp, chunk_chars, eval_fraction, text_field)
+    return TextStore(folder)
+
+
+def _write(source: str | Path, out: Path, chunk_chars: int, eval_fraction: float, text_field: str) -> None:
+    stats = CorpusStats()
+    train, ids, held_out = _Writer(out, "train"), _Writer(out, "ids"), _Writer(out, "heldout")
+    digest = hashlib.blake2b(digest_size=8)  # of the ids joined by newlines: what names the corpus's order
+    for doc_id, text in iter_documents(source, chunk_chars, stats, text_field):
+        stats.documents += 1
+        stats.bytes += len(text)
+        if is_held_out(doc_id, eval_fraction):
+            held_out.add(text)
+            continue
+        digest.update(("\n" if len(ids.offsets) > 1 else "").encode() + doc_id.encode())
+        train.add(text)
+        ids.add(doc_id)
+    for writer in (train, ids, held_out):
+        writer.close()
+    if len(train.offsets) == 1:
+        raise DataError(f"corpus '{source}' has no usable text "
+                        f"(files skipped: {dict(stats.skipped) or 'none'})")
+    meta = {"source": str(source), "documents": len(train.offsets) - 1, "held_out": len(held_out.offsets) - 1,
+            "ids_digest": digest.hexdigest(), "stats": stats.to_dict()}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
