@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scratchlm.data import corpus_units, iter_documents, tokenize_corpus
+from scratchlm.data import DataError, corpus_units, iter_documents, tokenize_corpus
 from scratchlm.data import token_cache as token_cache_module
 
 pa = pytest.importorskip("pyarrow")
@@ -117,6 +117,8 @@ def test_hf_datasets_are_read_from_a_local_folder(tmp_path, tokenizer, paragraph
                            (f"hf:{shards}", records)):
         texts = [t for _, t in iter_documents(spec, chunk_chars=10**6, text_field="content")]
         assert texts == expected, spec
+    with pytest.raises(DataError, match="does not exist"):
+        list(iter_documents(f"hf:{tmp_path / 'missing'}"))
     corpus = tokenize_corpus(f"hf:{saved}", tokenizer, chunk_chars=10**6, eval_fraction=0.0, progress=False,
                              text_field="content")
     expected_ids = [i for r in records for i in tokenizer.encode(r) + [tokenizer.eot_id]]

@@ -319,6 +319,8 @@ def _hf_rows(spec: str):
         raise DataError("hf: corpora need the datasets package: pip install 'scratchlm[data]'") from None
     name, config, split = parse_hf(spec)
     local = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) and not local.is_dir():  # a path, not a hub id
+        raise DataError(f"{spec}: the dataset folder '{name}' does not exist")
     try:
         if local.is_dir() and any((local / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
             dataset = datasets.load_from_disk(str(local))
