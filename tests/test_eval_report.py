@@ -1,4 +1,4 @@
-"""eval, the loss-curve fit, the report, the demo and the example notebooks."""
+"""eval, the power-law baseline, the demo and the example notebooks (the report: tests/test_scaling.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from scratchlm.evaluation import evaluate_texts
 from scratchlm.model.config import PRESETS
 from scratchlm.model.hf import save_hf
 from scratchlm.model.model import Phi
-from scratchlm.reporting import TOKEN_UNIT, build_report, extrapolate, fit_power_law
-from scratchlm.train import TrainConfig, train
+from scratchlm.reporting import extrapolate
+from scratchlm.scaling import TOKEN_UNIT, fit_power_law
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,30 +74,6 @@ def test_fit_recovers_a_known_power_law(E, B, beta):
     assert not extrapolate(tokens, losses, E - 0.5, samples=20)["reachable"]  # below the floor: out of reach
 
 
-def test_report_over_two_runs(small_corpus, tmp_path):
-    settings = dict(model="phi-tiny", data=str(small_corpus), block_size=64, micro_batch_size=4,
-                    eval_batches=2,
-                    eval_fraction=0.05, warmup_steps=3, max_steps=16, eval_interval=4, device="cpu",
-                    target_loss="auto", continue_after_target=True)
-    train(TrainConfig(**settings, out=str(tmp_path / "clean"), lr=3e-3))
-    train(TrainConfig(**settings, out=str(tmp_path / "other"), lr=1e-3))
-    out = tmp_path / "report"
-    report = build_report([tmp_path / "clean", tmp_path / "other"], out, ("Phi-2", 2.273))
-    for png in ("loss_curves.png", "extrapolation.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    data = json.loads((out / "loss_curves.json").read_text())
-    for name in ("clean", "other"):
-        metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        assert data[name]["train"]["loss"] == [m["loss"] for m in metrics if "loss" in m]
-        assert data[name]["eval"]["loss"] == [m["eval_loss"] for m in metrics if "eval_loss" in m]
-    md = (out / "report.md").read_text()
-    assert "| clean |" in md and "| other |" in md and "Phi-2" in md and "1.4T tokens" in md
-    assert {r["run"] for r in report["runs"]} == {"clean", "other"}
-    for r in report["runs"]:
-        assert r["gap_to_reference"] == pytest.approx(r["final_eval_loss"] - 2.273)
-        assert "fit" in report["extrapolation"][r["run"]]
-
-
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "-m", "scratchlm", "demo", "--quick", "--out", str(tmp_path)],
@@ -108,6 +84,8 @@ def test_demo_quick_end_to_end(tmp_path):
     assert summary["runs"]["clean"]["target_reached"] is not None
     assert 0.0 < summary["teacher_share_served"] <= 0.5  # the stream run really got teacher texts
     assert (tmp_path / "report" / "loss_curves.png").exists() and (tmp_path / "report" / "report.md").exists()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## How much more training" in md and "**Backtest error" in md  # the answer, with its backtest
     for stage in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6", "target reached"):
         assert stage in r.stdout
 

@@ -18,7 +18,7 @@ from scratchlm.model.model import Phi
 from scratchlm.train import NonFiniteLoss, TrainConfig, fit
 from scratchlm.train.logs import MetricsLog
 from scratchlm.train.loop import Checkpointer, Run
-from scratchlm.train.optim import build_optimizer
+from scratchlm.train.optim import build_optimizer, schedule_for
 from scratchlm.train.state import TrainState
 
 TINY = ModelConfig(name="loop", vocab_size=500, padded_vocab_size=512, n_layer=2, n_embd=32, n_head=2,
@@ -39,7 +39,7 @@ def make_run(out, model: torch.nn.Module | None = None, **settings) -> Run:
     state = TrainState.start(1)
     return Run(cfg, model, optimizer, data, state, MetricsLog(out, True),
                Checkpointer(out, model, optimizer, "{}", keep=10, env=DistEnv()), torch.device("cpu"),
-               tokens_per_step=2 * 16, decay_steps=cfg.max_steps)
+               tokens_per_step=2 * 16, schedule=schedule_for(cfg, cfg.max_steps))
 
 
 def records(tmp_path) -> list[dict]:

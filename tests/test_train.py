@@ -60,6 +60,32 @@ def test_reaches_initial_loss_minus_one_and_writes_final(small_corpus, tmp_path)
     assert (run / "final" / "tokenizer.json").exists()
 
 
+def test_a_decay_branched_off_a_checkpoint_is_the_wsd_run_of_that_length(small_corpus, tmp_path):
+    """--resume-from CKPT --decay-steps N: a constant run branched at step 8 and decayed over 4 steps trains
+    exactly what a 12-step wsd run with a 4-step decay trains, and carries the parent's history."""
+    common = dict(FAST, data=str(small_corpus), eval_interval=4, checkpoint_interval=4)
+    constant, branch, wsd = tmp_path / "constant", tmp_path / "branch", tmp_path / "wsd"
+    train(TrainConfig(**common, out=str(constant), max_steps=12, lr_schedule="constant"))
+    summary = train(TrainConfig(**common, out=str(branch), lr_schedule="wsd", decay_steps=4,
+                                resume_from=str(constant / "checkpoints" / "step-00000008")))
+    train(TrainConfig(**common, out=str(wsd), max_steps=12, lr_schedule="wsd", decay_steps=4))
+
+    assert summary["steps"] == 12 and summary["branch"]["step"] == 8
+    rates = {r["step"]: r["lr"] for r in read_metrics(branch) if "loss" in r}
+    assert sorted(rates) == list(range(1, 13))
+    # the rate of step k is logged with step k; the decay starts at the parent's rate and falls each step
+    assert rates[9] == pytest.approx(3e-3) and 3e-4 < rates[12] < rates[11] < rates[10] < 3e-3
+    assert (summary["lr_schedule"]["decay_start"], summary["lr_schedule"]["decay_end"]) == (8, 12)
+    parent = read_metrics(constant)
+    assert [r for r in read_metrics(branch) if r["step"] <= 8] == [r for r in parent if r["step"] <= 8]
+    a, b = step_losses(branch), step_losses(wsd)
+    assert all(a[s] == pytest.approx(b[s], abs=1e-6) for s in range(1, 13))
+    assert summary["final_eval_loss"] == pytest.approx(json.loads((wsd / "summary.json").read_text())[
+        "final_eval_loss"], abs=1e-6)
+    with pytest.raises(ConfigError, match="--decay-steps"):
+        TrainConfig(**common, out=str(tmp_path / "x"), max_steps=5, decay_steps=2).check()
+
+
 def test_resume_continues_exactly(small_corpus, tmp_path):
     common = dict(FAST, data=str(small_corpus), lr_decay_steps=20, eval_interval=100, checkpoint_interval=5)
     straight = tmp_path / "straight"

@@ -60,15 +60,18 @@ def evaluate(model: str, data: str, block_size: int = 2048, max_tokens: int | No
                           max_tokens=max_tokens).to_dict()
 
 
-def report(runs: list[str], out: str, reference_loss: float | None = None,
-           reference_name: str = "reference") -> dict:
-    """Plots, table and extrapolation for run folders (see ``scratchlm report``)."""
+def report(runs: list[str], out: str | None, reference_loss: float | None = None,
+           reference_name: str = "reference", predict_tokens: float | None = None,
+           predict_model: str | None = None) -> dict:
+    """Plots, table and forecast for run folders (see ``scratchlm report``); ``out`` None: only the
+    forecasts."""
     from pathlib import Path
 
     from .reporting import build_report
 
     reference = (reference_name, reference_loss) if reference_loss is not None else None
-    return build_report([Path(r) for r in runs], Path(out), reference)
+    return build_report([Path(r) for r in runs], Path(out) if out else None, reference,
+                        predict_tokens=predict_tokens, predict_model=predict_model)
 
 
 __all__ = ["evaluate", "report", "serve", "serve_model", "train"]

@@ -40,7 +40,7 @@ class DemoPlan:
     eval_tokens: int = 20_000
 
 
-QUICK = DemoPlan(block_size=64, micro_batch_size=4, max_steps=24, eval_interval=4, eval_batches=2, lr=3e-3,
+QUICK = DemoPlan(block_size=64, micro_batch_size=4, max_steps=24, eval_interval=2, eval_batches=2, lr=3e-3,
                  warmup_steps=3, teacher_max_new_tokens=16, eval_tokens=4_000)
 
 
@@ -69,6 +69,7 @@ def demo(out: Path, plan: DemoPlan) -> dict:
     common = dict(model=plan.model, block_size=plan.block_size, micro_batch_size=plan.micro_batch_size,
                   max_steps=plan.max_steps, eval_interval=plan.eval_interval, eval_batches=plan.eval_batches,
                   lr=plan.lr, warmup_steps=plan.warmup_steps, target_loss="auto", continue_after_target=True,
+                  lr_schedule="wsd",  # the schedule whose curves the report's loss law can extend
                   checkpoint_interval=max(plan.max_steps // 2, 1), device="cpu",
                   log_interval=max(1, plan.eval_interval // 2),
                   resume="auto")

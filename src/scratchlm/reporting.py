@@ -10,72 +10,33 @@ reference loss with a bootstrap interval, in tokens and in device-hours at the r
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+from pydantic import Field
 
 from .config import ConfigBase, ConfigError
 from .files import read_jsonl
+from .scaling import (
+    LossLaw,
+    PowerLaw,
+    backtest_end,
+    backtest_runs,
+    curve_from_records,
+    fit_loss_law,
+    fit_power_law,
+    predict_end,
+    steps_to_reach,
+)
 
 PHI2_BUDGET = {"tokens": 1.4e12, "gpus": 96, "gpu": "A100-80G", "days": 14, "gpu_hours": 96 * 14 * 24}
+REACH_LIMIT = 10**13  # steps: past this a run "never" reaches the reference
 PHI2_WIKITEXT_LOSS = 2.273  # nats/token: perplexity 9.705 on WikiText-2, 2048-token windows (AutoAWQ PR #496)
-TOKEN_UNIT = 1e6  # the fit works in millions of tokens, keeping B and D of similar magnitude
 
 
-@dataclass
-class Fit:
-    """L(D) = E + B·D^(−β), D in tokens."""
-
-    E: float
-    B: float
-    beta: float
-    points: int
-
-    def loss(self, tokens: np.ndarray | float) -> np.ndarray | float:
-        return self.E + self.B * (np.asarray(tokens) / TOKEN_UNIT) ** (-self.beta)
-
-    def tokens_to_reach(self, target: float) -> float | None:
-        """Tokens at which the curve reaches ``target``; None if it never does (E at or above the target)."""
-        if target <= self.E:
-            return None
-        return TOKEN_UNIT * (self.B / (target - self.E)) ** (1.0 / self.beta)
-
-
-def fit_power_law(tokens: np.ndarray, losses: np.ndarray) -> Fit:
-    """Least-squares fit of L(D) = E + B·D^(−β) (scipy's curve_fit, bounded: E ≥ 0, B > 0, 0 < β ≤ 3)."""
-    from scipy.optimize import curve_fit
-
-    d = np.asarray(tokens, dtype=float) / TOKEN_UNIT
-    y = np.asarray(losses, dtype=float)
-    keep = d > 0
-    d, y = d[keep], y[keep]
-    if len(d) < 4:
-        raise ValueError(f"{len(d)} evaluation points: a 3-parameter fit needs at least 4 "
-                         "(evaluate more often)")
-
-    def model(x, E, B, beta):
-        return E + B * x ** (-beta)
-
-    best = None
-    for beta0 in (0.1, 0.3, 0.6, 1.0):  # a few starts: the fit has flat directions on short curves
-        try:
-            p, _ = curve_fit(model, d, y,
-                             p0=(max(0.0, y.min() * 0.8), max(1e-6, (y.max() - y.min()) + 0.1), beta0),
-                             bounds=([0.0, 1e-9, 1e-3], [np.inf, np.inf, 3.0]), maxfev=20000)
-        except RuntimeError:
-            continue
-        err = float(np.sum((model(d, *p) - y) ** 2))
-        if best is None or err < best[0]:
-            best = (err, p)
-    if best is None:
-        raise ValueError("the power-law fit did not converge")
-    E, B, beta = best[1]
-    return Fit(float(E), float(B), float(beta), len(d))
-
-
-def extrapolate(tokens: np.ndarray, losses: np.ndarray, target: float, samples: int = 200,
+def extrapolate(tokens: np.ndarray, losses: np.ndarray, target: float, samples: int = 100,
                 seed: int = 0) -> dict:
     """Tokens to reach ``target``: the fit's answer, and a bootstrap interval (residuals resampled)."""
     fit = fit_power_law(tokens, losses)
@@ -87,7 +48,7 @@ def extrapolate(tokens: np.ndarray, losses: np.ndarray, target: float, samples: 
     for _ in range(samples):
         y = fit.loss(np.asarray(tokens)) + rng.choice(residuals, size=len(residuals), replace=True)
         try:
-            d = fit_power_law(tokens, y).tokens_to_reach(target)
+            d = fit_power_law(tokens, y, start=fit).tokens_to_reach(target)
         except ValueError:
             continue
         if d is None:
@@ -102,6 +63,88 @@ def extrapolate(tokens: np.ndarray, losses: np.ndarray, target: float, samples: 
     return out
 
 
+def _by_data(runs: list[dict]) -> dict[str, list[dict]]:
+    """Runs grouped by what they trained on (every feed counts as one): one loss law per group, since a
+    curve on other text is another curve."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        data = (run["config"].feed_url or run["config"].data) if run["config"] else None
+        key = "a feed" if data and data.startswith(("http://", "https://")) else (data or "unknown data")
+        groups.setdefault(key, []).append(run)
+    return groups
+
+
+def _hypothetical(cfg):
+    """The settings of the same run at another length: its schedule scales with the length (a branch's own
+    decay length does not carry over)."""
+    return cfg.model_copy(update={"lr_decay_steps": None, "max_steps": None, "max_tokens": None,
+                                  "decay_steps": None if cfg.resume_from else cfg.decay_steps})
+
+
+def _headline(backtests: list[dict], other_size: bool, base: str) -> dict | None:
+    """The backtest closest to the question asked: the largest model held back (another size), a whole run
+    held back (several runs), else the end of the run the prediction extends."""
+    kinds = ("largest model",) if other_size else ("whole run", "end of run")
+    for kind in kinds:
+        for b in backtests:
+            if b["kind"] == kind and (kind != "end of run" or b["run"] == base):
+                return b
+    return None
+
+
+def forecast(runs: list[dict], predict_tokens: float | None = None, predict_model: str | None = None,
+             reference: float | None = None, momentum: float | None = None) -> dict:
+    """The loss law (``scaling``) fitted over every run, and what it says: the loss of a run of
+    ``predict_tokens`` tokens (of ``predict_model``, else the largest model run) with the schedule of the
+    longest run of that model, and the tokens to reach ``reference``; beside them, the backtests of the law
+    and of the plain power law, and the power law's own answer."""
+    from .model.config import get_preset
+    from .train.optim import schedule_for
+
+    usable = [r for r in runs if r["config"] is not None and len(r["eval"]) > 1]
+    if not usable:
+        raise ValueError("no run has its config.yaml and evaluations to fit")
+    curves = {r["name"]: curve_from_records(r["name"], r["train"], r["eval"], r["parameters"])
+              for r in usable}
+    law = fit_loss_law(list(curves.values()), momentum)
+    biggest = max(r["parameters"] or 0 for r in usable)
+    base = max((r for r in usable if (r["parameters"] or 0) == biggest),
+               key=lambda r: r["eval"][-1]["tokens"])
+    curve, cfg = curves[base["name"]], _hypothetical(base["config"])
+    parameters = get_preset(predict_model).num_parameters if predict_model else base["parameters"]
+    if parameters != base["parameters"] and law.K == 0.0:
+        raise ValueError("--predict-model needs runs of at least two model sizes: one size says nothing of "
+                         "how the loss moves with parameters")
+
+    def schedule(steps: int):
+        return schedule_for(cfg, steps).at
+
+    backtests = [b for c in curves.values() if (b := backtest_end(c, momentum=momentum))]
+    if (b := backtest_runs(list(curves.values()), momentum)) is not None:
+        backtests.append(b)
+    headline = _headline(backtests, parameters != base["parameters"], base["name"])
+    out = {"model": predict_model or cfg.model, "parameters": parameters, "schedule": cfg.lr_schedule,
+           "base_run": base["name"], "tokens_per_step": curve.tokens_per_step, "params": law.to_dict(),
+           "backtests": backtests, "backtest": headline,
+           "backtest_error": headline["error"] if headline else None}
+    power = fit_power_law(curve.tokens, curve.losses) if len({r["parameters"] for r in usable}) == 1 else None
+    if power is not None:
+        out["power_law"] = {"params": asdict(power)}
+    if predict_tokens:
+        steps = max(1, round(predict_tokens / curve.tokens_per_step))
+        loss, interval = predict_end(law, schedule(steps), steps, parameters)
+        out.update(tokens=steps * curve.tokens_per_step, predicted_loss=loss, interval=interval)
+        if power is not None:
+            out["power_law"]["predicted_loss"] = float(power.loss(predict_tokens))
+    if reference is not None:
+        reach = [steps_to_reach(law, schedule, reference, parameters, int(curve.steps[-1]), REACH_LIMIT, b)
+                 for b in (None, 0, 1)]
+        tokens = [None if s is None else s * curve.tokens_per_step for s in reach]
+        out["reference"] = {"loss": reference, "tokens": tokens[0], "interval": tokens[1:],
+                            "power_law_tokens": power.tokens_to_reach(reference) if power else None}
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -111,10 +154,21 @@ def read_run(run_dir: Path) -> dict:
     shares = [r["teacher_token_share"] for r in records if r.get("teacher_token_share") is not None]
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    return {"name": run_dir.name, "dir": str(run_dir), "summary": summary,
+    config = _run_config(run_dir)
+    return {"name": run_dir.name, "dir": str(run_dir), "summary": summary, "config": config,
+            "parameters": summary.get("parameters") or (config.preset().num_parameters if config else None),
             "train": [r for r in records if "loss" in r], "eval": [r for r in records if "eval_loss" in r],
             # What a stream run really trained on (every step has the same number of tokens: a plain mean).
             "teacher_token_share": sum(shares) / len(shares) if shares else None}
+
+
+def _run_config(run_dir: Path):
+    """The run's TrainConfig (its config.yaml), or None for a folder without one."""
+    from .config import read_yaml
+    from .train.config import TrainConfig
+
+    path = run_dir / "config.yaml"
+    return TrainConfig.model_validate(read_yaml(path)) if path.exists() else None
 
 
 def run_label(run: dict) -> str:
@@ -168,33 +222,52 @@ def _plot(runs: list[dict], reference: tuple[str, float] | None, out: Path) -> d
     return data
 
 
-def _plot_extrapolation(runs: list[dict], fits: dict, reference: tuple[str, float], out: Path) -> None:
+def _plot_forecast(runs: list[dict], outlook: dict, reference: tuple[str, float] | None, path: Path) -> None:
+    """Each run's evaluations with the law along its own schedule; the final loss of a run of every length
+    (the base run's schedule) with its 90% band; the power law; the reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    from .train.optim import schedule_for
+
+    law = LossLaw.from_dict(outlook["params"])
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     for run in runs:
-        ev = run["eval"]
-        x = np.array([r["tokens"] for r in ev if r["tokens"] > 0], dtype=float)
-        y = np.array([r["eval_loss"] for r in ev if r["tokens"] > 0])
-        ax.plot(x, y, "o", label=f"{run['name']} (evaluation)")
-        f = fits.get(run["name"])
-        if f and "fit" in f:
-            fit = Fit(**f["fit"])
-            end = max(x.max() * 10, f["tokens"] or 0) * 1.5
-            xs = np.logspace(np.log10(x.min()), np.log10(end), 200)
-            ax.plot(xs, fit.loss(xs), "-", label=f"{run['name']} fit E={fit.E:.2f}, β={fit.beta:.2f}")
-    ax.axhline(reference[1], color="k", ls="--", lw=1, label=reference[0])
+        if run["config"] is None or len(run["eval"]) < 2:
+            continue
+        c = curve_from_records(run["name"], run["train"], run["eval"], run["parameters"])
+        s1, s2 = law.areas(c.rates)
+        steps = np.arange(1, len(c.rates) + 1)
+        line = ax.plot(c.tokens, c.losses, "o", ms=4, label=f"{run_label(run)}: evaluation, and the law")[0]
+        ax.plot(steps * c.tokens_per_step, law.loss(s1[1:], s2[1:], c.parameters), "-", lw=1,
+                color=line.get_color(), alpha=0.7)
+    base = next(r for r in runs if r["name"] == outlook["base_run"])
+    cfg, per_step = _hypothetical(base["config"]), outlook["tokens_per_step"]
+    first = base["eval"][-1]["tokens"] / per_step
+    last = max(first * 100, (outlook.get("tokens") or 0) / per_step,
+               ((outlook.get("reference") or {}).get("tokens") or 0) / per_step) * 1.5
+    lengths = np.unique(np.geomspace(max(2, first / 4), last, 60).astype(int))
+    ends = [predict_end(law, schedule_for(cfg, int(n)).at, int(n), outlook["parameters"]) for n in lengths]
+    x = lengths * per_step
+    ax.plot(x, [e[0] for e in ends], "k-", lw=1.5, label=f"end of a {cfg.lr_schedule} run of that length "
+                                                           f"({outlook['model']}), 90% band")
+    ax.fill_between(x, [e[1][0] for e in ends], [e[1][1] for e in ends], color="k", alpha=0.12)
+    if "power_law" in outlook:
+        ax.plot(x, PowerLaw(**outlook["power_law"]["params"]).loss(x), "k:", lw=1, label="plain power law")
+    if reference:
+        ax.axhline(reference[1], color="r", ls="--", lw=1, label=reference[0])
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("evaluation loss (nats/token)")
-    ax.set_title("L(D) = E + B·D^(−β), extrapolated")
+    error = outlook.get("backtest_error")
+    ax.set_title("L = L0 + A·S1^(−α) − C·S2 against the schedule"
+                 + (f"; backtest error {error:+.1%}" if error is not None else ""))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "extrapolation.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -207,12 +280,23 @@ def _fmt_tokens(n: float | None) -> str:
     return f"{n:.0f}"
 
 
-def build_report(run_dirs: list[Path], out: Path, reference: tuple[str, float] | None = None,
-                 extra_eval: dict[str, float] | None = None) -> dict:
-    """Write report.md, report.json and the PNG plots (with their data as JSON) to ``out``."""
+def build_report(run_dirs: list[Path], out: Path | None, reference: tuple[str, float] | None = None,
+                 extra_eval: dict[str, float] | None = None, predict_tokens: float | None = None,
+                 predict_model: str | None = None, momentum: float | None = None) -> dict:
+    """Write report.md, report.json and the PNG plots (with their data as JSON) to ``out`` (None: only
+    return the report)."""
+    runs = [read_run(Path(d)) for d in run_dirs]
+    outlooks = {}
+    for data, group in _by_data(runs).items():
+        try:
+            outlooks[data] = forecast(group, predict_tokens, predict_model,
+                                      reference[1] if reference else None, momentum)
+        except ValueError as err:
+            outlooks[data] = {"error": str(err)}
+    if out is None:
+        return {"forecasts": outlooks}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [read_run(Path(d)) for d in run_dirs]
     _plot(runs, reference, out)
     rows, fits = [], {}
     for run in runs:
@@ -240,10 +324,12 @@ def build_report(run_dirs: list[Path], out: Path, reference: tuple[str, float] |
             except ValueError as err:
                 fits[run["name"]] = {"error": str(err)}
         rows.append(row)
-    if reference and any("fit" in f for f in fits.values()):
-        _plot_extrapolation(runs, fits, reference, out)
+    for i, (data, outlook) in enumerate(outlooks.items()):
+        if "error" not in outlook:
+            outlook["plot"] = f"forecast{i or ''}.png"
+            _plot_forecast(_by_data(runs)[data], outlook, reference, out / outlook["plot"])
     report = {"runs": rows, "reference": {"name": reference[0], "loss": reference[1]} if reference else None,
-              "extrapolation": fits, "phi2_budget": PHI2_BUDGET}
+              "forecasts": outlooks, "extrapolation": fits, "phi2_budget": PHI2_BUDGET}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_markdown(report))
     return report
@@ -269,44 +355,102 @@ def _markdown(report: dict) -> str:
                      + f" {_fmt_tokens(r['tokens'])} |"
                      + ((f" {share:.1%} |" if share is not None else " — |") if shares else "")
                      + f" {r['tokens_per_s'] or 0:,.0f} | {r['wall_s'] or 0:.0f} s |")
+    for data, outlook in report["forecasts"].items():
+        lines += _forecast_lines(outlook, ref, data if len(report["forecasts"]) > 1 else None)
     if ref:
-        lines += ["", f"## Against {ref['name']}: {ref['loss']:.3f} nats/token", ""]
-        for r in report["runs"]:
-            f = report["extrapolation"].get(r["run"], {})
-            gap = r.get("gap_to_reference")
-            lines.append(f"**{r['run']}**: final loss {gap:+.3f} nats/token from the reference."
-                         if gap is not None else f"**{r['run']}**: no final loss.")
-            if "error" in f:
-                lines.append(f"No extrapolation: {f['error']}.")
-            elif not f.get("reachable"):
-                fit = f["fit"]
-                lines.append(f"The fit L(D) = {fit['E']:.3f} + {fit['B']:.3g}·(D/1M)^(−{fit['beta']:.3f}) "
-                             "levels off "
-                             f"at E = {fit['E']:.3f}, above the reference: **at this model size and on this "
-                             "data the reference is out of reach**, however long it trains.")
-            else:
-                fit = f["fit"]
-                interval = f.get("tokens_90pct_interval")
-                unc = (f" (90% bootstrap interval {_fmt_tokens(interval[0])}–{_fmt_tokens(interval[1])}; "
-                       f"{f['bootstrap_unreachable_share']:.0%} of resamples never reach it)"
-                       if interval else "")
-                hours = f.get("device_hours")
-                lines.append(f"The fit L(D) = {fit['E']:.3f} + {fit['B']:.3g}·(D/1M)^(−{fit['beta']:.3f}) "
-                             "reaches "
-                             f"the reference after **{_fmt_tokens(f['tokens'])} tokens**{unc}: "
-                             f"{_fmt_tokens(f.get('more_tokens'))} more"
-                             + (f", about **{hours:,.0f} device-hours** at this run's "
-                                f"{r['tokens_per_s']:,.0f} tokens/s." if hours is not None else "."))
-            lines.append("")
-        b = report["phi2_budget"]
-        lines += [f"For scale, Phi-2 itself: {_fmt_tokens(b['tokens'])} tokens on {b['gpus']} × {b['gpu']} "
-                  "for "
-                  f"{b['days']} days ({b['gpu_hours']:,} GPU-hours).", ""]
-        if any("fit" in f for f in report["extrapolation"].values()):
-            lines += ["![extrapolation](extrapolation.png)", "",
-                      "A fit of a short curve says little about a long one: read the interval, not the "
-                      "point."]
+        lines += _baseline_lines(report, ref)
     return "\n".join(lines) + "\n"
+
+
+def _law_text(p: dict) -> str:
+    size = f" + {p['K']:.3g}·(N/1M)^(−{p['gamma']:.3f})" if p["K"] else ""
+    forward = (f"{p['B']:.3g}·(1 − S1^(−{p['alpha']:.3f}))/{p['alpha']:.3f}" if p["L0"] is not None
+               else f"{p['B']:.3g}·ln S1")
+    return f"L = {p['L1']:.3f}{size} − {forward} − {p['C']:.3g}·S2"
+
+
+def _floor_text(p: dict) -> str:
+    if p["L0"] is None:
+        return ("The curve has not begun to level off (α = 0: the loss still falls by the same amount per "
+                "doubling), so no floor is measured yet: every answer below assumes it keeps falling that "
+                "way, and the tokens to reach a loss are a lower bound.")
+    size = "" if p["K"] else " for this model size"
+    return f"It levels off at L0 = {p['L0']:.3f} nats/token{size}."
+
+
+def _forecast_lines(f: dict, ref: dict | None, data: str | None) -> list[str]:
+    """How much more training: the loss law's answers, each beside the backtest that says how far to trust
+    it, and the plain power law's."""
+    lines = ["", "## How much more training" + (f": the runs on {data}" if data else ""), ""]
+    if "error" in f:
+        return lines + [f"No forecast: {f['error']}."]
+    p = f["params"]
+    lines += [f"Fitted to {p['points']} evaluations: **{_law_text(p)}** (S1: the summed learning rate, S2: "
+              "the annealing area, both in steps at the peak rate; residual "
+              f"{p['residual_rms']:.3f} nats/token). " + _floor_text(p)]
+    if not p["annealing_seen"]:
+        lines += ["", "No fitted run has a falling rate, so what a final decay gains is unknown (C = 0 "
+                  "here): branch one off a checkpoint (`scratchlm train --resume-from CKPT "
+                  "--decay-steps N`)."]
+    pl = f.get("power_law", {})
+    if "predicted_loss" in f:
+        lo, hi = f["interval"]
+        lines += ["", f"**A {f['schedule']} run of {_fmt_tokens(f['tokens'])} tokens ({f['model']}) ends at "
+                  f"{f['predicted_loss']:.3f}** nats/token (90% interval {lo:.3f}–{hi:.3f}, from the fit's "
+                  "uncertainty)" + (f"; the plain power law says {pl['predicted_loss']:.3f}." if pl else ".")]
+    if ref and f.get("reference"):
+        r = f["reference"]
+        floor_above = p["L0"] is not None and p["L0"] > ref["loss"]
+        reach = (f"**{_fmt_tokens(r['tokens'])} tokens** (90% interval {_fmt_tokens(r['interval'][0])}–"
+                 f"{_fmt_tokens(r['interval'][1]) if r['interval'][1] else 'never'})" if r["tokens"]
+                 else "**out of reach**" + (" at this model size" if floor_above else
+                                            f" within {_fmt_tokens(REACH_LIMIT * f['tokens_per_step'])} "
+                                            "tokens"))
+        baseline = (_fmt_tokens(r["power_law_tokens"]) if r["power_law_tokens"]
+                    else "never (it levels off above)")
+        lines += ["", f"To reach {ref['name']} ({ref['loss']:.3f}): {reach}"
+                  + (f"; the plain power law: {baseline}." if pl else ".")]
+    b = f["backtest"]
+    lines += ["", f"**Backtest error {b['error']:+.1%}** ({b['kind']}, {b['run']}: {b['held_back']}, "
+              f"predicted {b['predicted']:.3f} for {b['actual']:.3f} at step {b['step']}): read the numbers "
+              "above with it; the further an answer reaches past the runs, the less it holds."
+              if b else "No backtest: the runs are too short to hold a part back (evaluate more often)."]
+    lines += ["", "| backtest | held back | run | actual | loss law | plain power law |",
+              "|---|---|---|---|---|---|"]
+    for t in f["backtests"]:
+        base = t.get("power_law")
+        lines.append(f"| {t['kind']} | {t['held_back']} | {t['run']} | {t['actual']:.3f} | "
+                     f"{t['predicted']:.3f} ({t['error']:+.1%}) | "
+                     + (f"{base['predicted']:.3f} ({base['error']:+.1%})" if base else "—") + " |")
+    return lines + ["", f"![forecast]({f['plot']})"]
+
+
+def _baseline_lines(report: dict, ref: dict) -> list[str]:
+    lines = ["", f"## Against {ref['name']}: {ref['loss']:.3f} nats/token", ""]
+    for r in report["runs"]:
+        f = report["extrapolation"].get(r["run"], {})
+        gap = r.get("gap_to_reference")
+        lines.append(f"**{r['run']}**: final loss {gap:+.3f} nats/token from the reference."
+                     if gap is not None else f"**{r['run']}**: no final loss.")
+        if "error" in f:
+            lines.append(f"No power-law fit: {f['error']}.")
+            continue
+        fit = f["fit"]
+        law = f"The plain power law L(D) = {fit['E']:.3f} + {fit['B']:.3g}·(D/1M)^(−{fit['beta']:.3f})"
+        if not f.get("reachable"):
+            lines.append(f"{law} levels off at E = {fit['E']:.3f}, above the reference: out of reach by it.")
+        else:
+            interval = f.get("tokens_90pct_interval")
+            unc = (f" (90% bootstrap interval {_fmt_tokens(interval[0])}–{_fmt_tokens(interval[1])}; "
+                   f"{f['bootstrap_unreachable_share']:.0%} of resamples never reach it)" if interval else "")
+            hours = f.get("device_hours")
+            lines.append(f"{law} reaches it after {_fmt_tokens(f['tokens'])} tokens{unc}"
+                         + (f", about {hours:,.0f} device-hours at this run's {r['tokens_per_s']:,.0f} "
+                            "tokens/s." if hours is not None else "."))
+        lines.append("")
+    b = report["phi2_budget"]
+    return lines + [f"For scale, Phi-2 itself: {_fmt_tokens(b['tokens'])} tokens on {b['gpus']} × {b['gpu']} "
+                    f"for {b['days']} days ({b['gpu_hours']:,} GPU-hours).", ""]
 
 
 class ReportConfig(ConfigBase):
@@ -315,8 +459,16 @@ class ReportConfig(ConfigBase):
     positional: ClassVar[tuple[str, ...]] = ("runs",)
     runs: list[str]
     """Run folders (with metrics.jsonl and summary.json)."""
-    out: str
-    """Folder for report.md, report.json and the plots."""
+    out: str | None = None
+    """Folder for report.md, report.json and the plots (optional with --json)."""
+    predict_tokens: float | None = None
+    """Predict the final evaluation loss of a run of this many tokens (the longest run's schedule)."""
+    predict_model: str | None = None
+    """... of this model preset (needs runs of two sizes or more; e.g. phi-2)."""
+    annealing_momentum: float | None = None
+    """λ of the loss law's annealing area (default: fitted when two runs or more decay, else 0.95)."""
+    as_json: bool = Field(False, alias="json")
+    """Print the forecast as JSON: predicted_loss, interval, backtest_error and the fitted parameters."""
     reference_loss: float | None = None
     """Reference loss in nats/token (Phi-2 on WikiText-2: 2.273)."""
     reference_name: str | None = None
@@ -355,5 +507,15 @@ def run_report(cfg: ReportConfig) -> None:
         reference, extra = _measured_reference(cfg)
     elif cfg.reference_loss is not None:
         reference = (cfg.reference_name or "reference", cfg.reference_loss)
-    report = build_report([Path(d) for d in cfg.runs], Path(cfg.out), reference, extra)
-    print(f"wrote {Path(cfg.out) / 'report.md'} ({len(report['runs'])} runs)")
+    if cfg.out is None and not cfg.as_json:
+        raise ConfigError("give --out (a folder for the report) or --json (the forecast on standard output)")
+    report = build_report([Path(d) for d in cfg.runs], Path(cfg.out) if cfg.out else None, reference, extra,
+                          cfg.predict_tokens, cfg.predict_model, cfg.annealing_momentum)
+    if cfg.as_json:
+        # the runs that trained on what the first run given trained on
+        outlook = next(iter(report["forecasts"].values()))
+        if "error" in outlook:
+            raise ConfigError(f"no forecast: {outlook['error']}")
+        print(json.dumps(outlook, indent=2))
+    else:
+        print(f"wrote {Path(cfg.out) / 'report.md'} ({len(report['runs'])} runs)")

@@ -27,8 +27,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor,
-                chunk_rows: int) -> torch.Tensor:
-        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+                chunk_rows: int, grad_enabled: bool) -> torch.Tensor:
+        # needs_input_grad follows requires_grad even under no_grad: evaluation would pay for gradients
+        want_hidden, want_weight, want_bias = (grad_enabled and w for w in ctx.needs_input_grad[:3])
         n = hidden.shape[0]
         device_type = hidden.device.type
         # Under autocast, matmuls run in its dtype (and the gradient matmuls follow: they are autocast ops
@@ -72,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None,
                 (grad_weight * scale).to(weight_dtype) if grad_weight is not None else None,
                 (grad_bias * scale).to(bias_dtype) if grad_bias is not None else None,
-                None, None)
+                None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -81,4 +82,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     without materialising the logits. hidden (..., d), targets (...) of token ids."""
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     rows = chunk_rows or default_chunk_rows(hidden.device)
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows, torch.is_grad_enabled())

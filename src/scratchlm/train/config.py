@@ -46,6 +46,10 @@ class TrainConfig(ConfigBase):
     resume: str | None = None
     """'auto' = continue from the newest complete checkpoint in the run folder (if any); or a checkpoint
     path."""
+    resume_from: str | None = None
+    """Branch a new run (in --out) off another run's checkpoint: its weights, optimizer, data position and
+    metrics so far. With --decay-steps N the rate decays from the checkpoint's over N steps and the run stops
+    there: the loss a run of that length would have ended at, for N more steps of compute."""
     micro_batch_size: int = 8
     """Sequences per forward/backward pass."""
     grad_accum_steps: int = 1
@@ -55,12 +59,22 @@ class TrainConfig(ConfigBase):
     lr: float = 6e-4
     """Peak learning rate, reached after warmup."""
     min_lr: float = 6e-5
-    """Learning rate at the end of the cosine decay."""
+    """Learning rate at the end of the decay."""
     warmup_steps: int = 100
     """Linear warmup steps from 0 to lr."""
+    lr_schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """After warmup: 'cosine' down to min_lr at the end of the run; 'wsd' (warmup-stable-decay) constant,
+    then a final decay (1 − √progress) over the last --decay-fraction of the run; 'constant'. To ask "how
+    much more training", use wsd: its runs of any length share one curve until their decays, a decay can be
+    branched off any checkpoint (--resume-from), and `report` fits the loss against the schedule."""
+    decay_fraction: float = 0.2
+    """wsd: the share of the run spent in the final decay."""
+    decay_steps: int | None = None
+    """wsd: steps of the final decay (instead of --decay-fraction); with --resume-from: decay over this many
+    steps from the checkpoint, then stop."""
     lr_decay_steps: int | None = None
-    """Steps of warmup + cosine decay (default: max_steps, else max_tokens / tokens per step; else constant
-    lr)."""
+    """The step at which the decay ends (default: max_steps, else max_tokens / tokens per step; with
+    neither, the rate stays at lr after warmup)."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices and embeddings only (not biases, not LayerNorm)."""
     beta1: float = 0.9
@@ -112,10 +126,21 @@ class TrainConfig(ConfigBase):
 
     def check(self) -> None:
         """Settings that are each valid but make no run: no stop rule, counts below one."""
-        if not any(x is not None for x in (self.max_steps, self.max_tokens, self.max_time, self.target_loss)):
+        branch_decay = self.decay_steps if self.resume_from is not None else None
+        if not any(x is not None for x in (self.max_steps, self.max_tokens, self.max_time, self.target_loss,
+                                           branch_decay)):
             raise ConfigError("no stop rule: give --max-steps, --max-tokens, --max-time or --target-loss")
+        if self.resume_from is not None and self.resume not in (None, "auto"):
+            raise ConfigError("--resume-from starts a new run off another run's checkpoint; --resume "
+                              "continues this one: give one of them (--resume auto continues a branch)")
+        if self.decay_steps is not None and self.resume_from is None and self.lr_schedule != "wsd":
+            raise ConfigError("--decay-steps is the length of a wsd run's final decay, or of a decay "
+                              "branched off a checkpoint with --resume-from; this run's schedule is "
+                              f"{self.lr_schedule}")
+        if not 0.0 <= self.decay_fraction < 1.0:
+            raise ConfigError(f"key 'decay_fraction' must be in [0, 1) (got {self.decay_fraction})")
         for name in ("micro_batch_size", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval",
-                     "checkpoint_interval"):
+                     "checkpoint_interval") + (("decay_steps",) if self.decay_steps is not None else ()):
             if getattr(self, name) < 1:
                 raise ConfigError(f"key '{name}' must be at least 1 (got {getattr(self, name)})")
 
@@ -155,6 +180,7 @@ class TrainConfig(ConfigBase):
 
 # Settings that only say when to stop or how to log may change on resume; the rest would change the run.
 RESUMABLE_CHANGES = {"max_steps", "max_tokens", "max_time", "target_loss", "continue_after_target", "resume",
+                     "resume_from",
                      "log_interval", "log_format", "eval_interval", "checkpoint_interval", "keep_checkpoints",
                      "tensorboard", "compile", "activation_checkpointing", "device", "out", "data",
                      "num_proc",

@@ -72,8 +72,13 @@ def format_line(fmt: str, rec: dict) -> str:
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop records written after the checkpoint a run resumes from, so no step appears twice."""
     if path.exists():
-        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-        atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+        copy_metrics(path, path, step)
+
+
+def copy_metrics(source: Path, dest: Path, step: int) -> None:
+    """A branched run's history: the parent's records up to the step it branched at."""
+    kept = [r for r in read_jsonl(source) if r.get("step", 0) <= step] if source.exists() else []
+    atomic_write(dest, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def last_eval(path: Path) -> float | None:

@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..metrics import Window, memory_gib, mfu
 from .config import TrainConfig
 from .logs import MetricsLog, format_line
-from .optim import lr_at
+from .optim import LRSchedule
 from .state import TrainState
 
 log = logging.getLogger("scratchlm.trainer")
@@ -108,7 +108,7 @@ class Run:
     checkpoints: Checkpointer
     device: torch.device
     tokens_per_step: int
-    decay_steps: int | None = None
+    schedule: LRSchedule
     amp_dtype: torch.dtype | None = None
     env: distributed.DistEnv = field(default_factory=distributed.DistEnv)
     flops_per_token: float = 0.0
@@ -220,7 +220,7 @@ def train_step(run: Run) -> StepResult | None:
             loss = run.model(inputs, targets=targets)  # head + loss in chunks: no full logits tensor
         (loss / cfg.grad_accum_steps).backward()
         loss_sum += loss.detach()
-    lr = lr_at(state.step, cfg, run.decay_steps)
+    lr = run.schedule.at(state.step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),

@@ -25,6 +25,8 @@ class TrainState:
     """Exponential moving average of the training loss (for the console)."""
     skipped_steps: int = 0
     """Steps skipped for a non-finite loss or gradient (``--on-nonfinite-loss skip``)."""
+    branch: dict | None = None
+    """A run branched off another (``--resume-from``): the checkpoint, its step, the parent's rate there."""
 
     @classmethod
     def start(cls, world_size: int) -> TrainState:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,9 +28,17 @@ from ..model.model import Phi
 from ..parallelize import parallelize, resolve_strategy
 from ..tokenizer import Tokenizer, load_tokenizer
 from .config import RESUMABLE_CHANGES, TrainConfig
-from .logs import METRICS_FILE, MetricsLog, close_logging, last_eval, setup_logging, truncate_metrics
+from .logs import (
+    METRICS_FILE,
+    MetricsLog,
+    close_logging,
+    copy_metrics,
+    last_eval,
+    setup_logging,
+    truncate_metrics,
+)
 from .loop import Checkpointer, NonFiniteLoss, Run, evaluate, fit
-from .optim import build_optimizer, decay_steps
+from .optim import LRSchedule, build_optimizer, decay_branch, run_length, schedule_for
 from .state import TrainState
 
 log = logging.getLogger("scratchlm.trainer")
@@ -77,6 +86,8 @@ def _check_writable(out: Path) -> None:
 
 def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
     existing = ckpt.latest_checkpoint(out)
+    if cfg.resume_from is not None and existing is None:
+        return _trusted(Path(cfg.resume_from), "--resume-from")
     if cfg.resume is None:
         if existing is not None:
             raise ConfigError(f"{out} already holds checkpoints of a run; pass --resume auto to continue it, "
@@ -92,12 +103,36 @@ def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
             raise ConfigError(f"no checkpoint in {out} can be trusted ("
                               + "; ".join(f"{p.name}: {r}" for p, r in skipped) + ")")
         return newest
-    path = Path(cfg.resume)
+    return _trusted(Path(cfg.resume), "--resume")
+
+
+def _trusted(path: Path, flag: str) -> Path:
+    """``path`` if it is a complete checkpoint that verifies."""
     if not (path / "state.json").exists():
-        raise ConfigError(f"--resume {cfg.resume}: not a checkpoint folder (no state.json)")
+        raise ConfigError(f"{flag} {path}: not a checkpoint folder (no state.json)")
     if (reason := ckpt.verify(path)) is not None:
-        raise ConfigError(f"--resume {cfg.resume}: this checkpoint cannot be trusted: {reason}")
+        raise ConfigError(f"{flag} {path}: this checkpoint cannot be trusted: {reason}")
     return path
+
+
+def _branch(cfg: TrainConfig, checkpoint: Path | None, out: Path) -> dict | None:
+    """Where this run branched off another (``--resume-from``), read from the checkpoint it starts from: the
+    parent's checkpoint (a new branch) or its own (a branch resumed)."""
+    if checkpoint is None or cfg.resume_from is None:
+        return None
+    saved = json.loads((checkpoint / "state.json").read_text())
+    if checkpoint.parent.parent.resolve() == out.resolve():
+        return saved.get("branch")
+    parent = TrainConfig.model_validate(read_yaml(checkpoint / "config.yaml"))
+    step, tokens_per_step = saved["step"], saved["tokens"] // max(1, saved["step"])
+    rate = schedule_for(parent, run_length(parent, tokens_per_step)).at(step)
+    return {"checkpoint": str(checkpoint), "step": step, "lr": rate}
+
+
+def _schedule(cfg: TrainConfig, branch: dict | None, tokens_per_step: int) -> LRSchedule:
+    if branch is not None and cfg.decay_steps is not None:
+        return decay_branch(cfg, branch["step"], branch["lr"], cfg.decay_steps)
+    return schedule_for(cfg, run_length(cfg, tokens_per_step))
 
 
 def _warn_changed_settings(cfg: TrainConfig, checkpoint: Path) -> None:
@@ -130,13 +165,17 @@ def _build_model(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
 
 
 def _restore(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, out: Path,
-             env: distributed.DistEnv) -> TrainState:
+             env: distributed.DistEnv, branch: dict | None) -> TrainState:
     state = TrainState.from_dict(ckpt.load_checkpoint(checkpoint, model, optimizer))
     if len(state.data_positions) != env.world_size:
         raise ConfigError(f"{checkpoint} was saved by {len(state.data_positions)} processes; resume it with "
                           f"the same number (this run has {env.world_size}) so every data stream continues")
-    if env.is_main:
+    new_branch = branch is not None and state.branch != branch
+    if env.is_main and new_branch:  # the parent's history up to the branch: the new run's curve is whole
+        copy_metrics(checkpoint.parent.parent / METRICS_FILE, out / METRICS_FILE, state.step)
+    elif env.is_main:
         truncate_metrics(out / METRICS_FILE, state.step)
+    state.branch = branch
     shown = {k: (f"{len(v)} tokens" if k == "leftover" else v) for k,
              v in state.data_positions[env.rank].items()}
     log.info("resumed from %s: step %d, %s tokens, data at %s", checkpoint, state.step, f"{state.tokens:,}",
@@ -148,8 +187,11 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, env: distributed.D
     block_size = cfg.resolved_block_size()
     request = cfg.data_request(progress=sys.stderr.isatty())
     resume_from = _resume_point(cfg, out)
-    if resume_from is not None:
+    branch = _branch(cfg, resume_from, out)
+    if resume_from is not None and branch is None:
         _warn_changed_settings(cfg, resume_from)
+    if branch is not None and cfg.decay_steps is not None and cfg.max_steps is None:
+        cfg = cfg.model_copy(update={"max_steps": branch["step"] + cfg.decay_steps})
     config_yaml = to_yaml(cfg)
     if env.is_main:
         ckpt.remove_partial(out)
@@ -158,14 +200,14 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, env: distributed.D
     tokenizer = load_tokenizer(cfg.tokenizer)
     model = _build_model(cfg, device, amp_dtype, env)
     optimizer = build_optimizer(model, cfg, device)
-    state = (_restore(resume_from, model, optimizer, out, env) if resume_from is not None
+    state = (_restore(resume_from, model, optimizer, out, env, branch) if resume_from is not None
              else TrainState.start(env.world_size))
     data = build_data(request, tokenizer, env, state.data_positions[env.rank])
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * block_size * env.world_size
     run = Run(cfg, model, optimizer, data, state, MetricsLog(out, env.is_main, cfg.tensorboard),
               Checkpointer(out, model, optimizer, config_yaml, cfg.keep_checkpoints, env,
                            saved=state if resume_from is not None else None),
-              device, tokens_per_step, decay_steps(cfg, tokens_per_step), amp_dtype, env,
+              device, tokens_per_step, _schedule(cfg, branch, tokens_per_step), amp_dtype, env,
               cfg.preset().flops_per_token(block_size), gpu_peak_flops(device))
     try:
         with run.stop_requests:
@@ -198,7 +240,8 @@ def _export(run: Run, out: Path, tokenizer: Tokenizer, reason: str, final_eval: 
                "initial_eval_loss": state.initial_eval_loss, "target_loss": state.target_loss,
                "target_reached": state.target_reached,
                "final_eval_loss": final_eval if final_eval is not None else last_eval(out / METRICS_FILE),
-               "skipped_steps": state.skipped_steps,
+               "skipped_steps": state.skipped_steps, "lr_schedule": asdict(run.schedule),
+               "branch": state.branch,
                "tokens_per_s": state.tokens / state.elapsed_s if state.elapsed_s else 0.0,
                "final": str(final_dir)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -1,0 +1,475 @@
+"""How much more training: loss curves fitted against their learning-rate schedule, backtested, extrapolated.
+
+The loss model is the scaling law with learning-rate annealing (Tissue et al. 2024, "Scaling Law with
+Learning Rate Annealing"): after s steps,
+
+    L(s) = L0 + A·S1^(−α) − C·S2
+
+where S1 = Σ η_i is the summed learning rate (the forward area) and S2 = Σ m_i the annealing area, with
+m_i = λ·m_(i−1) + max(0, η_(i−1) − η_i): a fall of the rate lowers the loss, with a delay set by λ. A rise
+(warmup) anneals nothing. Both areas are counted in steps at the peak rate, so A and C read in steps.
+
+Why this and not L(D) = E + B·D^(−β) on tokens alone: a run whose rate decays to its own end bends for a
+reason that has nothing to do with data, and a power law reads that bend as a floor. The annealing law
+separates the two, so a curve of one length and schedule predicts a run of any other. The power law stays as
+the baseline, and every prediction comes with backtests: parts of the curves held back and predicted from
+the rest, for both models.
+
+It is fitted in an equivalent form that stays well-conditioned on short runs (``LossLaw``). Across model
+sizes the level depends on the parameter count through a term K·(N/1M)^(−γ), fitted jointly with the rest
+over every run (γ is held at Hoffmann et al. 2022's 0.34 when only two sizes are given).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+TOKEN_UNIT = 1e6  # the power law works in millions of tokens, keeping B and D of similar magnitude
+PARAM_UNIT = 1e6
+# λ: Tissue et al. found 0.999 on runs of tens of thousands of steps; on runs of a few hundred, decays
+# branched off one constant-rate run at four points were fitted best at 0.95 (bench/RESULTS.md). When two
+# runs or more decay, the fit chooses λ itself from this grid.
+MOMENTUM = 0.95
+MOMENTUM_GRID = (0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+SKIP_WARMUPS = 3  # the first collapse of the loss lasted until 2-3 warmups in our runs (bench/RESULTS.md)
+CHINCHILLA_GAMMA = 0.34  # the parameter exponent of Hoffmann et al. 2022, used when two sizes cannot fit it
+Z90 = 1.645  # a two-sided 90% interval of a normal error
+EXACT_STEPS = 200_000  # longer schedules are integrated on a grid rather than step by step
+
+
+# --------------------------------------------------------------------------------------------- the areas
+
+
+def annealed(rates: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Whether, at each of ``steps``, the rate has yet fallen by 1% of its highest value: less than that (a
+    cosine over a horizon far past the run) teaches a fit nothing about decays."""
+    rates = np.asarray(rates, dtype=float)
+    fallen = np.concatenate([[0.0], np.cumsum(np.maximum(0.0, -np.diff(rates, prepend=rates[:1])))])
+    return fallen[steps] >= 0.01 * max(float(rates.max(initial=0.0)), 1e-30)
+
+
+def schedule_areas(rates: np.ndarray, momentum: float = MOMENTUM) -> tuple[np.ndarray, np.ndarray]:
+    """S1 and S2 after 0, 1, …, len(rates) steps (index s: after s steps), in units of the given rates."""
+    from scipy.signal import lfilter
+
+    rates = np.asarray(rates, dtype=float)
+    falls = np.maximum(0.0, -np.diff(rates, prepend=rates[:1]))
+    m = lfilter([1.0], [1.0, -momentum], falls)
+    return np.concatenate([[0.0], np.cumsum(rates)]), np.concatenate([[0.0], np.cumsum(m)])
+
+
+def final_areas(rate_of: Callable[[np.ndarray], np.ndarray], steps: int,
+                momentum: float = MOMENTUM) -> tuple[float, float]:
+    """S1 and S2 at the end of a run of ``steps`` steps whose rate at step i is ``rate_of(i)``. A run too long
+    to walk step by step (Phi-2's 1.4T tokens) is integrated on a grid, with
+    S2 = Σ_i fall_i·(1 − λ^(T−i))/(1 − λ)."""
+    if steps <= EXACT_STEPS:
+        s1, s2 = schedule_areas(rate_of(np.arange(steps)), momentum)
+        return float(s1[-1]), float(s2[-1])
+    grid = np.unique(np.linspace(0, steps - 1, EXACT_STEPS).round())
+    rates = rate_of(grid)
+    s1 = float(np.sum(0.5 * (rates[1:] + rates[:-1]) * np.diff(grid)) + rates[0])
+    falls = np.maximum(0.0, -np.diff(rates))
+    since = steps - grid[1:]
+    s2 = float(np.sum(falls * (1.0 - momentum ** since) / (1.0 - momentum)))
+    return s1, s2
+
+
+# -------------------------------------------------------------------------------------------- the curves
+
+
+@dataclass
+class Curve:
+    """What a fit sees of one run: its evaluation losses and the rate of every step before them."""
+
+    name: str
+    steps: np.ndarray
+    """Steps of the evaluations (after that many optimizer steps; step 0 is left out)."""
+    tokens: np.ndarray
+    losses: np.ndarray
+    rates: np.ndarray
+    """The rate of steps 1 … last (as logged)."""
+    parameters: int | None = None
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps until the rate first reaches its peak."""
+        return int(np.argmax(self.rates >= 0.999 * self.rates.max())) + 1 if len(self.rates) else 0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return float(self.tokens[-1] / self.steps[-1])
+
+    def part(self, keep: np.ndarray) -> Curve:
+        """The same run, only the evaluations where ``keep`` is true."""
+        return Curve(self.name, self.steps[keep], self.tokens[keep], self.losses[keep], self.rates,
+                     self.parameters)
+
+
+def curve_from_records(name: str, train: list[dict], evals: list[dict],
+                       parameters: int | None = None) -> Curve:
+    """A run's curve from its ``metrics.jsonl`` records (a step skipped for a non-finite loss keeps the rate
+    of the step before)."""
+    last = max(r["step"] for r in evals) if evals else 0
+    logged = {r["step"]: r["lr"] for r in train if "lr" in r}
+    rates, rate = np.zeros(last), next(iter(logged.values()), 0.0)
+    for s in range(1, last + 1):
+        rate = logged.get(s, rate)
+        rates[s - 1] = rate
+    points = [r for r in evals if r["step"] > 0]
+    return Curve(name, np.array([r["step"] for r in points]), np.array([r["tokens"] for r in points], float),
+                 np.array([r["eval_loss"] for r in points]), rates, parameters)
+
+
+# ------------------------------------------------------------------------------------------------ fitting
+
+
+def _forward(s1: np.ndarray, alpha: float) -> np.ndarray:
+    """g = (1 − S1^(−α))/α, and its limit ln S1 at α = 0 (a series near it: no 0/0)."""
+    u = np.log(np.maximum(s1, 1e-12))
+    if alpha < 1e-4:
+        return u - alpha * u**2 / 2 + alpha**2 * u**3 / 6
+    return -np.expm1(-alpha * u) / alpha
+
+
+def _forward_slope(s1: np.ndarray, alpha: float) -> np.ndarray:
+    """∂g/∂α = (S1^(−α)·ln S1 − g)/α, and its series −(ln S1)²/2 + α(ln S1)³/3 near α = 0."""
+    u = np.log(np.maximum(s1, 1e-12))
+    if alpha < 1e-4:
+        return -(u**2) / 2 + alpha * u**3 / 3
+    return (np.exp(-alpha * u) * u - _forward(s1, alpha)) / alpha
+
+
+def _law_jacobian(p: np.ndarray, names: list[str], fixed: dict, s1: np.ndarray, s2: np.ndarray,
+                  parameters: np.ndarray) -> np.ndarray:
+    """∂L/∂p for each fitted parameter (columns in ``names``' order): the fit needs no finite differences,
+    which stall where α meets its bound at 0."""
+    v = {**fixed, **dict(zip(names, p, strict=True))}
+    size = (parameters / PARAM_UNIT) ** (-v["gamma"])
+    columns = {"L1": np.ones_like(s1), "B": -_forward(s1, v["alpha"]),
+               "alpha": -v["B"] * _forward_slope(s1, v["alpha"]), "C": -s2, "K": size,
+               "gamma": -v["K"] * size * np.log(parameters / PARAM_UNIT)}
+    return np.stack([columns[name] for name in names], axis=1)
+
+
+@dataclass
+class LossLaw:
+    """L = L1 + K·(N/1M)^(−γ) − B·(1 − S1^(−α))/α − C·S2, and the fit's covariance.
+
+    The published L0 + A·S1^(−α) − C·S2 written from its value at S1 = 1 (L1 = L0 + A) and its slope there
+    (B = A·α): the same curves, and at α → 0 their limit L1 − B·ln S1, a loss still falling by the same
+    amount per doubling of the run, which is what short runs show. In the published form that limit sits at
+    L0 → −∞, A → ∞ and a fit stalls at a bound; here it is α = 0, with no floor measured yet."""
+
+    L1: float
+    B: float
+    alpha: float
+    C: float
+    K: float = 0.0
+    gamma: float = CHINCHILLA_GAMMA
+    rate_unit: float = 1.0
+    """The rate that counts as one step of area (the highest rate among the fitted runs)."""
+    momentum: float = MOMENTUM
+    momentum_source: str = "default"
+    """How λ was set: 'given', 'fitted' (several runs decay) or 'default'."""
+    names: list[str] = field(default_factory=lambda: ["L1", "B", "alpha", "C"])
+    """The parameters the fit moved (the others were held)."""
+    covariance: list[list[float]] | None = None
+    residual_rms: float = 0.0
+    points: int = 0
+    annealing_seen: bool = True
+    """False when no fitted curve had a falling rate: C was held at 0 and predictions hold no decay's gain."""
+
+    @property
+    def floor(self) -> float | None:
+        """L0, the loss the curve levels off at for the fitted model size (None: no levelling off seen)."""
+        return self.L1 - self.B / self.alpha if self.alpha > 1e-3 else None
+
+    def loss(self, s1: np.ndarray | float, s2: np.ndarray | float, parameters: float | None = None):
+        return _law(self.vector(), self.names, self._fixed(), np.asarray(s1), np.asarray(s2),
+                    np.asarray(parameters or PARAM_UNIT, dtype=float))
+
+    def vector(self) -> np.ndarray:
+        return np.array([getattr(self, n) for n in self.names])
+
+    def _fixed(self) -> dict:
+        return {n: getattr(self, n) for n in ("L1", "B", "alpha", "C", "K", "gamma") if n not in self.names}
+
+    def areas(self, rates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return schedule_areas(np.asarray(rates) / self.rate_unit, self.momentum)
+
+    def predict(self, s1: float, s2: float, parameters: float | None = None) -> tuple[float, list[float]]:
+        """The loss at areas (S1, S2), and a 90% interval from the fit's covariance (the delta method)."""
+        x = (np.array([s1]), np.array([s2]), np.array([parameters or PARAM_UNIT], dtype=float))
+        p, fixed = self.vector(), self._fixed()
+        value = float(_law(p, self.names, fixed, *x)[0])
+        if self.covariance is None:
+            return value, [value, value]
+        grad = np.zeros(len(p))
+        for i in range(len(p)):
+            h = 1e-6 * max(1.0, abs(p[i]))
+            up, down = p.copy(), p.copy()
+            up[i] += h
+            down[i] = max(0.0, down[i] - h) if self.names[i] == "alpha" else down[i] - h
+            rise = _law(up, self.names, fixed, *x)[0] - _law(down, self.names, fixed, *x)[0]
+            grad[i] = rise / (up[i] - down[i])
+        spread = Z90 * math.sqrt(max(0.0, float(grad @ np.asarray(self.covariance) @ grad)))
+        return value, [value - spread, value + spread]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "L0": self.floor}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> LossLaw:
+        return cls(**{k: v for k, v in saved.items() if k != "L0"})
+
+
+def _law(p: np.ndarray, names: list[str], fixed: dict, s1: np.ndarray, s2: np.ndarray,
+         parameters: np.ndarray) -> np.ndarray:
+    v = {**fixed, **dict(zip(names, p, strict=True))}
+    size = v["K"] * (parameters / PARAM_UNIT) ** (-v["gamma"])
+    return v["L1"] + size - v["B"] * _forward(s1, v["alpha"]) - v["C"] * s2
+
+
+def fit_loss_law(curves: Sequence[Curve], momentum: float | None = None) -> LossLaw:
+    """Least-squares fit of the law to the evaluations of ``curves`` from three times the warmup on (before,
+    the loss is still in its first collapse, which the law does not describe); with runs of several model
+    sizes the dependence on N is fitted too (γ only from three sizes up). λ: ``momentum`` if given; else
+    chosen from ``MOMENTUM_GRID`` by the residual when two runs or more decay (their decays tell how long a
+    fall of the rate keeps paying); else ``MOMENTUM``."""
+    if momentum is not None:
+        return _fit_at(curves, momentum, "given")
+    if sum(bool(annealed(c.rates, c.steps).any()) for c in curves) < 2:
+        return _fit_at(curves, MOMENTUM, "default")
+    fits = []
+    for value in MOMENTUM_GRID:
+        with contextlib.suppress(ValueError):
+            fits.append(_fit_at(curves, value, "fitted"))
+    if not fits:
+        raise ValueError("the loss-law fit did not converge")
+    return min(fits, key=lambda f: f.residual_rms)
+
+
+def _fit_at(curves: Sequence[Curve], momentum: float, source: str) -> LossLaw:
+    from scipy.optimize import curve_fit
+
+    unit = max(float(np.max(c.rates)) for c in curves if len(c.rates))
+    s1, s2, n, y, seen = [], [], [], [], False
+    for c in curves:
+        c = c.part(c.steps >= SKIP_WARMUPS * c.warmup_steps)
+        seen = seen or bool(annealed(c.rates, c.steps).any())
+        a1, a2 = schedule_areas(c.rates / unit, momentum)
+        s1.append(a1[c.steps])
+        s2.append(a2[c.steps])
+        n.append(np.full(len(c.steps), float(c.parameters or PARAM_UNIT)))
+        y.append(c.losses)
+    s1, s2, n, y = map(np.concatenate, (s1, s2, n, y))
+    sizes = len(set(n.tolist()))
+    names = ["L1", "B", "alpha"] + (["C"] if seen else []) + (["K"] if sizes > 1 else []) \
+        + (["gamma"] if sizes > 2 else [])
+    fixed = {k: v for k, v in (("C", 0.0), ("K", 0.0), ("gamma", CHINCHILLA_GAMMA)) if k not in names}
+    if len(y) <= len(names):
+        raise ValueError(f"{len(y)} evaluation points for {len(names)} parameters: evaluate more often")
+
+    def model(x, *p):
+        return _law(np.asarray(p), names, fixed, x[0], x[1], x[2])
+
+    def jacobian(x, *p):
+        return _law_jacobian(np.asarray(p), names, fixed, x[0], x[1], x[2])
+
+    slope = max(1e-3, float(y.max() - y.min()) / max(1e-3, float(np.log(s1.max() / s1.min()))))
+    lower = {"L1": -np.inf, "B": 0.0, "alpha": 0.0, "C": 0.0, "K": 0.0, "gamma": 0.05}
+    # α ≤ 1: published fits of language-model curves sit near 0.3-0.6; a few noisy points must not bend a
+    # curve into a wall
+    upper = {"L1": np.inf, "B": np.inf, "alpha": 1.0, "C": np.inf, "K": np.inf, "gamma": 1.5}
+    best = None
+    for alpha0 in (0.01, 0.2, 0.6):  # a few starts: the fit has flat directions on short curves
+        start = {"L1": float(y.max()) + slope * float(np.log(s1.min())), "B": slope, "alpha": alpha0,
+                 "C": 0.01 * slope, "K": slope, "gamma": CHINCHILLA_GAMMA}
+        try:
+            p, cov = curve_fit(model, (s1, s2, n), y, p0=[start[k] for k in names], jac=jacobian,
+                               bounds=([lower[k] for k in names], [upper[k] for k in names]), maxfev=3000)
+        except (RuntimeError, ValueError):
+            continue
+        err = float(np.sum((model((s1, s2, n), *p) - y) ** 2))
+        if best is None or err < best[0]:
+            best = (err, p, cov)
+    if best is None:
+        raise ValueError("the loss-law fit did not converge")
+    err, p, cov = best
+    values = {**fixed, **dict(zip(names, (float(v) for v in p), strict=True))}
+    covariance = cov.tolist() if np.all(np.isfinite(cov)) else None
+    return LossLaw(**values, rate_unit=unit, momentum=momentum, momentum_source=source, names=names,
+                   covariance=covariance,
+                   residual_rms=math.sqrt(err / len(y)), points=len(y), annealing_seen=seen)
+
+
+# ------------------------------------------------------------------------------------ the power law baseline
+
+
+@dataclass
+class PowerLaw:
+    """L(D) = E + B·D^(−β), D in tokens: the baseline, blind to the schedule."""
+
+    E: float
+    B: float
+    beta: float
+    points: int
+
+    def loss(self, tokens: np.ndarray | float) -> np.ndarray | float:
+        return self.E + self.B * (np.asarray(tokens) / TOKEN_UNIT) ** (-self.beta)
+
+    def tokens_to_reach(self, target: float) -> float | None:
+        """Tokens at which the curve reaches ``target``; None if it never does (E at or above the target)."""
+        if target <= self.E:
+            return None
+        return TOKEN_UNIT * (self.B / (target - self.E)) ** (1.0 / self.beta)
+
+
+def fit_power_law(tokens: np.ndarray, losses: np.ndarray, start: PowerLaw | None = None) -> PowerLaw:
+    """Least-squares fit of L(D) = E + B·D^(−β) (scipy's curve_fit, bounded: E ≥ 0, B > 0, 0 < β ≤ 3), from a
+    few starting points, or from ``start`` alone (a bootstrap resample starts from the fit it perturbs)."""
+    from scipy.optimize import curve_fit
+
+    d = np.asarray(tokens, dtype=float) / TOKEN_UNIT
+    y = np.asarray(losses, dtype=float)
+    keep = d > 0
+    d, y = d[keep], y[keep]
+    if len(d) < 4:
+        raise ValueError(f"{len(d)} evaluation points: a 3-parameter fit needs at least 4 "
+                         "(evaluate more often)")
+
+    def model(x, E, B, beta):
+        return E + B * x ** (-beta)
+
+    best = None
+    starts = ([(start.E, start.B, start.beta)] if start else
+              [(max(0.0, y.min() * 0.8), max(1e-6, (y.max() - y.min()) + 0.1), beta0)
+               for beta0 in (0.1, 0.3, 0.6, 1.0)])  # a few starts: flat directions on short curves
+    for p0 in starts:
+        try:
+            p, _ = curve_fit(model, d, y, p0=p0,
+                             bounds=([0.0, 1e-9, 1e-3], [np.inf, np.inf, 3.0]), maxfev=3000)
+        except RuntimeError:
+            continue
+        err = float(np.sum((model(d, *p) - y) ** 2))
+        if best is None or err < best[0]:
+            best = (err, p)
+    if best is None:
+        raise ValueError("the power-law fit did not converge")
+    E, B, beta = best[1]
+    return PowerLaw(float(E), float(B), float(beta), len(d))
+
+
+# ------------------------------------------------------------------------------------------------ backtests
+
+
+def _relative(predicted: float, actual: float) -> float:
+    return (predicted - actual) / actual
+
+
+def _power_law_at(fitted: Sequence[Curve], tokens: np.ndarray) -> np.ndarray | None:
+    try:
+        law = fit_power_law(np.concatenate([c.tokens for c in fitted]),
+                            np.concatenate([c.losses for c in fitted]))
+    except ValueError:
+        return None
+    return np.asarray(law.loss(tokens))
+
+
+def _scored(kind: str, held: str, fitted: Sequence[Curve], target: Curve,
+            momentum: float | None) -> dict | None:
+    """Fit both models on ``fitted``, predict ``target``'s points; errors at its last point (signed, relative)
+    and over all of them (mean absolute)."""
+    try:
+        law = fit_loss_law(fitted, momentum)
+    except ValueError:
+        return None
+    s1, s2 = law.areas(target.rates)
+    ours = np.asarray(law.loss(s1[target.steps], s2[target.steps], target.parameters))
+    theirs = _power_law_at(fitted, target.tokens) if len({c.parameters for c in fitted}) == 1 else None
+    out = {"kind": kind, "held_back": held, "run": target.name, "step": int(target.steps[-1]),
+           "actual": float(target.losses[-1]), "predicted": float(ours[-1]),
+           "error": _relative(float(ours[-1]), float(target.losses[-1])),
+           "mean_abs_error": float(np.mean(np.abs(ours - target.losses) / target.losses))}
+    if theirs is not None:
+        out["power_law"] = {"predicted": float(theirs[-1]),
+                            "error": _relative(float(theirs[-1]), float(target.losses[-1])),
+                            "mean_abs_error": float(np.mean(np.abs(theirs - target.losses) / target.losses))}
+    return out
+
+
+def backtest_end(curve: Curve, hold_back: float = 0.4, momentum: float | None = None) -> dict | None:
+    """Hold back the last ``hold_back`` of a run's evaluations and predict them from the rest. When the run's
+    only decay lies in the held-back part (a wsd run), nothing before it can tell how much a decay gains: the
+    points before the decay are split instead, and the backtest checks the forward part of the law."""
+    curve = curve.part(curve.steps >= SKIP_WARMUPS * curve.warmup_steps)  # the points a fit can use
+    steps = curve.steps
+    decayed = annealed(curve.rates, steps)
+    scope = len(steps)
+    if decayed.any() and not decayed[: math.ceil(scope * (1 - hold_back))].any():
+        scope = int(np.argmax(decayed))
+    cut = math.ceil(scope * (1 - hold_back))
+    if cut < 4 or cut >= scope:
+        return None
+    index = np.arange(len(steps))
+    held = f"evaluations after step {steps[cut - 1]}" + (f" up to step {steps[scope - 1]} (before the decay)"
+                                                         if scope < len(steps) else "")
+    target = curve.part((index >= cut) & (index < scope))
+    return _scored("end of run", held, [curve.part(index < cut)], target, momentum)
+
+
+def backtest_runs(curves: Sequence[Curve], momentum: float | None = None) -> dict | None:
+    """Given several runs: hold back a whole one and predict it from the others. With one model size, the
+    longest run (the question "how much more"); with several sizes, the largest model ("how big")."""
+    if len(curves) < 2:
+        return None
+    sizes = {c.parameters for c in curves}
+    if len(sizes) > 1:
+        if len(sizes) < 3:
+            return None  # two sizes fit E and K with γ held; one size alone cannot tell them apart
+        largest = max(sizes, key=lambda n: n or 0)
+        target = max((c for c in curves if c.parameters == largest), key=lambda c: c.tokens[-1])
+        fitted = [c for c in curves if c.parameters != largest]
+        return _scored("largest model", f"the largest model ({largest:,} parameters), from the smaller ones",
+                       fitted, target, momentum)
+    target = max(curves, key=lambda c: c.tokens[-1])
+    return _scored("whole run", "the longest run, from the others", [c for c in curves if c is not target],
+                   target, momentum)
+
+
+# ----------------------------------------------------------------------------------------------- prediction
+
+
+def predict_end(law: LossLaw, rate_of: Callable[[np.ndarray], np.ndarray], steps: int,
+                parameters: float | None = None) -> tuple[float, list[float]]:
+    """The loss at the end of a run of ``steps`` steps with rates ``rate_of``, and its 90% interval."""
+    s1, s2 = final_areas(lambda i: rate_of(i) / law.rate_unit, steps, law.momentum)
+    return law.predict(s1, s2, parameters)
+
+
+def steps_to_reach(law: LossLaw, schedule: Callable[[int], Callable[[np.ndarray], np.ndarray]], target: float,
+                   parameters: float | None = None, start: int = 1, limit: int = 10**13,
+                   bound: int | None = None) -> int | None:
+    """The shortest run (in steps, each length with its own schedule ``schedule(steps)``) whose final loss
+    reaches ``target``; None when even ``limit`` steps do not. ``bound`` 0 or 1: the same for the lower or
+    upper end of the 90% interval."""
+
+    def reaches(steps: int) -> bool:
+        value, interval = predict_end(law, schedule(steps), steps, parameters)
+        return (value if bound is None else interval[bound]) <= target
+
+    if not reaches(limit):
+        return None
+    lo, hi = start, start
+    while not reaches(hi):
+        lo, hi = hi, min(limit, hi * 4)
+    while hi - lo > max(1, lo // 1000):  # to 0.1%: closer than the fit can tell
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+    return hi
