@@ -154,6 +154,12 @@ def test_the_short_run_predicts_the_long_run(runs, capsys):
     assert answer["backtest"]["run"] == "short" and answer["backtest"]["kind"] == "end of run"
     assert answer["backtest_error"] == answer["backtest"]["error"] and abs(answer["backtest_error"]) < 0.2
     assert set(answer["params"]) >= {"L1", "B", "alpha", "C", "L0", "covariance"}
+    # any other schedule of the same length, from the same fit
+    run_report(ReportConfig(runs=[str(runs / "short")], predict_tokens=tokens, predict_schedule="constant",
+                            json=True))
+    constant = json.loads(capsys.readouterr().out)
+    assert constant["schedule"] == "constant" and constant["params"] == answer["params"]
+    assert constant["predicted_loss"] != answer["predicted_loss"]
 
 
 @pytest.mark.slow

@@ -62,7 +62,7 @@ def evaluate(model: str, data: str, block_size: int = 2048, max_tokens: int | No
 
 def report(runs: list[str], out: str | None, reference_loss: float | None = None,
            reference_name: str = "reference", predict_tokens: float | None = None,
-           predict_model: str | None = None) -> dict:
+           predict_model: str | None = None, predict_schedule: str | None = None) -> dict:
     """Plots, table and forecast for run folders (see ``scratchlm report``); ``out`` None: only the
     forecasts."""
     from pathlib import Path
@@ -71,7 +71,8 @@ def report(runs: list[str], out: str | None, reference_loss: float | None = None
 
     reference = (reference_name, reference_loss) if reference_loss is not None else None
     return build_report([Path(r) for r in runs], Path(out) if out else None, reference,
-                        predict_tokens=predict_tokens, predict_model=predict_model)
+                        predict_tokens=predict_tokens, predict_model=predict_model,
+                        predict_schedule=predict_schedule)
 
 
 __all__ = ["evaluate", "report", "serve", "serve_model", "train"]

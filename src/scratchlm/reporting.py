@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -74,11 +74,12 @@ def _by_data(runs: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
-def _hypothetical(cfg):
-    """The settings of the same run at another length: its schedule scales with the length (a branch's own
-    decay length does not carry over)."""
+def _hypothetical(cfg, schedule: str | None = None):
+    """The settings of the same run at another length (and, if given, with another schedule): its schedule
+    scales with the length (a branch's own decay length does not carry over)."""
+    keep_decay = cfg.decay_steps if not cfg.resume_from and (schedule or cfg.lr_schedule) == "wsd" else None
     return cfg.model_copy(update={"lr_decay_steps": None, "max_steps": None, "max_tokens": None,
-                                  "decay_steps": None if cfg.resume_from else cfg.decay_steps})
+                                  "decay_steps": keep_decay, "lr_schedule": schedule or cfg.lr_schedule})
 
 
 def _headline(backtests: list[dict], other_size: bool, base: str) -> dict | None:
@@ -93,11 +94,12 @@ def _headline(backtests: list[dict], other_size: bool, base: str) -> dict | None
 
 
 def forecast(runs: list[dict], predict_tokens: float | None = None, predict_model: str | None = None,
-             reference: float | None = None, momentum: float | None = None) -> dict:
+             reference: float | None = None, momentum: float | None = None,
+             predict_schedule: str | None = None) -> dict:
     """The loss law (``scaling``) fitted over every run, and what it says: the loss of a run of
     ``predict_tokens`` tokens (of ``predict_model``, else the largest model run) with the schedule of the
-    longest run of that model, and the tokens to reach ``reference``; beside them, the backtests of the law
-    and of the plain power law, and the power law's own answer."""
+    longest run of that model (or ``predict_schedule``), and the tokens to reach ``reference``; beside them,
+    the backtests of the law and of the plain power law, and the power law's own answer."""
     from .model.config import get_preset
     from .train.optim import schedule_for
 
@@ -110,7 +112,7 @@ def forecast(runs: list[dict], predict_tokens: float | None = None, predict_mode
     biggest = max(r["parameters"] or 0 for r in usable)
     base = max((r for r in usable if (r["parameters"] or 0) == biggest),
                key=lambda r: r["eval"][-1]["tokens"])
-    curve, cfg = curves[base["name"]], _hypothetical(base["config"])
+    curve, cfg = curves[base["name"]], _hypothetical(base["config"], predict_schedule)
     parameters = get_preset(predict_model).num_parameters if predict_model else base["parameters"]
     if parameters != base["parameters"] and law.K == 0.0:
         raise ValueError("--predict-model needs runs of at least two model sizes: one size says nothing of "
@@ -244,7 +246,7 @@ def _plot_forecast(runs: list[dict], outlook: dict, reference: tuple[str, float]
         ax.plot(steps * c.tokens_per_step, law.loss(s1[1:], s2[1:], c.parameters), "-", lw=1,
                 color=line.get_color(), alpha=0.7)
     base = next(r for r in runs if r["name"] == outlook["base_run"])
-    cfg, per_step = _hypothetical(base["config"]), outlook["tokens_per_step"]
+    cfg, per_step = _hypothetical(base["config"], outlook["schedule"]), outlook["tokens_per_step"]
     first = base["eval"][-1]["tokens"] / per_step
     last = max(first * 100, (outlook.get("tokens") or 0) / per_step,
                ((outlook.get("reference") or {}).get("tokens") or 0) / per_step) * 1.5
@@ -282,7 +284,8 @@ def _fmt_tokens(n: float | None) -> str:
 
 def build_report(run_dirs: list[Path], out: Path | None, reference: tuple[str, float] | None = None,
                  extra_eval: dict[str, float] | None = None, predict_tokens: float | None = None,
-                 predict_model: str | None = None, momentum: float | None = None) -> dict:
+                 predict_model: str | None = None, momentum: float | None = None,
+                 predict_schedule: str | None = None) -> dict:
     """Write report.md, report.json and the PNG plots (with their data as JSON) to ``out`` (None: only
     return the report)."""
     runs = [read_run(Path(d)) for d in run_dirs]
@@ -290,7 +293,7 @@ def build_report(run_dirs: list[Path], out: Path | None, reference: tuple[str, f
     for data, group in _by_data(runs).items():
         try:
             outlooks[data] = forecast(group, predict_tokens, predict_model,
-                                      reference[1] if reference else None, momentum)
+                                      reference[1] if reference else None, momentum, predict_schedule)
         except ValueError as err:
             outlooks[data] = {"error": str(err)}
     if out is None:
@@ -465,6 +468,8 @@ class ReportConfig(ConfigBase):
     """Predict the final evaluation loss of a run of this many tokens (the longest run's schedule)."""
     predict_model: str | None = None
     """... of this model preset (needs runs of two sizes or more; e.g. phi-2)."""
+    predict_schedule: Literal["cosine", "wsd", "constant"] | None = None
+    """... with this learning-rate schedule instead of the longest run's (same peak, warmup, minimum)."""
     annealing_momentum: float | None = None
     """λ of the loss law's annealing area (default: fitted when two runs or more decay, else 0.95)."""
     as_json: bool = Field(False, alias="json")
@@ -510,7 +515,7 @@ def run_report(cfg: ReportConfig) -> None:
     if cfg.out is None and not cfg.as_json:
         raise ConfigError("give --out (a folder for the report) or --json (the forecast on standard output)")
     report = build_report([Path(d) for d in cfg.runs], Path(cfg.out) if cfg.out else None, reference, extra,
-                          cfg.predict_tokens, cfg.predict_model, cfg.annealing_momentum)
+                          cfg.predict_tokens, cfg.predict_model, cfg.annealing_momentum, cfg.predict_schedule)
     if cfg.as_json:
         # the runs that trained on what the first run given trained on
         outlook = next(iter(report["forecasts"].values()))
