@@ -84,6 +84,9 @@ def test_a_decay_branched_off_a_checkpoint_is_the_wsd_run_of_that_length(small_c
         "final_eval_loss"], abs=1e-6)
     with pytest.raises(ConfigError, match="--decay-steps"):
         TrainConfig(**common, out=str(tmp_path / "x"), max_steps=5, decay_steps=2).check()
+    with pytest.raises(ConfigError, match="--resume-from .*not a checkpoint folder"):
+        train(TrainConfig(**common, out=str(tmp_path / "y"), decay_steps=2, resume_from=str(constant)))
+    assert not (tmp_path / "y" / "checkpoints").exists()
 
 
 def test_resume_continues_exactly(small_corpus, tmp_path):

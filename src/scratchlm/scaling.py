@@ -105,6 +105,11 @@ class Curve:
     def tokens_per_step(self) -> float:
         return float(self.tokens[-1] / self.steps[-1])
 
+    def fit_points(self) -> Curve:
+        """The evaluations a fit uses: from three warmups on (before, the loss is still in its first
+        collapse, which the law does not describe)."""
+        return self.part(self.steps >= SKIP_WARMUPS * self.warmup_steps)
+
     def part(self, keep: np.ndarray) -> Curve:
         """The same run, only the evaluations where ``keep`` is true."""
         return Curve(self.name, self.steps[keep], self.tokens[keep], self.losses[keep], self.rates,
@@ -237,11 +242,10 @@ def _law(p: np.ndarray, names: list[str], fixed: dict, s1: np.ndarray, s2: np.nd
 
 
 def fit_loss_law(curves: Sequence[Curve], momentum: float | None = None) -> LossLaw:
-    """Least-squares fit of the law to the evaluations of ``curves`` from three times the warmup on (before,
-    the loss is still in its first collapse, which the law does not describe); with runs of several model
-    sizes the dependence on N is fitted too (γ only from three sizes up). λ: ``momentum`` if given; else
-    chosen from ``MOMENTUM_GRID`` by the residual when two runs or more decay (their decays tell how long a
-    fall of the rate keeps paying); else ``MOMENTUM``."""
+    """Least-squares fit of the law to the evaluations of ``curves`` a fit uses (``Curve.fit_points``); with
+    runs of several model sizes the dependence on N is fitted too (γ only from three sizes up). λ:
+    ``momentum`` if given; else chosen from ``MOMENTUM_GRID`` by the residual when two runs or more decay
+    (their decays tell how long a fall of the rate keeps paying); else ``MOMENTUM``."""
     if momentum is not None:
         return _fit_at(curves, momentum, "given")
     if sum(bool(annealed(c.rates, c.steps).any()) for c in curves) < 2:
@@ -261,7 +265,7 @@ def _fit_at(curves: Sequence[Curve], momentum: float, source: str) -> LossLaw:
     unit = max(float(np.max(c.rates)) for c in curves if len(c.rates))
     s1, s2, n, y, seen = [], [], [], [], False
     for c in curves:
-        c = c.part(c.steps >= SKIP_WARMUPS * c.warmup_steps)
+        c = c.fit_points()
         seen = seen or bool(annealed(c.rates, c.steps).any())
         a1, a2 = schedule_areas(c.rates / unit, momentum)
         s1.append(a1[c.steps])
@@ -408,7 +412,7 @@ def backtest_end(curve: Curve, hold_back: float = 0.4, momentum: float | None = 
     """Hold back the last ``hold_back`` of a run's evaluations and predict them from the rest. When the run's
     only decay lies in the held-back part (a wsd run), nothing before it can tell how much a decay gains: the
     points before the decay are split instead, and the backtest checks the forward part of the law."""
-    curve = curve.part(curve.steps >= SKIP_WARMUPS * curve.warmup_steps)  # the points a fit can use
+    curve = curve.fit_points()  # split what a fit can use
     steps = curve.steps
     decayed = annealed(curve.rates, steps)
     scope = len(steps)
