@@ -1,5 +1,6 @@
-"""Feed throughput on loopback: MB/s and texts/s served to 1, 4 and 16 concurrent clients, and the client's
-tokenize + pack rate (tokens/s), on the real corpus and the real tokenizer.
+"""Feed throughput on loopback: MB/s and texts/s served to 1, 4 and 16 concurrent clients, and the trainer's
+loader rate (tokens/s: the feed tokenizes, the loader cuts blocks and draws them from its shuffle buffer), on
+the real corpus and the real tokenizer.
 
     python bench/feed_throughput.py --corpus $SCRATCHLM_DATA --seconds 10
 
@@ -17,18 +18,18 @@ from feed_load import hammer, spawn  # the same load loop and server launcher as
 from scratchlm.serving import free_port
 
 
-def tokenize_pack_rate(url: str, seconds: float) -> float:
+def loader_rate(url: str, seconds: float, shuffle_blocks: int) -> float:
     from scratchlm.data.remote import FeedBlockLoader, FeedClient
-    from scratchlm.tokenizer import load_tokenizer
 
-    loader = FeedBlockLoader(FeedClient(url), load_tokenizer(), block_size=2048, batch_size=8,
-                             texts_per_request=64)
+    loader = FeedBlockLoader(FeedClient(url), block_size=2048, batch_size=8, texts_per_request=64,
+                             shuffle_blocks=shuffle_blocks)
     batches = iter(loader)
-    next(batches)  # warm-up: connection, first requests, tokenizer threads
+    next(batches)  # warm-up: connection, the buffer filled, tokenizer threads
     tokens, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         b = next(batches)
         tokens += b.inputs.numel() + b.inputs.shape[0]
+    batches.close()
     return tokens / (time.perf_counter() - t0)
 
 
@@ -49,8 +50,10 @@ def main() -> None:
             print(f"{r['clients']:>7} {r['MB_per_s']:>8.1f} {r['texts_per_s']:>9,.0f} {r['p50_ms']:>8.1f} "
                   f"{r['p99_ms']:>8.1f} "
                   f"{r['errors']:>6}", flush=True)
-        rate = tokenize_pack_rate(url, args.seconds)
-        print(f"client fetch + tokenize + pack: {rate:,.0f} tokens/s (blocks of 2049, batch 8)")
+        for blocks in (0, 1024):
+            rate = loader_rate(url, args.seconds, blocks)
+            print(f"trainer's loader, shuffle buffer of {blocks} blocks: {rate:,.0f} tokens/s (blocks of "
+                  "2049, batch 8; the feed tokenizes)", flush=True)
     finally:
         server.kill()
 

@@ -51,10 +51,14 @@ def test_eval_equals_a_hand_computed_cross_entropy(tokenizer, corpus_dir, tmp_pa
     tokenizer.save(tmp_path / "m")
     (tmp_path / "text.txt").write_text(texts[0])
     r = subprocess.run([sys.executable, "-m", "scratchlm", "eval", "--model", str(tmp_path / "m"), "--data",
-                        str(tmp_path / "text.txt"), "--block-size", "32", "--json"], capture_output=True,
-                        text=True)
+                        str(tmp_path / "text.txt"), "--split", "all", "--block-size", "32", "--json"],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)) == {"loss", "perplexity", "bits_per_byte", "tokens"}
+    # By default, the documents a training run on --data holds out: none in one short text.
+    r = subprocess.run([sys.executable, "-m", "scratchlm", "eval", "--model", str(tmp_path / "m"), "--data",
+                        str(tmp_path / "text.txt"), "--block-size", "32"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no held-out documents" in r.stderr and "--split all" in r.stderr
 
 
 @pytest.mark.parametrize("E,B,beta", [(3.0, 4.0, 0.35), (2.0, 1.5, 0.6), (4.5, 8.0, 0.2)])
@@ -80,13 +84,20 @@ def test_demo_quick_end_to_end(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
-    assert set(summary["runs"]) == {"clean", "stream"}
+    assert set(summary["runs"]) == {"clean", "feed", "stream"}
     assert summary["runs"]["clean"]["target_reached"] is not None
-    assert 0.0 < summary["teacher_share_served"] <= 0.5  # the stream run really got teacher texts
+    # 30% of the tokens served to the stream run were the teacher's, and of the tokens it trained on about
+    # as much (a short run draws few blocks: a wider band); the feed run with no teacher, none.
+    assert abs(summary["teacher_token_share_served"] - 0.3) < 0.02
+    assert abs(summary["runs"]["stream"]["teacher_token_share"] - 0.3) < 0.1
+    assert summary["runs"]["feed"]["teacher_token_share"] == 0.0
+    assert set(summary["effects"]) >= {"path", "teacher", "total"}
     assert (tmp_path / "report" / "loss_curves.png").exists() and (tmp_path / "report" / "report.md").exists()
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## How much more training" in md and "**Backtest error" in md  # the answer, with its backtest
-    for stage in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6", "target reached"):
+    assert "## Clean against stream, like with like" in md
+    assert "**The path**" in md and "**The teacher**" in md
+    for stage in ("1/7", "2/7", "3/7", "4/7", "5/7", "6/7", "7/7", "target reached"):
         assert stage in r.stdout
 
 

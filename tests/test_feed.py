@@ -13,8 +13,10 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import requests
+import torch
 from servers import FeedThread
 
 from scratchlm.config import ConfigError
@@ -48,15 +50,29 @@ def test_batch_resumes_exactly_from_a_cursor(open_server):
     client = FeedClient(open_server.url)
     straight = client.batch(30, None)
     first = client.batch(12, None)
-    rest = client.batch(18, first["cursor"])
-    assert first["texts"] + rest["texts"] == straight["texts"]
-    assert first["ids"] + rest["ids"] == straight["ids"]
-    assert rest["cursor"] == straight["cursor"] and set(straight["sources"]) == {"corpus"}
+    rest = client.batch(18, first.cursor)
+    assert first.texts + rest.texts == straight.texts
+    assert first.ids + rest.ids == straight.ids
+    assert rest.cursor == straight.cursor and set(straight.sources) == {"corpus"}
     # Ranks get disjoint streams.
     r0, r1 = client.batch(20, None, 0, 2), client.batch(20, None, 1, 2)
-    assert not set(r0["ids"]) & set(r1["ids"])
+    assert not set(r0.ids) & set(r1.ids)
     held = set(client.heldout(100))
-    assert held and not held & set(straight["texts"] + r0["texts"] + r1["texts"])
+    assert held and not held & set(straight.texts + r0.texts + r1.texts)
+
+
+def test_token_answers_carry_the_tokenizers_ids_and_resume_the_same(open_server, tokenizer):
+    client = FeedClient(open_server.url)
+    texts = client.batch(6, None)
+    ids = client.batch(6, None, tokens=True)
+    assert ids.meta.ids == texts.ids and ids.meta.cursor == texts.cursor and ids.meta.texts == []
+    assert ids.token_ids.tolist() == tokenizer.encode_documents(texts.texts).tolist()  # each + <|endoftext|>
+    assert ids.meta.tokens == [len(tokenizer.encode(t)) + 1 for t in texts.texts]
+    again = client.batch(4, client.batch(2, None, tokens=True).meta.cursor, tokens=True)
+    assert again.meta.ids == texts.ids[2:]
+    r = httpx.get(f"{open_server.url}/v1/batch?size=2&tokens=1")
+    assert r.headers["content-type"] == "application/vnd.scratchlm.token-batch+safetensors"
+    assert httpx.get(open_server.url + "/health").json()["tokenizer"] == tokenizer.digest
 
 
 def test_concurrent_generate_calls_serve_each_document_once(small_corpus):
@@ -115,7 +131,7 @@ def test_api_key_is_required_except_for_health(keyed_server):
     try:
         from scratchlm.data.remote import client_from_env
 
-        assert client_from_env(url).batch(2, None)["texts"]
+        assert client_from_env(url).batch(2, None).texts
     finally:
         del os.environ["SCRATCHLM_API_KEY"]
 
@@ -177,14 +193,14 @@ def test_teacher_mix_holds_ratio_and_never_starves(small_corpus):
     with FeedThread(cfg, teacher=produce) as s:
         time.sleep(0.3)
         client = FeedClient(s.url)
-        sources = [src for _ in range(50) for src in client.batch(20, None)["sources"]]
+        sources = [src for _ in range(50) for src in client.batch(20, None).sources]
         share = sources.count("teacher") / len(sources)
         assert abs(share - 0.3) <= 0.05, share
         state["down"] = True
         time.sleep(1.0)
         t0 = time.monotonic()
         reply = client.batch(20, None)
-        assert len(reply["texts"]) == 20 and time.monotonic() - t0 < 2.0  # answered from the corpus
+        assert len(reply.texts) == 20 and time.monotonic() - t0 < 2.0  # answered from the corpus
         assert httpx.get(s.url + "/health").json()["teacher"] == "down"
         assert "scratchlm_teacher_up 0.0" in httpx.get(s.url + "/metrics").text
         state["down"] = False
@@ -194,14 +210,17 @@ def test_teacher_mix_holds_ratio_and_never_starves(small_corpus):
             time.sleep(0.1)
 
 
-def test_training_from_the_feed_resumes_exactly(open_server, tmp_path):
-    # Training reads /v1/batch from cursors, so a resumed run sees the same tokens as an uninterrupted one.
+def test_training_from_the_feed_resumes_exactly_with_its_shuffle_buffer(open_server, tmp_path):
+    # The buffer's blocks, the tokens not yet cut and the number of draws are in the checkpoint: a resumed run
+    # sees the same batches as an uninterrupted one.
     common = dict(model="phi-tiny", data=open_server.url, block_size=64, micro_batch_size=4, eval_batches=1,
-                  lr_decay_steps=12, warmup_steps=2, eval_interval=100, checkpoint_interval=6, device="cpu",
-                  feed_texts_per_request=2)
-    train(TrainConfig(**common, out=str(tmp_path / "straight"), max_steps=12))
-    train(TrainConfig(**common, out=str(tmp_path / "resumed"), max_steps=6))
-    train(TrainConfig(**common, out=str(tmp_path / "resumed"), max_steps=12, resume="auto"))
+                  lr_decay_steps=20, warmup_steps=2, eval_interval=100, checkpoint_interval=10, device="cpu",
+                  feed_texts_per_request=2, feed_shuffle_blocks=64)
+    train(TrainConfig(**common, out=str(tmp_path / "straight"), max_steps=20))
+    train(TrainConfig(**common, out=str(tmp_path / "resumed"), max_steps=10))
+    saved = tmp_path / "resumed" / "checkpoints" / "step-00000010"
+    assert (saved / "data.safetensors").exists()  # the buffer, beside state.json
+    train(TrainConfig(**common, out=str(tmp_path / "resumed"), max_steps=20, resume="auto"))
 
     def losses(run: Path) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in map(json.loads,
@@ -209,8 +228,39 @@ def test_training_from_the_feed_resumes_exactly(open_server, tmp_path):
                 if "loss" in r}
 
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
-    assert sorted(b) == list(range(1, 13))
-    assert all(abs(a[s] - b[s]) <= 1e-6 for s in range(1, 13)), (a, b)
+    assert sorted(b) == list(range(1, 21))
+    assert all(abs(a[s] - b[s]) <= 1e-6 for s in range(1, 21)), (a, b)
+
+
+def test_ranks_draw_from_disjoint_streams_and_batches_mix_documents(open_server):
+    from scratchlm.data.remote import FeedBlockLoader
+
+    served: dict[int, list] = {0: [], 1: []}
+    batch = open_server.feed.batch
+
+    def recording(n, cursor, rank=0, world_size=1, tokens=False):
+        served[rank].append(batch(n, cursor, rank, world_size, tokens))
+        return served[rank][-1]
+
+    open_server.feed.batch = recording
+    try:
+        blocks = {}
+        for rank in (0, 1):
+            loader = iter(FeedBlockLoader(FeedClient(open_server.url), 64, 8, rank=rank, world_size=2,
+                                          shuffle_blocks=256, seed=5, prefetch=1))
+            blocks[rank] = [next(loader).inputs for _ in range(5)]
+            loader.close()
+    finally:
+        open_server.feed.batch = batch
+    ids = {rank: [i for reply in replies for i in reply.meta.ids] for rank, replies in served.items()}
+    assert ids[0] and ids[1] and not set(ids[0]) & set(ids[1])
+    rows = {rank: {tuple(row.tolist()) for b in bs for row in b} for rank, bs in blocks.items()}
+    assert len(rows[0]) == len(rows[1]) == 40 and not rows[0] & rows[1]
+    # Drawn at random from 256 blocks, a batch's rows come from far apart in the stream, not from one place.
+    stream = torch.from_numpy(np.concatenate([r.token_ids for r in served[0]]).astype(np.int64))
+    order = [tuple(b[:-1].tolist()) for b in stream[: len(stream) // 65 * 65].view(-1, 65)]
+    where = [order.index(tuple(row.tolist())) for row in blocks[0][0]]
+    assert max(where) - min(where) > 64, where
 
 
 def test_wait_ready_waits_for_a_cold_teacher_and_gives_up_on_a_dead_one(small_corpus):

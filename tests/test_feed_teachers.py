@@ -42,8 +42,10 @@ def feed_log():
 
 
 def teacher_feed(corpus, *urls: str, **settings) -> ServeConfig:
+    """A feed with the stand-in teachers at ``urls``; the share counted in texts unless ``settings`` say
+    otherwise (the tests of the strict and best-effort mechanisms count texts)."""
     return ServeConfig(**{"corpus": str(corpus), "teacher": [f"openai:{u}" for u in urls],
-                          "teacher_ratio": 0.3,
+                          "teacher_ratio": 0.3, "teacher_ratio_unit": "texts",
                           "teacher_max_new_tokens": 10, "eval_fraction": 0.05, **settings})
 
 
@@ -60,8 +62,8 @@ def test_strict_mode_holds_the_share_in_every_response_with_a_slow_teacher(small
         for _ in range(100):  # the same client and sizes, corpus text only: the reader when it need not wait
             client.heldout(20)
         reader = time.monotonic() - corpus_only
-    shares = [r["sources"].count("teacher") for r in replies]
-    assert sum(len(r["texts"]) for r in replies) == 2000 and sum(shares) == 600
+    shares = [r.sources.count("teacher") for r in replies]
+    assert sum(len(r.texts) for r in replies) == 2000 and sum(shares) == 600
     assert all(5 <= s <= 7 for s in shares), shares  # 30% ± 1 text in every response
     assert took > 0.9 * 600 / 64  # the reader went at the teacher's pace instead of taking corpus text...
     assert took > 5 * reader  # ...well below its own (about 10× on an idle machine, less under load)
@@ -72,7 +74,7 @@ def test_best_effort_mode_warns_when_the_share_falls_behind(small_corpus, feed_l
         cfg = teacher_feed(small_corpus, teacher.url, teacher_mode="best-effort", teacher_concurrency=2)
         with FeedThread(cfg) as feed:
             client = FeedClient(feed.url)
-            sources = [s for _ in range(100) for s in client.batch(20, None)["sources"]]
+            sources = [s for _ in range(100) for s in client.batch(20, None).sources]
             health = httpx.get(feed.url + "/health").json()
     assert sources.count("teacher") < 0.25 * len(sources)  # never waited: corpus text filled in
     assert "teacher share over the last 1,000 texts" in health["warning"]
@@ -84,10 +86,10 @@ def test_two_teachers_one_killed_midway(small_corpus):
             UvicornThread(slow_completions_app(0.005)) as second:
         with FeedThread(teacher_feed(small_corpus, first.url, second.url, teacher_stall_s=5)) as feed:
             client = FeedClient(feed.url)
-            before = [s for _ in range(20) for s in client.batch(20, None)["sources"]]
+            before = [s for _ in range(20) for s in client.batch(20, None).sources]
             both = httpx.get(feed.url + "/health").json()["teachers"]
             second.stop()
-            after = [s for _ in range(50) for s in client.batch(20, None)["sources"]]
+            after = [s for _ in range(50) for s in client.batch(20, None).sources]
             deadline = time.monotonic() + 10
             while (health := httpx.get(feed.url + "/health").json())["teachers"][1]["up"]:
                 assert time.monotonic() < deadline, health
@@ -103,20 +105,45 @@ def test_a_server_that_takes_one_prompt_per_request_is_detected(small_corpus, fe
     # llama.cpp's OpenAI-compatible server answers 500 (with an empty message) to a list of prompts.
     app = slow_completions_app(0.001, one_prompt_only=True)
     with UvicornThread(app) as teacher, FeedThread(teacher_feed(small_corpus, teacher.url)) as feed:
-        sources = [s for _ in range(10) for s in FeedClient(feed.url).batch(20, None)["sources"]]
+        sources = [s for _ in range(10) for s in FeedClient(feed.url).batch(20, None).sources]
     assert sources.count("teacher") == 60
     assert app.state.requests[0] == 4 and set(app.state.requests[-20:]) == {1}  # refused once, then one each
     assert any("refused a list of 4 prompts (500" in line and "one prompt per request" in line
                for line in feed_log)
 
 
-def test_training_from_a_strict_feed_records_its_teacher_token_share(small_corpus, tmp_path, tokenizer):
-    # Texts of about 200 teacher tokens among corpus documents of about 250: the share is well away from 0 and
-    # 1.
+def test_a_share_of_tokens_holds_in_every_answer_and_health_and_metrics_agree(small_corpus):
+    # The issue's shape: teacher texts of about 128 tokens among corpus chunks of 8,000 characters (about
+    # 2,000 tokens): 30% of texts would be a few percent of tokens.
+    with UvicornThread(slow_completions_app(0.0001)) as teacher, \
+            FeedThread(teacher_feed(small_corpus, teacher.url, teacher_ratio_unit="tokens",
+                                    teacher_max_new_tokens=128)) as feed:
+        client = FeedClient(feed.url)
+        teacher_tokens = total = 0
+        for _ in range(30):
+            reply = client.batch(16, None, tokens=True)
+            sizes = reply.meta.tokens
+            teacher_tokens += sum(n for n, s in zip(sizes, reply.meta.sources, strict=True) if s == "teacher")
+            total += sum(sizes)
+            assert abs(teacher_tokens - 0.3 * total) <= max(sizes)  # within one text after every answer
+        health = httpx.get(feed.url + "/health").json()
+        metrics = httpx.get(feed.url + "/metrics").text
+    share = teacher_tokens / total
+    assert abs(share - 0.3) < 0.01
+    assert health["teacher_ratio_unit"] == "tokens"
+    assert health["teacher_token_share_realised"] == round(share, 4)
+    assert health["teacher_text_share_realised"] > 0.8  # short texts: most texts are the teacher's
+    assert f'scratchlm_tokens_served_total{{source="teacher"}} {float(teacher_tokens)}' in metrics
+    assert f"scratchlm_teacher_token_share_realised {share}" in metrics
+
+
+def test_training_from_a_strict_feed_records_its_teacher_token_share(small_corpus, tmp_path):
+    # Texts of about 200 teacher tokens among corpus documents of about 250, 30% of tokens from the teacher.
     with UvicornThread(slow_completions_app(0.0001)) as teacher:
-        cfg = teacher_feed(small_corpus, teacher.url, teacher_max_new_tokens=200, chunk_chars=1000)
+        cfg = teacher_feed(small_corpus, teacher.url, teacher_max_new_tokens=200, chunk_chars=1000,
+                           teacher_ratio_unit="tokens")
         with FeedThread(cfg) as feed:
-            served: list[dict] = []
+            served: list = []
             batch = feed.feed.batch
 
             def recording(*args, **kwargs):  # observe what the trainer is sent, in order
@@ -124,19 +151,17 @@ def test_training_from_a_strict_feed_records_its_teacher_token_share(small_corpu
                 return served[-1]
 
             feed.feed.batch = recording
+            # No shuffling: the batches are the stream's consecutive blocks, so each step's share is known.
             train(TrainConfig(model="phi-tiny", data=feed.url, out=str(tmp_path / "run"), block_size=64,
                               micro_batch_size=8, max_steps=30, eval_interval=1000, eval_batches=1,
-                              device="cpu",
-                              feed_texts_per_request=4, log_interval=10))
+                              device="cpu", feed_texts_per_request=4, feed_shuffle_blocks=0, log_interval=10))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r["teacher_token_share"] for r in records if "loss" in r]
-    # The stream the trainer packed: every reply's texts in order, each followed by <|endoftext|>.
-    texts = [(t, s == "teacher") for reply in served for t,
-             s in zip(reply["texts"], reply["sources"], strict=True)]
-    tokens, lengths = tokenizer.encode_documents_with_lengths([t for t, _ in texts])
-    teacher = np.repeat([is_teacher for _, is_teacher in texts], lengths)
-    per_step = 8 * 65
-    expected = [teacher[i * per_step : (i + 1) * per_step].mean() for i in range(30)]
+    # The stream the trainer packed: every reply's tokens in order (the ids the feed sent: never tokenized
+    # again), cut into blocks of 65; a step's share counts its targets (a block's tokens after the first).
+    teacher = np.concatenate([reply.teacher_mask() for reply in served])
+    blocks = teacher[: len(teacher) // 65 * 65].reshape(-1, 65)[:, 1:]
+    expected = [blocks[i * 8 : (i + 1) * 8].mean() for i in range(30)]
     assert len(logged) == 30 and np.allclose(logged, expected, atol=1e-6)
-    assert 0.1 < np.mean(logged) < 0.5
+    assert abs(np.mean(logged) - 0.3) < 0.02
     assert "teacher" in (tmp_path / "run" / "train.log").read_text()

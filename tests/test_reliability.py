@@ -156,7 +156,7 @@ def test_a_hung_teacher_is_reported_down_and_the_feed_keeps_serving(small_corpus
         time.sleep(0.8)
         t0 = time.monotonic()
         reply = FeedClient(s.url).batch(10, None)
-        assert len(reply["texts"]) == 10 and set(reply["sources"]) == {"corpus"} and time.monotonic() - t0 < 2
+        assert len(reply.texts) == 10 and set(reply.sources) == {"corpus"} and time.monotonic() - t0 < 2
         assert httpx.get(s.url + "/health").json()["teacher"] == "down"
         assert "scratchlm_teacher_up 0.0" in httpx.get(s.url + "/metrics").text
         release.set()
@@ -165,7 +165,7 @@ def test_a_hung_teacher_is_reported_down_and_the_feed_keeps_serving(small_corpus
             assert time.monotonic() < deadline
             time.sleep(0.05)
         time.sleep(0.3)
-        assert "teacher" in FeedClient(s.url).batch(20, None)["sources"]
+        assert "teacher" in FeedClient(s.url).batch(20, None).sources
     feed.teachers.stop()
 
 

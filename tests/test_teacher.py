@@ -140,7 +140,7 @@ def test_feed_with_openai_teacher_holds_the_ratio(teacher_dir, small_corpus):
                 assert time.monotonic() < deadline, f"teacher produced {len(feed.teachers.texts.texts)} texts"
                 time.sleep(0.2)
             client = FeedClient(feed_server.url)
-            sources = [s for _ in range(50) for s in client.batch(20, None)["sources"]]
+            sources = [s for _ in range(50) for s in client.batch(20, None).sources]
             metrics = httpx.get(feed_server.url + "/metrics").text
             health = httpx.get(feed_server.url + "/health").json()
         feed.teachers.stop()

@@ -2,8 +2,9 @@
 
 Layout: ``RUN/checkpoints/step-00000100/`` holding ``model.safetensors`` (our keys, never a compile, DDP or
 FSDP prefix), ``optimizer.safetensors`` + ``optimizer.json`` (keyed by parameter name), ``rng.safetensors``,
-``state.json`` (step, tokens, time, data positions, ...), ``config.yaml`` and ``manifest.json`` (each file's
-size and CRC-32, checked before a checkpoint is trusted). A checkpoint is written into
+``state.json`` (step, tokens, time, data positions, ...), ``data.safetensors`` when a data position holds
+arrays (a feed loader's shuffle buffer), ``config.yaml`` and ``manifest.json`` (each file's size and CRC-32,
+checked before a checkpoint is trusted). A checkpoint is written into
 ``step-….tmp``, each file fsynced, then the folder is renamed (``files.atomic_dir``): a crash at any moment
 leaves the previous checkpoints whole.
 
@@ -26,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -154,9 +157,13 @@ def _write(root: Path, final: Path, step: int, weights: dict, optim: dict, state
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_meta}, indent=2))
+        positions, arrays = split_arrays(state.get("data_positions", []))
+        if arrays:
+            save_numpy(arrays, str(tmp / DATA_ARRAYS))
+        (tmp / "state.json").write_text(json.dumps({**state, "data_positions": positions, "rng": rng_meta},
+                                                   indent=2))
         (tmp / "config.yaml").write_text(config_yaml)
-        manifest = {name: _fingerprint(tmp / name) for name in REQUIRED}
+        manifest = {name: _fingerprint(tmp / name) for name in REQUIRED + ((DATA_ARRAYS,) if arrays else ())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -166,6 +173,29 @@ def _write(root: Path, final: Path, step: int, weights: dict, optim: dict, state
 MANIFEST = "manifest.json"
 REQUIRED = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json",
             "config.yaml")
+DATA_ARRAYS = "data.safetensors"
+"""The numpy arrays of the data positions (``split_arrays``), when there are any."""
+
+
+def split_arrays(positions: list[dict]) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Data positions for JSON: each numpy array (a value of a position) replaced by ``{"array": KEY}``; and
+    the arrays by key (``rank{r}/{name}``)."""
+    out, arrays = [], {}
+    for rank, position in enumerate(positions):
+        plain = {}
+        for name, value in position.items():
+            if isinstance(value, np.ndarray):
+                arrays[f"rank{rank}/{name}"] = np.ascontiguousarray(value)
+                value = {"array": f"rank{rank}/{name}"}
+            plain[name] = value
+        out.append(plain)
+    return out, arrays
+
+
+def join_arrays(positions: list[dict], arrays: dict[str, np.ndarray]) -> list[dict]:
+    """``split_arrays`` undone."""
+    return [{name: arrays[v["array"]] if isinstance(v, dict) and set(v) == {"array"} else v
+             for name, v in position.items()} for position in positions]
 
 
 def _fingerprint(path: Path) -> dict:
@@ -188,7 +218,9 @@ def verify(path: Path) -> str | None:
         expected = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).exists() else None
     except (ValueError, OSError):
         return f"unreadable {MANIFEST}"
-    for name in REQUIRED:
+    for name in REQUIRED + tuple(n for n in expected or {} if n not in REQUIRED):
+        if not (path / name).is_file():
+            return f"missing {name}"
         if expected is not None and _fingerprint(path / name) != expected.get(name):
             return f"{name} differs from its manifest (size or checksum): damaged"
     for name in ("state.json", "optimizer.json"):
@@ -226,6 +258,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                                  options=StateDictOptions(full_state_dict=True))
     state = json.loads((path / "state.json").read_text())
     set_rng_state(load_file(str(path / "rng.safetensors")), state.pop("rng"))
+    if (path / DATA_ARRAYS).exists():
+        state["data_positions"] = join_arrays(state["data_positions"], load_numpy(str(path / DATA_ARRAYS)))
     return state
 
 

@@ -1,11 +1,14 @@
 """``scratchlm demo``: the seed project end to end, on the embedded defaults, on a CPU.
 
-1. a feed server on loopback over the clean corpus;
+1. a feed server on loopback over the clean corpus, no teacher;
 2. run "clean": a small model trained on the corpus to the initial loss − 1 and some way beyond;
-3. that model served as a teacher (OpenAI-compatible, loopback);
-4. run "stream": a second model trained from the feed, corpus and teacher texts mixed;
-5. both evaluated on held-out documents;
-6. the report: curves, table, the gap to Phi-2 and how much more training it would take.
+3. run "feed": the same corpus through the feed (no teacher): the path alone, the control that separates what
+   the teacher does from what the feed's loader does;
+4. the clean model served as a teacher (OpenAI-compatible, loopback);
+5. run "stream": from a feed that mixes the teacher's texts in, at a share of the tokens;
+6. the three evaluated on the same held-out documents;
+7. the report: curves, table, the teacher's effect apart from the path, the gap to Phi-2 and how much more
+   training it would take.
 
 Data and tokenizer come from SCRATCHLM_DATA / SCRATCHLM_TOKENIZER (the tokenizer otherwise from the hub).
 """
@@ -25,7 +28,7 @@ log = logging.getLogger("scratchlm.demo")
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of the two runs; the full plan stays under 15 minutes on 2 cores, ``--quick`` under 2."""
+    """Sizes of the three runs; the full plan stays under 15 minutes on 2 cores, ``--quick`` under 2."""
 
     model: str = "phi-tiny"
     block_size: int = 256
@@ -36,12 +39,14 @@ class DemoPlan:
     lr: float = 2e-3
     warmup_steps: int = 10
     teacher_ratio: float = 0.3
+    """Share of the stream run's tokens that the teacher writes."""
     teacher_max_new_tokens: int = 128
+    feed_shuffle_blocks: int = 1024
     eval_tokens: int = 20_000
 
 
 QUICK = DemoPlan(block_size=64, micro_batch_size=4, max_steps=24, eval_interval=2, eval_batches=2, lr=3e-3,
-                 warmup_steps=3, teacher_max_new_tokens=16, eval_tokens=4_000)
+                 warmup_steps=3, teacher_max_new_tokens=16, feed_shuffle_blocks=64, eval_tokens=4_000)
 
 
 def _banner(text: str) -> None:
@@ -52,7 +57,7 @@ def demo(out: Path, plan: DemoPlan) -> dict:
     import torch
 
     from . import serve, serve_model
-    from .data import corpus_from_env, is_held_out, iter_documents
+    from .data import corpus_from_env, held_out_documents
     from .evaluation import evaluate_model
     from .reporting import PHI2_WIKITEXT_LOSS, build_report
     from .tokenizer import load_tokenizer
@@ -65,26 +70,29 @@ def demo(out: Path, plan: DemoPlan) -> dict:
     tokenizer = load_tokenizer()  # fails early, with its clear message, if no tokenizer can be found
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    runs = {"clean": out / "clean", "stream": out / "stream"}
+    runs = {"clean": out / "clean", "feed": out / "feed", "stream": out / "stream"}
     common = dict(model=plan.model, block_size=plan.block_size, micro_batch_size=plan.micro_batch_size,
                   max_steps=plan.max_steps, eval_interval=plan.eval_interval, eval_batches=plan.eval_batches,
                   lr=plan.lr, warmup_steps=plan.warmup_steps, target_loss="auto", continue_after_target=True,
                   lr_schedule="wsd",  # the schedule whose curves the report's loss law can extend
                   checkpoint_interval=max(plan.max_steps // 2, 1), device="cpu",
+                  feed_shuffle_blocks=plan.feed_shuffle_blocks,
                   log_interval=max(1, plan.eval_interval // 2),
                   resume="auto")
 
-    _banner(f"1/6 feed server on loopback over {corpus}")
+    _banner(f"1/7 feed server on loopback over {corpus} (no teacher)")
     feed = serve(corpus=corpus)
     print(f"feed: {feed.url} ({len(feed.feed.corpus.texts):,} documents)")
     try:
-        _banner(f"2/6 run 'clean': {plan.model} on the corpus, to the initial loss − 1 and on to step "
+        _banner(f"2/7 run 'clean': {plan.model} on the corpus, to the initial loss − 1 and on to step "
                 f"{plan.max_steps}")
         train(TrainConfig(**common, data=corpus, out=str(runs["clean"])))
+        _banner("3/7 run 'feed': the same corpus through the feed, no teacher (what the path alone does)")
+        train(TrainConfig(**common, data=feed.url, out=str(runs["feed"])))
     finally:
         feed.stop()
 
-    _banner("3/6 the clean model as a teacher (OpenAI-compatible /v1/completions on loopback)")
+    _banner("4/7 the clean model as a teacher (OpenAI-compatible /v1/completions on loopback)")
     teacher = serve_model(str(runs["clean"] / "final"), batch_size=32, device="cpu")
     print(f"teacher: {teacher.url}")
     try:
@@ -95,16 +103,17 @@ def demo(out: Path, plan: DemoPlan) -> dict:
             print("waiting for the teacher's first texts...", flush=True)
             if not feed.feed.teachers.wait_ready(timeout_s=300):
                 raise RuntimeError(f"the teacher at {teacher.url} produced no text in 300 s")
-            _banner(f"4/6 run 'stream': {plan.model} from the feed, {plan.teacher_ratio:.0%} teacher texts")
+            _banner(f"5/7 run 'stream': {plan.model} from the feed, {plan.teacher_ratio:.0%} of its tokens "
+                    "written by the teacher")
             train(TrainConfig(**common, data=feed.url, out=str(runs["stream"])))
-            feed_stats = feed.feed.realised_ratio()
+            served_share = feed.feed.health()["teacher_token_share_realised"]
         finally:
             feed.stop()
     finally:
         teacher.stop()
 
-    _banner("5/6 both models on held-out documents")
-    held_out = [t for d, t in iter_documents(corpus) if is_held_out(d, 0.005)]
+    _banner("6/7 the three models on the same held-out documents")
+    held_out = held_out_documents(corpus)
     device = torch.device("cpu")
     evals = {}
     for name, run in runs.items():
@@ -113,26 +122,28 @@ def demo(out: Path, plan: DemoPlan) -> dict:
         print(f"{name}: loss {evals[name]['loss']:.3f}, perplexity {evals[name]['perplexity']:,.0f}, "
               f"{evals[name]['bits_per_byte']:.3f} bits/byte")
 
-    _banner("6/6 report")
+    _banner("7/7 report")
     # Phi-2's weights are not fetched by the demo: its published WikiText-2 loss stands in (other text, so a
     # yardstick, not a like-for-like comparison; `scratchlm report --reference-model` measures it on yours).
     reference = ("Phi-2 (published WikiText-2 loss, other text)", PHI2_WIKITEXT_LOSS)
     report = build_report(list(runs.values()), out / "report", reference,
                           {name: e["loss"] for name, e in evals.items()})
     summary = {"out": str(out), "report": str(out / "report" / "report.md"), "held_out_eval": evals,
-               "teacher_share_served": feed_stats, "wall_s": time.perf_counter() - started,
+               "teacher_token_share_served": served_share, "wall_s": time.perf_counter() - started,
                "runs": {r["run"]: {"initial": r["initial_loss"], "final": r["final_eval_loss"],
                                    "target_reached": r["target_reached"],
-                                   "teacher_token_share": r["teacher_token_share"]} for r in report["runs"]}}
+                                   "teacher_token_share": r["teacher_token_share"]} for r in report["runs"]},
+               "effects": report.get("effects")}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\ndone in {summary['wall_s']:.0f} s. Report: {summary['report']} (plots beside it); runs: "
-          f"{runs['clean']} and {runs['stream']}; summary: {out / 'demo_summary.json'}")
+          f"{', '.join(str(r) for r in runs.values())}; summary: {out / 'demo_summary.json'}")
     return summary
 
 
 class DemoConfig(ConfigBase):
-    """The whole project end to end on a CPU: a feed server, a run on the clean corpus, that model as a
-    teacher, a run from the feed with teacher texts, both evaluated, and the report."""
+    """The whole project end to end on a CPU: a feed server, a run on the clean corpus, a run on the same
+    corpus through the feed (the path alone), the clean model as a teacher, a run from the feed with teacher
+    text, the three evaluated alike, and the report."""
 
     out: str = "runs/demo"
     """Output folder."""

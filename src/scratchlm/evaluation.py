@@ -14,6 +14,7 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from .config import ConfigBase, DeviceSpec
-from .data import iter_documents
+from .data import DataError, held_out_documents, iter_documents
 from .devices import pick_device
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -104,6 +105,14 @@ class EvalConfig(ConfigBase):
     """Hugging Face folder or hub id (ours, microsoft/phi-2, ...)."""
     data: str
     """Text: folder, .zip, .txt, .jsonl(.gz), .parquet."""
+    split: Literal["held-out", "all"] = "held-out"
+    """held-out: the documents a training run on --data holds out (with the same --eval-fraction and
+    --chunk-chars), the set every run is compared on; all: every document of --data (a file of held-out text
+    written out, or another corpus)."""
+    eval_fraction: float = 0.005
+    """The held-out share, as in training."""
+    chunk_chars: int = 8000
+    """Documents are cut at this many characters before the held-out split, as in training."""
     block_size: int = 2048
     """Window length in tokens."""
     batch_size: int = 4
@@ -119,12 +128,17 @@ class EvalConfig(ConfigBase):
 
 
 def run_eval(cfg: EvalConfig) -> None:
-    result = evaluate_model(cfg.model, whole_documents(cfg.data), load_tokenizer(cfg.tokenizer),
+    texts = (held_out_documents(cfg.data, cfg.chunk_chars, cfg.eval_fraction) if cfg.split == "held-out"
+             else whole_documents(cfg.data))
+    if not texts:
+        raise DataError(f"{cfg.data} has no held-out documents at --eval-fraction {cfg.eval_fraction}: use "
+                        "--split all to evaluate on all of it")
+    result = evaluate_model(cfg.model, texts, load_tokenizer(cfg.tokenizer),
                             cfg.block_size, pick_device(cfg.device), cfg.batch_size, cfg.max_tokens,
                             progress=sys.stderr.isatty())
     if cfg.as_json:
         print(json.dumps(result.to_dict()))
     else:
-        print(f"{cfg.model} on {cfg.data}: loss {result.loss:.4f} nats/token, perplexity "
+        print(f"{cfg.model} on {cfg.data} ({cfg.split}): loss {result.loss:.4f} nats/token, perplexity "
               f"{result.perplexity:.3f}, {result.bits_per_byte:.4f} bits/byte over {result.tokens:,} tokens "
               f"(windows of {cfg.block_size})")

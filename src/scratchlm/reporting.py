@@ -63,15 +63,49 @@ def extrapolate(tokens: np.ndarray, losses: np.ndarray, target: float, samples: 
     return out
 
 
+TEACHER_FREE = 0.005
+"""A feed run whose teacher wrote less than this share of its tokens counts as one without a teacher."""
+
+
+def data_setting(run: dict) -> str:
+    """What a run trained on: 'corpus' (one corpus or a mix, read directly), 'feed' (a feed with no teacher
+    text: the feed's path alone) or 'stream' (a feed with teacher text)."""
+    data = (run["config"].feed_url or run["config"].data) if run["config"] else None
+    if not (data and data.startswith(("http://", "https://"))):
+        return "corpus"
+    return "stream" if (run["teacher_token_share"] or 0.0) >= TEACHER_FREE else "feed"
+
+
 def _by_data(runs: list[dict]) -> dict[str, list[dict]]:
-    """Runs grouped by what they trained on (every feed counts as one): one loss law per group, since a
-    curve on other text is another curve."""
+    """Runs grouped by what they trained on (every feed without teacher text counts as one, every feed with
+    it as another): one loss law per group, since a curve on other text is another curve."""
     groups: dict[str, list[dict]] = {}
     for run in runs:
-        data = (run["config"].feed_url or run["config"].data) if run["config"] else None
-        key = "a feed" if data and data.startswith(("http://", "https://")) else (data or "unknown data")
+        kind = data_setting(run)
+        key = {"feed": "a feed, no teacher text", "stream": "a feed with teacher text"}.get(
+            kind, (run["config"].data if run["config"] else None) or "unknown data")
         groups.setdefault(key, []).append(run)
     return groups
+
+
+def effects(rows: list[dict]) -> dict | None:
+    """Clean against stream, like with like: what the feed's path alone changes (a feed run with no teacher
+    against a corpus run) and what the teacher changes (a stream run against the feed run with no teacher),
+    on the same held-out text where the runs were evaluated on one (else their own evaluations). None without
+    at least two of the three kinds."""
+    def loss(row: dict) -> float | None:
+        return row.get("final_loss_on_eval_data", row["final_eval_loss"])
+
+    by_kind: dict[str, list[float]] = {}
+    for row in rows:
+        if loss(row) is not None:
+            by_kind.setdefault(row["data"], []).append(loss(row))
+    mean = {kind: float(np.mean(values)) for kind, values in by_kind.items()}
+    pairs = {"path": ("feed", "corpus"), "teacher": ("stream", "feed"), "total": ("stream", "corpus")}
+    out = {name: mean[a] - mean[b] for name, (a, b) in pairs.items() if a in mean and b in mean}
+    if not out:
+        return None
+    return {**out, "means": mean, "same_text": all("final_loss_on_eval_data" in r for r in rows)}
 
 
 def _hypothetical(cfg, schedule: str | None = None):
@@ -309,7 +343,7 @@ def build_report(run_dirs: list[Path], out: Path | None, reference: tuple[str, f
                "target_loss": s.get("target_loss"),
                "target_reached": s.get("target_reached"), "final_eval_loss": final, "steps": s.get("steps"),
                "tokens": s.get("tokens"), "tokens_per_s": s.get("tokens_per_s"), "wall_s": s.get("elapsed_s"),
-               "teacher_token_share": run["teacher_token_share"]}
+               "teacher_token_share": run["teacher_token_share"], "data": data_setting(run)}
         if extra_eval and run["name"] in extra_eval:
             row["final_loss_on_eval_data"] = extra_eval[run["name"]]
         if reference:
@@ -332,7 +366,8 @@ def build_report(run_dirs: list[Path], out: Path | None, reference: tuple[str, f
             outlook["plot"] = f"forecast{i or ''}.png"
             _plot_forecast(_by_data(runs)[data], outlook, reference, out / outlook["plot"])
     report = {"runs": rows, "reference": {"name": reference[0], "loss": reference[1]} if reference else None,
-              "forecasts": outlooks, "extrapolation": fits, "phi2_budget": PHI2_BUDGET}
+              "effects": effects(rows), "forecasts": outlooks, "extrapolation": fits,
+              "phi2_budget": PHI2_BUDGET}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_markdown(report))
     return report
@@ -358,11 +393,34 @@ def _markdown(report: dict) -> str:
                      + f" {_fmt_tokens(r['tokens'])} |"
                      + ((f" {share:.1%} |" if share is not None else " — |") if shares else "")
                      + f" {r['tokens_per_s'] or 0:,.0f} | {r['wall_s'] or 0:.0f} s |")
+    if report["effects"]:
+        lines += _effects_lines(report["effects"])
     for data, outlook in report["forecasts"].items():
         lines += _forecast_lines(outlook, ref, data if len(report["forecasts"]) > 1 else None)
     if ref:
         lines += _baseline_lines(report, ref)
     return "\n".join(lines) + "\n"
+
+
+def _effects_lines(e: dict) -> list[str]:
+    """The teacher's effect apart from the path (``effects``)."""
+    names = {"corpus": "the corpus, read directly", "feed": "the corpus through the feed, no teacher",
+             "stream": "the feed with teacher text"}
+    text = ("the same held-out documents" if e["same_text"] else
+            "each run's own held-out set (not the same text: `scratchlm report --eval-data` evaluates all "
+            "on one)")
+    lines = ["", "## Clean against stream, like with like", "",
+             f"Final loss on {text}, mean over the runs of each kind:", "", "| trained on | loss |",
+             "|---|---|"]
+    lines += [f"| {names[k]} | {v:.3f} |" for k, v in e["means"].items()]
+    said = {"path": "**The path** (the feed against the corpus, no teacher in either): what the feed's "
+                    "loader changes, and nothing else",
+            "teacher": "**The teacher** (the stream against the feed with no teacher): what its text "
+                       "changes, the path being the same",
+            "total": "**Clean against stream** as the seed compared them: both together"}
+    lines.append("")
+    lines += [f"- {said[k]}: {e[k]:+.3f} nats/token." for k in ("path", "teacher", "total") if k in e]
+    return lines
 
 
 def _law_text(p: dict) -> str:

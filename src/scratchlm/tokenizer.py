@@ -6,6 +6,8 @@ the hub id ``microsoft/phi-2``. A local folder must hold ``tokenizer.json``.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import shutil
 from collections.abc import Sequence
@@ -38,6 +40,11 @@ class Tokenizer:
         if eot is None:
             raise TokenizerNotFound(f"tokenizer from {source} has no {EOT} token; it is not Phi-2's")
         self.eot_id: int = eot
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A short hash of the whole tokenizer definition (parts that must tokenize alike compare it)."""
+        return hashlib.blake2b(self.backend.to_str().encode(), digest_size=12).hexdigest()
 
     @property
     def vocab_size(self) -> int:

@@ -410,3 +410,10 @@ def is_held_out(doc_id: str, fraction: float) -> bool:
     return h < fraction * 2**64
 
 
+
+
+def held_out_documents(source: str | Path, chunk_chars: int = 8000, eval_fraction: float = 0.005,
+                       text_field: str = "text") -> list[str]:
+    """The documents a training run on ``source`` holds out (with the same settings), in corpus order."""
+    return [text for doc_id, text in iter_documents(source, chunk_chars, text_field=text_field)
+            if is_held_out(doc_id, eval_fraction)]

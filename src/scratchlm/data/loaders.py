@@ -33,16 +33,22 @@ def block_span(block_size: int) -> int:
 class Batch:
     inputs: torch.Tensor  # (B, T)
     targets: torch.Tensor  # (B, T): inputs shifted by one
-    position: dict  # the stream position after this batch (JSON-serialisable, tagged with "kind")
+    position: dict  # the stream position after this batch (tagged with "kind"; may hold numpy arrays)
     epoch: int = 0  # passes over the data so far (for logs)
-    teacher_share: float | None = None  # share of its tokens a teacher wrote (from a feed)
+    teacher_mask: torch.Tensor | None = None  # (B, T) bool: which targets a teacher wrote (from a feed)
+
+    @property
+    def teacher_share(self) -> float | None:
+        """Share of the batch's targets that a teacher wrote (None when the data has no teachers)."""
+        return None if self.teacher_mask is None else float(self.teacher_mask.float().mean())
 
     @staticmethod
     def from_blocks(blocks: np.ndarray, position: dict, epoch: int = 0,
-                    teacher_share: float | None = None) -> Batch:
-        """(B, T+1) token ids → inputs (B, T) and targets (B, T)."""
+                    teacher: np.ndarray | None = None) -> Batch:
+        """(B, T+1) token ids (and which of them a teacher wrote) → inputs (B, T) and targets (B, T)."""
         data = torch.from_numpy(np.asarray(blocks, dtype=np.int64))
-        return Batch(data[:, :-1], data[:, 1:], position, epoch, teacher_share)
+        mask = None if teacher is None else torch.from_numpy(np.ascontiguousarray(teacher[:, 1:]))
+        return Batch(data[:, :-1], data[:, 1:], position, epoch, mask)
 
 
 class TokenBlocks:
@@ -187,6 +193,40 @@ class MixedBlockLoader:
     def __iter__(self) -> Iterator[Batch]:
         while True:
             yield self.next_batch()
+
+
+class ShuffleBuffer:
+    """Rows of a stream (blocks, and arrays that go with them: which tokens a teacher wrote, ...) held so that
+    batches are drawn at random from many documents rather than cut from one, as streaming loaders do
+    (Hugging Face ``datasets``' ``shuffle(buffer_size)``, WebDataset, Mosaic streaming).
+
+    Rows come in in stream order (``add``); ``draw`` takes k of them at random, seeded by (seed, rank, number
+    of draws), so the same buffer draws the same rows again after a resume. ``columns`` are the arrays
+    themselves (never changed in place: a batch's saved position may hold them).
+    """
+
+    def __init__(self, columns: dict[str, np.ndarray], seed: int, rank: int = 0, draws: int = 0) -> None:
+        self.columns, self.seed, self.rank, self.draws = columns, seed, rank, draws
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def add(self, rows: dict[str, np.ndarray]) -> None:
+        self.columns = {k: np.concatenate([v, rows[k]]) for k, v in self.columns.items()}
+
+    def draw(self, k: int, shuffle: bool = True) -> dict[str, np.ndarray]:
+        """k rows, at random (or the first k, in stream order, without ``shuffle``), taken out."""
+        if shuffle:
+            picked = np.random.default_rng([self.seed, self.rank, self.draws]).choice(len(self), k,
+                                                                                       replace=False)
+        else:
+            picked = np.arange(k)
+        self.draws += 1
+        keep = np.ones(len(self), dtype=bool)
+        keep[picked] = False
+        out = {name: v[picked] for name, v in self.columns.items()}
+        self.columns = {name: v[keep] for name, v in self.columns.items()}
+        return out
 
 
 def prefetch(items: Iterator[T], depth: int = 4, join_timeout_s: float = 10.0) -> Iterator[T]:

@@ -45,6 +45,8 @@ class DataRequest:
     """The feed's API key file (else $SCRATCHLM_API_KEY)."""
     feed_texts_per_request: int = 16
     """Texts asked of the feed per request."""
+    feed_shuffle_blocks: int = 1024
+    """Blocks a feed's loader keeps to draw batches from at random (at most the batch: no shuffling)."""
     progress: bool = False
     """Show a progress bar while tokenizing."""
 
@@ -98,12 +100,19 @@ def _feed_data(request: DataRequest, tokenizer: Tokenizer, env: distributed.Dist
     from .remote import FeedBlockLoader, client_from_env
 
     client = client_from_env(request.source, request.feed_api_key_file)
+    served = client.health().get("tokenizer")
+    if served != tokenizer.digest:  # the feed sends token ids: they must be this run's tokenizer's
+        raise DataError(f"the feed at {request.source} tokenizes with another tokenizer ({served}) than this "
+                        f"run ({tokenizer.source}, {tokenizer.digest}): start both with the same "
+                        "--tokenizer (or $SCRATCHLM_TOKENIZER)")
     # Held-out documents come from the server: never part of its training stream.
     val_tokens = tokenizer.encode_documents(client.heldout(size=1024))
     eval_set = eval_blocks(val_tokens, request.block_size, request.eval_blocks)
-    log.info("data: feed %s; %s held-out tokens from the server", request.source, f"{len(val_tokens):,}")
-    loader = FeedBlockLoader(client, tokenizer, request.block_size, request.batch_size, position,
-                             request.feed_texts_per_request, rank=env.rank, world_size=env.world_size)
+    log.info("data: feed %s; %s held-out tokens from the server; batches drawn from %d blocks",
+             request.source, f"{len(val_tokens):,}", max(request.feed_shuffle_blocks, request.batch_size))
+    loader = FeedBlockLoader(client, request.block_size, request.batch_size, position,
+                             request.feed_texts_per_request, rank=env.rank, world_size=env.world_size,
+                             shuffle_blocks=request.feed_shuffle_blocks, seed=request.seed)
     return TrainData(FEED_KIND, iter(loader), eval_set)
 
 

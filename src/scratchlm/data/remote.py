@@ -1,8 +1,15 @@
-"""Training from a feed server: an HTTP client that retries, and a loader that tokenizes and packs.
+"""Training from a feed server: an HTTP client that retries, and a loader that packs what it serves into
+blocks and shuffles them.
 
-The loader's position is ``{"cursor", "leftover"}``: the cursor from which the next batch of texts is fetched,
-and the tokens already fetched but not yet trained on. Saved in checkpoints, it resumes the stream exactly:
-corpus texts from the cursor and the leftover tokens as they were (teacher texts among them included).
+The loader asks the feed for token ids (``/v1/batch?tokens=1``: the feed tokenizes, with the trainer's
+tokenizer, checked at the start), cuts the stream into blocks of T+1 tokens as the corpus loader cuts a
+corpus, and keeps ``shuffle_blocks`` of them in a ``ShuffleBuffer``: each batch is drawn at random from
+blocks of many documents. Without it a batch was the continuation of one or two documents, step after step,
+and trained measurably worse than the corpus loader on the same text (``bench/stream_fairness.py``).
+
+Its position (saved in checkpoints) is the cursor from which the next texts are fetched, the tokens fetched
+but not yet cut into blocks, the buffer's blocks and its number of draws: a resumed run continues the stream
+exactly, teacher texts already fetched included.
 """
 
 from __future__ import annotations
@@ -16,9 +23,9 @@ import httpx
 import numpy as np
 
 from ..serving import read_api_key
-from ..tokenizer import Tokenizer
 from .documents import DataError
-from .loaders import Batch, block_span, prefetch
+from .feed_protocol import BatchQuery, FeedBatch, HeldOut, TokenBatch
+from .loaders import Batch, ShuffleBuffer, block_span, prefetch
 
 log = logging.getLogger("scratchlm.feed")
 
@@ -37,7 +44,8 @@ class FeedClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(headers=headers, timeout=timeout_s)
 
-    def get(self, path: str, **params) -> dict | list:
+    def get(self, path: str, **params) -> httpx.Response:
+        """The answer to GET ``path`` (2xx), after retrying through outages; a 4xx is a ``FeedError``."""
         delay, started = self.backoff_s, None
         while True:
             try:
@@ -60,13 +68,20 @@ class FeedClient:
             log.info("feed %s is back after %.1f s; carrying on", self.url, time.monotonic() - started)
         if r.status_code >= 400:
             raise FeedError(f"feed {self.url}{path} answered {r.status_code}: {_detail(r)}")
-        return r.json()
+        return r
 
-    def batch(self, size: int, cursor: str | None, rank: int = 0, world_size: int = 1) -> dict:
-        return self.get("/v1/batch", size=size, cursor=cursor, rank=rank, world_size=world_size)
+    def batch(self, size: int, cursor: str | None = None, rank: int = 0, world_size: int = 1,
+              tokens: bool = False) -> FeedBatch | TokenBatch:
+        """``/v1/batch``: texts (a ``FeedBatch``), or with ``tokens`` their token ids (a ``TokenBatch``)."""
+        query = BatchQuery(size=size, cursor=cursor, rank=rank, world_size=world_size, tokens=tokens)
+        r = self.get("/v1/batch", **query.model_dump(exclude_defaults=True))
+        return TokenBatch.from_bytes(r.content) if tokens else FeedBatch.model_validate_json(r.content)
 
     def heldout(self, size: int) -> list[str]:
-        return self.get("/v1/heldout", size=size)["texts"]
+        return HeldOut.model_validate_json(self.get("/v1/heldout", size=size).content).texts
+
+    def health(self) -> dict:
+        return self.get("/health").json()
 
     def close(self) -> None:
         self.http.close()
@@ -85,66 +100,70 @@ def client_from_env(url: str, api_key_file: str | None = None) -> FeedClient:
     return FeedClient(url, read_api_key(api_key_file))
 
 
-class FeedBlockLoader:
-    """Batches of (inputs, targets) packed from feed texts: documents joined by <|endoftext|>, no padding.
+COLUMNS = {"tokens": np.int32, "teacher": np.bool_}
+"""What the loader keeps of each token of the stream: its id, and whether a teacher wrote it."""
 
-    Requests are fetched and tokenized ``prefetch`` ahead in a background thread. Ranks ask the server for
-    disjoint streams (``rank``/``world_size``).
-    """
+
+class FeedBlockLoader:
+    """Batches of (inputs, targets) drawn from a shuffle buffer of blocks cut from the feed's token stream
+    (module docstring). Requests are fetched ``prefetch`` ahead in a background thread; ranks ask the server
+    for disjoint streams (``rank``/``world_size``) and draw with their own seeds."""
 
     KIND = "feed"
 
-    def __init__(self, client: FeedClient, tokenizer: Tokenizer, block_size: int, batch_size: int,
-                 position: dict | None = None, texts_per_request: int = 16, prefetch: int = 4, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.client, self.tokenizer = client, tokenizer
-        self.block_size, self.batch_size = block_size, batch_size
+    def __init__(self, client: FeedClient, block_size: int, batch_size: int, position: dict | None = None,
+                 texts_per_request: int = 16, prefetch: int = 4, rank: int = 0, world_size: int = 1,
+                 shuffle_blocks: int = 1024, seed: int = 1337) -> None:
+        self.client, self.block_size, self.batch_size = client, block_size, batch_size
         self.texts_per_request, self.prefetch = texts_per_request, prefetch
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.shuffle_blocks = rank, world_size, shuffle_blocks
+        span = block_span(block_size)
         position = position or {}
         self.cursor: str | None = position.get("cursor")
-        self.buffer = np.asarray(position.get("leftover", []), dtype=np.int64)
-        # Which buffered tokens are a teacher's, saved as runs of (count, 0 or 1) (older positions: none).
-        runs = position.get("leftover_teacher") or [[len(self.buffer), 0]]
-        self.teacher = np.repeat([bool(t) for _, t in runs], [n for n, _ in runs])
+        self.pending = {k: np.asarray(position.get(f"pending_{k}", []), dtype=t) for k, t in COLUMNS.items()}
+        saved = {k: np.asarray(position.get(f"buffer_{k}", np.zeros((0, span))), dtype=t)
+                 for k, t in COLUMNS.items()}
+        if saved["tokens"].shape[1:] != (span,):
+            raise DataError(f"the saved feed position holds blocks of {saved['tokens'].shape[1]} tokens, "
+                            f"this run's are {span}: resume with the same --block-size")
+        self.buffer = ShuffleBuffer(saved, seed, rank, position.get("draws", 0))
 
-    def _replies(self, cursor: str | None) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
-        """(tokens, which of them are a teacher's, cursor after them) for each request, from ``cursor`` on."""
+    def _replies(self, cursor: str | None) -> Iterator[TokenBatch]:
+        """The feed's answers from ``cursor`` on, as token ids."""
         while True:
-            reply = self.client.batch(self.texts_per_request, cursor, self.rank, self.world_size)
-            cursor = reply["cursor"]
-            tokens, lengths = self.tokenizer.encode_documents_with_lengths(reply["texts"])
-            teacher = np.repeat(np.array([s == "teacher" for s in reply["sources"]], dtype=bool), lengths)
-            yield tokens, teacher, cursor
+            reply = self.client.batch(self.texts_per_request, cursor, self.rank, self.world_size, tokens=True)
+            cursor = reply.meta.cursor
+            yield reply
+
+    def _cut(self, reply: TokenBatch) -> None:
+        """Add a reply's tokens to the stream and move its whole blocks into the buffer."""
+        span = block_span(self.block_size)
+        stream = {"tokens": reply.token_ids, "teacher": reply.teacher_mask()}
+        joined = {k: np.concatenate([self.pending[k], stream[k].astype(t)]) for k, t in COLUMNS.items()}
+        whole = len(joined["tokens"]) // span * span
+        self.buffer.add({k: v[:whole].reshape(-1, span) for k, v in joined.items()})
+        self.pending = {k: v[whole:] for k, v in joined.items()}
 
     def __iter__(self) -> Iterator[Batch]:
         # A short join: the fetching thread may be inside a request, and ends at its next check.
         replies = prefetch(self._replies(self.cursor), self.prefetch, join_timeout_s=1.0)
-        span = block_span(self.block_size)
-        need = self.batch_size * span
+        shuffle = self.shuffle_blocks > self.batch_size
+        held = max(self.shuffle_blocks, self.batch_size)
         try:
             while True:
-                while len(self.buffer) < need:
-                    tokens, teacher, self.cursor = next(replies)
-                    self.buffer = np.concatenate([self.buffer, tokens])
-                    self.teacher = np.concatenate([self.teacher, teacher])
-                blocks = self.buffer[:need].reshape(self.batch_size, span)
-                share = float(self.teacher[:need].mean())
-                self.buffer, self.teacher = self.buffer[need:], self.teacher[need:]
+                while len(self.buffer) < held:
+                    reply = next(replies)
+                    self.cursor = reply.meta.cursor
+                    self._cut(reply)
+                rows = self.buffer.draw(self.batch_size, shuffle)
                 position = self.position()
-                yield Batch.from_blocks(blocks, position, position["epoch"], teacher_share=share)
+                yield Batch.from_blocks(rows["tokens"], position, position["epoch"], rows["teacher"])
         finally:
             replies.close()
 
     def position(self) -> dict:
+        """Where the stream stands (its arrays are never changed in place, so they are not copied)."""
         epoch = int(self.cursor.split("-")[2]) if self.cursor else 0
-        return {"kind": self.KIND, "cursor": self.cursor, "leftover": self.buffer.tolist(),
-                "leftover_teacher": _runs(self.teacher), "epoch": epoch}
-
-
-def _runs(mask: np.ndarray) -> list[list[int]]:
-    """A boolean array as runs: [[count, 0 or 1], ...]."""
-    if not len(mask):
-        return []
-    bounds = np.concatenate([[0], np.flatnonzero(np.diff(mask.astype(np.int8))) + 1, [len(mask)]])
-    return [[int(b - a), int(mask[a])] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return {"kind": self.KIND, "cursor": self.cursor, "epoch": epoch, "draws": self.buffer.draws,
+                **{f"pending_{k}": v for k, v in self.pending.items()},
+                **{f"buffer_{k}": v for k, v in self.buffer.columns.items()}}

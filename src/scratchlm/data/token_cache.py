@@ -133,8 +133,7 @@ def tokenize_corpus(source: str | Path, tokenizer: Tokenizer, cache_dir: str | P
             raise DataError(f"corpus '{source}' does not exist")
     if tokenizer.vocab_size > 2**16:
         raise DataError("token cache stores uint16 ids; this tokenizer has more than 65536")
-    tokenizer_hash = hashlib.blake2b(tokenizer.backend.to_str().encode(), digest_size=12).hexdigest()
-    key = source_key(source, [CACHE_FORMAT, chunk_chars, eval_fraction, text_field, tokenizer_hash])
+    key = source_key(source, [CACHE_FORMAT, chunk_chars, eval_fraction, text_field, tokenizer.digest])
     cache = Path(cache_dir or default_cache_dir()) / "tokens" / key
     if not (cache / "index.json").exists():
         remove_abandoned(cache.parent)

@@ -2,10 +2,12 @@
 
 Routes:
 - ``GET /generate`` → JSON array of strings: the seed's contract, from the server's own stream.
-- ``GET /v1/batch?size=N&cursor=C&rank=R&world_size=W`` → ``{"texts", "sources", "ids", "cursor"}``. Asking
-  again from a cursor returns the same corpus texts; teacher texts are never replayed (they are fresh
-  samples).
-- ``GET /v1/heldout?size=N`` → the first N held-out documents (fixed; never in the training stream).
+- ``GET /v1/batch?size=N&cursor=C&rank=R&world_size=W[&tokens=1]`` → a ``FeedBatch`` (``{"texts", "sources",
+  "ids", "cursor", "tokens"}``), or with ``tokens=1`` a ``TokenBatch`` (the texts' token ids, binary; the
+  contract is ``data.feed_protocol``). Asking again from a cursor returns the same corpus texts in the same
+  order; teacher texts are never replayed (they are fresh samples).
+- ``GET /v1/heldout?size=N`` → ``HeldOut``: the first N held-out documents (fixed; never in the training
+  stream).
 - ``GET /health`` (no key), ``GET /metrics`` (Prometheus), ``GET /docs`` and ``/openapi.json``.
 
 Every route but ``/health`` needs ``Authorization: Bearer KEY`` when a key is set (compared in constant time).
@@ -18,10 +20,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..data.feed_protocol import TOKEN_BATCH_MEDIA_TYPE, BatchQuery, FeedBatch, HeldOut
 from ..serving import harden
 from .corpus import Cursor, CursorError
 from .mixer import Feed, TeacherBehind
@@ -69,29 +72,33 @@ def health(feed: FeedDep) -> dict:
 
 @router.get("/generate")
 def generate(feed: FeedDep, limits: LimitsDep) -> list[str]:
-    return feed.batch(limits.generate_size, None)["texts"]
+    return feed.batch(limits.generate_size, None).texts
 
 
-@router.get("/v1/batch")
-def batch(feed: FeedDep, limits: LimitsDep, size: Size = 16,
-          cursor: Annotated[str | None, Query(max_length=200)] = None, rank: Annotated[int, Query(ge=0)] = 0,
-          world_size: Annotated[int, Query(ge=1, le=65536)] = 1) -> dict:
-    _check_size(size, limits)
-    if rank >= world_size:
-        raise HTTPException(status_code=422, detail=f"rank {rank} must be below world_size {world_size}")
-    if world_size > len(feed.corpus.texts):
-        raise HTTPException(status_code=422, detail=f"world_size {world_size} exceeds the corpus's "
+@router.get("/v1/batch", response_model=FeedBatch,
+            responses={200: {"content": {TOKEN_BATCH_MEDIA_TYPE: {}}, "description":
+                             "a FeedBatch (JSON), or with tokens=1 a TokenBatch (safetensors)"}})
+def batch(feed: FeedDep, limits: LimitsDep, query: Annotated[BatchQuery, Query()]):
+    _check_size(query.size, limits)
+    if query.rank >= query.world_size:
+        raise HTTPException(status_code=422, detail=f"rank {query.rank} must be below world_size "
+                                                    f"{query.world_size}")
+    if query.world_size > len(feed.corpus.texts):
+        raise HTTPException(status_code=422, detail=f"world_size {query.world_size} exceeds the corpus's "
                                                     f"{len(feed.corpus.texts)} documents")
     try:
-        start = Cursor.decode(cursor, feed.corpus.fingerprint) if cursor else Cursor(0, 0)
+        start = Cursor.decode(query.cursor, feed.corpus.fingerprint) if query.cursor else Cursor(0, 0)
     except CursorError as err:
         raise HTTPException(status_code=400, detail=str(err)) from None
-    return feed.batch(size, start, rank, world_size)
+    answer = feed.batch(query.size, start, query.rank, query.world_size, query.tokens)
+    if query.tokens:
+        return Response(answer.to_bytes(), media_type=TOKEN_BATCH_MEDIA_TYPE)
+    return answer
 
 
 @router.get("/v1/heldout")
-def heldout(feed: FeedDep, limits: LimitsDep, size: Size = 64) -> dict:
-    return {"texts": feed.corpus.held_out[: _check_size(size, limits)]}
+def heldout(feed: FeedDep, limits: LimitsDep, size: Size = 64) -> HeldOut:
+    return HeldOut(texts=feed.corpus.held_out[: _check_size(size, limits)])
 
 
 @router.get("/metrics")

@@ -9,7 +9,8 @@ they are served separately for evaluation.
 from __future__ import annotations
 
 import hashlib
-import threading
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..data import EpochOrder, open_text_store
@@ -52,12 +53,13 @@ class CorpusSource:
             f"{seed}|{chunk_chars}|{eval_fraction}|{len(self.texts)}|{store.meta['ids_digest']}".encode(),
             digest_size=4).hexdigest()
         self.order = EpochOrder(len(self.texts), seed)
-        self._stream = Cursor(0, 0)  # the shared stream behind the cursor-less /generate
-        self._stream_lock = threading.Lock()
+        self.stream = Cursor(0, 0)
+        """Where the server's own stream stands (``/generate``, and ``/v1/batch`` without a cursor); moved by
+        the feed's mixer, under its lock."""
 
-    def take(self, cursor: Cursor, n: int, rank: int = 0, world_size: int = 1) -> tuple[list[int], Cursor]:
-        """Indices of the next ``n`` documents for ``rank`` of ``world_size`` from ``cursor``, and the cursor
-        after.
+    def walk(self, cursor: Cursor, rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, Cursor]]:
+        """The documents for ``rank`` of ``world_size`` from ``cursor`` on: (index, the cursor after it), for
+        as long as the caller takes them.
 
         Position ``index`` of an epoch's order goes to rank ``index % world_size``: ranks get disjoint
         streams.
@@ -66,20 +68,18 @@ class CorpusSource:
             raise ValueError(f"rank {rank} of world_size {world_size}: each rank needs at least one of the "
                              f"{len(self.texts)} documents")
         epoch, index = cursor.epoch, cursor.index
-        out: list[int] = []
-        while len(out) < n:
+        while True:
             order = self.order(epoch)
-            start = index + ((rank - index) % world_size)  # first position ≥ index that belongs to this rank
-            picked = order[start::world_size][: n - len(out)]
-            out.extend(int(i) for i in picked)
-            index = start + len(picked) * world_size
-            if index >= len(order):  # this rank's share of the epoch is used up
+            start = index + ((rank - index) % world_size)  # first position >= index that belongs to this rank
+            if start >= len(order):  # this rank's share of the epoch is used up
                 epoch, index = epoch + 1, 0
-        return out, Cursor(epoch, index)
+                continue
+            index = start + world_size
+            after = Cursor(epoch, index) if index < len(order) else Cursor(epoch + 1, 0)
+            yield int(order[start]), after
 
-    def take_shared(self, n: int) -> list[int]:
-        """The next ``n`` documents of the server's own stream (the seed's ``/generate``); concurrent callers
-        get consecutive, disjoint parts of it (read and advance under one lock)."""
-        with self._stream_lock:
-            picked, self._stream = self.take(self._stream, n)
-        return picked
+    def take(self, cursor: Cursor, n: int, rank: int = 0, world_size: int = 1) -> tuple[list[int], Cursor]:
+        """Indices of the next ``n`` documents for ``rank`` of ``world_size`` from ``cursor`` (``walk``), and
+        the cursor after them."""
+        taken = list(itertools.islice(self.walk(cursor, rank, world_size), n))
+        return [index for index, _ in taken], taken[-1][1] if taken else cursor

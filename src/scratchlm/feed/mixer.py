@@ -1,11 +1,15 @@
-"""The feed's mixer: corpus documents and teacher texts served in a chosen ratio, with Prometheus counters.
+"""The feed's mixer: corpus documents and teacher texts served in a chosen share, with Prometheus counters.
 
-Each response's teacher share is the target ratio applied to everything served so far (rounded), so shares
-hold over the stream and within a text of the target in every response. What happens when the teachers are
-behind depends on the mode:
+The share is counted in tokens by default (``unit="tokens"``: what a trainer eats; teacher texts are short and
+corpus documents long, so a share of texts says little about it), or in texts (the seed's meaning). Every text
+of an answer goes to the source that is behind its share of everything served so far, so the share holds over
+the stream and within one text in every answer. Counting tokens needs the feed's tokenizer (the trainer's);
+corpus documents are tokenized as they are served. What happens when the teachers are behind depends on the
+mode:
 
-- ``strict``: the request waits for its share (up to ``wait_s``), then fails with 503 and ``Retry-After``; the
-  trainer's client retries, so training runs at the teachers' pace and its data-wait figure says so.
+- ``strict``: the request waits for its teacher texts (up to ``wait_s``), then fails with 503 and
+  ``Retry-After``; the trainer's client retries, so training runs at the teachers' pace and its data-wait
+  figure says so.
 - ``best-effort``: the request waits at most ``deadline_s`` and fills the rest from the corpus; when the share
   over the last 1,000 texts is more than 5 points below the target, a warning goes to the log and ``/health``.
 """
@@ -19,14 +23,18 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from ..data.feed_protocol import FeedBatch, Source, TokenBatch
+from ..tokenizer import Tokenizer
 from .corpus import CorpusSource, Cursor
-from .teachers import TeacherPool
+from .teachers import TeacherPool, TeacherText
 
 log = logging.getLogger("scratchlm.feed")
 
 TeacherMode = Literal["strict", "best-effort"]
+ShareUnit = Literal["tokens", "texts"]
 SHARE_WINDOW = 1000
 SHARE_SLACK = 0.05
 
@@ -38,32 +46,55 @@ class TeacherBehind(RuntimeError):
 @dataclass(frozen=True)
 class MixSettings:
     ratio: float = 0.0
-    """Share of served texts that come from the teachers."""
+    """Share of what is served that comes from the teachers, in ``unit``."""
     mode: TeacherMode = "strict"
     wait_s: float = 20.0
     """Strict: the longest a request waits for its teacher texts."""
     deadline_s: float = 0.05
-    """Best-effort: the longest a request waits for the first teacher text."""
+    """Best-effort: the longest a request waits for teacher texts before taking corpus text instead."""
+    unit: ShareUnit = "tokens"
+    """What the share counts: tokens (what a trainer eats) or texts."""
+
+
+@dataclass
+class Piece:
+    """One text of an answer: where it came from and, when counted, its token ids."""
+
+    text: str
+    source: Source
+    id: str
+    token_ids: list[int] | None = None
+    teacher_text: TeacherText | None = None
 
 
 class Feed:
-    """Corpus + optional teachers, mixed to a target ratio, with counters for /metrics."""
+    """Corpus + optional teachers, mixed to a target share, with counters for /metrics."""
 
     def __init__(self, corpus: CorpusSource, teachers: TeacherPool | None = None,
-                 mix: MixSettings = MixSettings()) -> None:
-        self.corpus, self.teachers, self.mix = corpus, teachers, mix
-        self._served = {"corpus": 0, "teacher": 0}
-        self._recent: deque[bool] = deque(maxlen=SHARE_WINDOW)  # was each recent text the teacher's
+                 mix: MixSettings = MixSettings(), tokenizer: Tokenizer | None = None) -> None:
+        self.corpus, self.teachers, self.mix, self.tokenizer = corpus, teachers, mix, tokenizer
+        if self.mixing and mix.unit == "tokens" and tokenizer is None:
+            raise ValueError("a share of tokens needs the feed's tokenizer")
+        self._texts = {"corpus": 0, "teacher": 0}
+        self._tokens = {"corpus": 0, "teacher": 0}
+        self._recent: deque[tuple[bool, int]] = deque(maxlen=SHARE_WINDOW)  # (a teacher's?, its units)
         self.warning: str | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one answer composed at a time: the shares and the shared stream
         self.registry = CollectorRegistry()
         self.texts_served = Counter("scratchlm_texts_served", "Texts served", ["source"],
                                     registry=self.registry)
         self.bytes_served = Counter("scratchlm_bytes_served", "UTF-8 bytes of text served", ["source"],
                                     registry=self.registry)
+        self.tokens_served = Counter("scratchlm_tokens_served", "Tokens served, each text's <|endoftext|> "
+                                     "included (counted when the feed tokenizes: a share of tokens, or ids "
+                                     "asked for)", ["source"], registry=self.registry)
         self.errors = Counter("scratchlm_request_errors", "Requests answered with an error", ["status"],
                               registry=self.registry)
         self._gauges()
+
+    @property
+    def mixing(self) -> bool:
+        return self.teachers is not None and self.mix.ratio > 0
 
     def _gauges(self) -> None:
         """Gauges read when /metrics is scraped: the corpus, the teachers together, and each teacher."""
@@ -76,7 +107,7 @@ class Feed:
             len(corpus.texts))
         depth = Gauge("scratchlm_buffer_depth", "Texts ready to serve, per source", ["source"],
                       registry=registry)
-        depth.labels("corpus").set_function(lambda: len(corpus.texts))  # in memory: always all of it
+        depth.labels("corpus").set_function(lambda: len(corpus.texts))  # on disk: always all of it
         depth.labels("teacher").set_function(lambda: len(teachers.texts.texts) if teachers else 0)
         diversity = (lambda k: teachers.diversity.summary()[k]) if teachers else (lambda k: 0)
         for name, doc, value in [
@@ -86,7 +117,10 @@ class Feed:
             ("tokens_per_second", "Teacher tokens per second of generation, all teachers",
              lambda: teachers.tokens_per_s if teachers else 0),
             ("up", "1 when at least one teacher answers", lambda: 1 if teachers and teachers.up else 0),
-            ("ratio_realised", "Share of served texts that came from the teachers", self.realised_ratio),
+            ("ratio_realised", "Share of what was served that came from the teachers, in the unit of "
+             "--teacher-ratio-unit", self.realised_ratio),
+            ("token_share_realised", "Share of the tokens served that the teachers wrote",
+             lambda: self._share(self._tokens)),
         ] + [(key, f"Teacher texts: {key.replace('_', ' ')}", lambda k=key: diversity(k))
              for key in ("exact_duplicate_rate", "near_duplicate_rate", "top_opening_share")]:
             Gauge(f"scratchlm_teacher_{name}", doc, registry=registry).set_function(value)
@@ -98,75 +132,123 @@ class Feed:
             for worker in teachers.workers if teachers else []:
                 gauge.labels(worker.name).set_function(lambda w=worker, value=value: value(w))
 
+    @staticmethod
+    def _share(counts: dict[str, int]) -> float:
+        total = counts["corpus"] + counts["teacher"]
+        return counts["teacher"] / total if total else 0.0
+
     def realised_ratio(self) -> float:
-        total = sum(self._served.values())
-        return self._served["teacher"] / total if total else 0.0
+        """The teachers' share of everything served so far, in the unit the target is set in."""
+        return self._share(self._tokens if self.mix.unit == "tokens" else self._texts)
 
-    def _teacher_texts(self, n: int) -> list[str]:
-        """This response's teacher share (module docstring); raises ``TeacherBehind`` in strict mode."""
-        if self.teachers is None or self.mix.ratio <= 0:
-            return []
-        with self._lock:
-            total = sum(self._served.values()) + n
-            want = min(n, max(0, round(self.mix.ratio * total) - self._served["teacher"]))
-        if self.mix.mode == "best-effort":
-            return self.teachers.take(want, self.mix.deadline_s, exact=False)
-        texts = self.teachers.take(want, self.mix.wait_s, exact=True)
-        if len(texts) < want:
-            raise TeacherBehind(f"the teachers are behind: fewer than the {want} teacher texts this response "
-                                f"needs were ready after {self.mix.wait_s:.0f} s (strict mode); retry, or "
-                                "serve with --teacher-mode best-effort")
-        return texts
+    def _compose(self, n: int, cursor: Cursor, rank: int, world_size: int) -> tuple[list[Piece], Cursor]:
+        """n texts in order, each from the source behind its share (module docstring), and the corpus cursor
+        after them. Strict mode raises ``TeacherBehind`` (the teacher texts taken go back) when the teachers
+        do not deliver in time. Called under the lock."""
+        mix, teachers, counting = self.mix, self.teachers, self.mix.unit == "tokens"
+        teacher, total = (self._tokens if counting else self._texts)["teacher"], sum(
+            (self._tokens if counting else self._texts).values())
+        deadline = time.monotonic() + (mix.wait_s if mix.mode == "strict" else mix.deadline_s)
+        walk, after = self.corpus.walk(cursor, rank, world_size), cursor
+        pieces: list[Piece] = []
+        taken: list[TeacherText] = []
+        behind = False  # best-effort: once the teachers miss, the rest of the answer is corpus text
+        for _ in range(n):
+            if self.mixing and not behind and teacher < mix.ratio * (total + 1):
+                text = teachers.texts.take_one(deadline)
+                if text is not None:
+                    taken.append(text)
+                    pieces.append(Piece(text.text, "teacher", f"teacher:{time.time_ns()}:{len(taken)}",
+                                        text.token_ids, text))
+                    units = text.tokens if counting else 1
+                    teacher, total = teacher + units, total + units
+                    continue
+                if mix.mode == "strict":
+                    teachers.texts.put_back(taken)
+                    raise TeacherBehind(f"the teachers are behind: no teacher text was ready after "
+                                        f"{mix.wait_s:.0f} s for this answer's share (strict mode); retry, "
+                                        "or serve with --teacher-mode best-effort")
+                behind = True
+            index, after = next(walk)
+            text = self.corpus.texts[index]
+            ids = self.tokenizer.encode(text) if counting and self.mixing else None
+            pieces.append(Piece(text, "corpus", self.corpus.ids[index], ids))
+            total += len(ids) + 1 if ids is not None else 1
+        return pieces, after
 
-    def _count(self, teacher_texts: list[str], corpus_texts: list[str]) -> None:
-        with self._lock:
-            self._served["teacher"] += len(teacher_texts)
-            self._served["corpus"] += len(corpus_texts)
-            self._recent.extend([True] * len(teacher_texts) + [False] * len(corpus_texts))
-            recent_share = sum(self._recent) / len(self._recent) if self._recent else 0.0
-        for source, texts in (("teacher", teacher_texts), ("corpus", corpus_texts)):
-            self.texts_served.labels(source).inc(len(texts))
-            self.bytes_served.labels(source).inc(sum(len(t.encode("utf-8")) for t in texts))
+    def _count(self, pieces: list[Piece]) -> None:
+        """Count an answer's texts (and the tokens of those already tokenized); called under the lock."""
+        for p in pieces:
+            self._texts[p.source] += 1
+            units = len(p.token_ids) + 1 if p.token_ids is not None else 0
+            self._recent.append((p.source == "teacher", units if self.mix.unit == "tokens" else 1))
+            self.texts_served.labels(p.source).inc()
+            self.bytes_served.labels(p.source).inc(len(p.text.encode("utf-8")))
+        self._count_tokens([p for p in pieces if p.token_ids is not None])
         if self.teachers is not None and self.mix.mode == "best-effort":
-            self._watch_share(recent_share)
+            self._watch_share()
 
-    def _watch_share(self, recent_share: float) -> None:
+    def _count_tokens(self, pieces: list[Piece]) -> None:
+        for p in pieces:
+            self._tokens[p.source] += len(p.token_ids) + 1
+            self.tokens_served.labels(p.source).inc(len(p.token_ids) + 1)
+
+    def _watch_share(self) -> None:
+        teacher = sum(units for is_teacher, units in self._recent if is_teacher)
+        recent_share = teacher / max(1, sum(units for _, units in self._recent))
         behind = len(self._recent) == SHARE_WINDOW and recent_share < self.mix.ratio - SHARE_SLACK
         if behind and self.warning is None:
-            self.warning = (f"teacher share over the last {SHARE_WINDOW:,} texts is {recent_share:.1%}, "
-                            f"target {self.mix.ratio:.0%}: the teachers are behind, and best-effort mode "
-                            "serves corpus text in their place")
+            self.warning = (f"teacher share over the last {SHARE_WINDOW:,} texts is {recent_share:.1%} of "
+                            f"{self.mix.unit}, target {self.mix.ratio:.0%}: the teachers are behind, and "
+                            "best-effort mode serves corpus text in their place")
             log.warning(self.warning)
         elif not behind and self.warning is not None:
             log.info("teacher share back near its target (%.1f%% over the last %d texts)", 100 * recent_share,
                      SHARE_WINDOW)
             self.warning = None
 
-    def batch(self, n: int, cursor: Cursor | None, rank: int = 0, world_size: int = 1) -> dict:
+    def batch(self, n: int, cursor: Cursor | None, rank: int = 0, world_size: int = 1,
+              tokens: bool = False) -> FeedBatch | TokenBatch:
         """n texts: the teachers' share, the rest from the corpus (from ``cursor``, or the server's own
-        stream)."""
-        teacher_texts = self._teacher_texts(n)  # first: a strict refusal must not move the corpus stream
-        n_corpus = n - len(teacher_texts)
-        if cursor is None:
-            indices, after = self.corpus.take_shared(n_corpus), None
-        else:
-            indices, after = self.corpus.take(cursor, n_corpus, rank, world_size)
-        corpus_texts = [self.corpus.texts[i] for i in indices]
-        self._count(teacher_texts, corpus_texts)
-        # Teacher texts go last so that a batch's corpus part is the same on replay from its cursor.
-        return {
-            "texts": corpus_texts + teacher_texts,
-            "sources": ["corpus"] * len(corpus_texts) + ["teacher"] * len(teacher_texts),
-            "ids": [self.corpus.ids[i] for i in indices] + [f"teacher:{time.time_ns()}:{k}"
-                                                              for k in range(len(teacher_texts))],
-            "cursor": after.encode(self.corpus.fingerprint) if after else None,
-        }
+        stream); with ``tokens``, their token ids instead of their texts."""
+        with self._lock:
+            pieces, after = self._compose(n, cursor or self.corpus.stream, rank, world_size)
+            if cursor is None:
+                self.corpus.stream = after
+            self._count(pieces)
+        if tokens:  # outside the lock: other answers are composed meanwhile
+            fresh = [p for p in pieces if p.token_ids is None]
+            self._tokenize(fresh)
+            with self._lock:
+                self._count_tokens(fresh)
+        meta = FeedBatch(texts=[] if tokens else [p.text for p in pieces], sources=[p.source for p in pieces],
+                         ids=[p.id for p in pieces],
+                         cursor=after.encode(self.corpus.fingerprint) if cursor is not None else None,
+                         tokens=[len(p.token_ids) + 1 for p in pieces]
+                         if all(p.token_ids is not None for p in pieces) else None)
+        if not tokens:
+            return meta
+        eot = self.tokenizer.eot_id
+        ids = np.fromiter((t for p in pieces for t in (*p.token_ids, eot)), dtype=np.uint32,
+                          count=sum(meta.tokens))
+        return TokenBatch(meta, ids)
+
+    def _tokenize(self, pieces: list[Piece]) -> None:
+        if pieces:
+            if self.tokenizer is None:
+                raise ValueError("this feed has no tokenizer: it cannot serve token ids")
+            for p, ids in zip(pieces, self.tokenizer.encode_batch([p.text for p in pieces]), strict=True):
+                p.token_ids = ids
 
     def health(self) -> dict:
-        state = {"status": "ok", "documents": len(self.corpus.texts)}
+        state = {"status": "ok", "documents": len(self.corpus.texts),
+                 "tokenizer": self.tokenizer.digest if self.tokenizer else None}
         if self.teachers is None:
             return {**state, "teacher": "none"}
         state.update(teacher="up" if self.teachers.up else "down", teacher_mode=self.mix.mode,
-                     teacher_ratio=self.mix.ratio, teacher_ratio_realised=round(self.realised_ratio(), 4),
+                     teacher_ratio=self.mix.ratio, teacher_ratio_unit=self.mix.unit,
+                     teacher_ratio_realised=round(self.realised_ratio(), 4),
+                     teacher_token_share_realised=round(self._share(self._tokens), 4),
+                     teacher_text_share_realised=round(self._share(self._texts), 4),
                      teachers=[w.health() for w in self.teachers.workers])
         return {**state, "warning": self.warning} if self.warning else state

@@ -15,9 +15,10 @@ from ..serving import API_KEY_ENV, ServerConfig
 from ..teacher.diversity import DiversityMeter
 from ..teacher.prompts import PromptSource, PromptStrategy
 from ..teacher.sampling import SamplingParams
+from ..tokenizer import Tokenizer, load_tokenizer
 from .app import FeedLimits, create_app
 from .corpus import CorpusSource
-from .mixer import Feed, MixSettings, TeacherMode
+from .mixer import Feed, MixSettings, ShareUnit, TeacherMode
 from .teachers import TeacherPool, TeacherWorker, TextPool, WorkerSettings
 
 log = logging.getLogger("scratchlm.feed")
@@ -45,7 +46,14 @@ class ServeConfig(ServerConfig):
     """Teacher spec, local:PATH_OR_HUB_ID or openai:URL[#model]; give several (--teacher A --teacher B) to
     spread the work over several teachers (none = corpus only)."""
     teacher_ratio: float = 0.0
-    """Share of served texts that should come from the teachers, when there are any."""
+    """Share of what is served that should come from the teachers, when there are any: of tokens (what a
+    trainer eats), or of texts with --teacher-ratio-unit texts."""
+    teacher_ratio_unit: ShareUnit = "tokens"
+    """What --teacher-ratio counts: tokens (each text's tokens and its <|endoftext|>), or texts (the seed's
+    meaning; teacher texts are short, so 30% of texts is a few percent of tokens)."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id, the trainer's (default: $SCRATCHLM_TOKENIZER, else microsoft/phi-2): counts
+    tokens for the share and serves token ids."""
     teacher_mode: TeacherMode = "strict"
     """strict: every response carries the share, waiting for the teachers (up to --teacher-wait-s, then 503);
     best-effort: never waits, fills from the corpus, and warns when the share falls behind."""
@@ -83,9 +91,10 @@ class ServeConfig(ServerConfig):
         return [value] if isinstance(value, str) else ([] if value is None else value)
 
 
-def _teachers(cfg: ServeConfig, corpus: CorpusSource, extra=None, owned: bool = False) -> TeacherPool | None:
+def _teachers(cfg: ServeConfig, corpus: CorpusSource, tokenizer: Tokenizer, extra=None,
+              owned: bool = False) -> TeacherPool | None:
     """A worker per teacher (and ``extra``, a backend given as an object, closed with the feed if ``owned``),
-    all filling one pool."""
+    all filling one pool; their texts are tokenized with the feed's ``tokenizer`` as they arrive."""
     from ..teacher.backends import load_teacher
 
     backends = [load_teacher(spec, cfg.teacher_api_key_file, batch_size=cfg.teacher_batch_size,
@@ -103,13 +112,13 @@ def _teachers(cfg: ServeConfig, corpus: CorpusSource, extra=None, owned: bool = 
         strategies = [s for s in cfg.prompts if s != "token" or decode is not None]
         prompts = PromptSource(strategies, corpus.texts, seed=cfg.seed + i, decode=decode)
         settings = WorkerSettings(params, backend.max_in_flight, backend.prompts_per_request,
-                                  cfg.teacher_stall_s,
-                                  diversity)
+                                  cfg.teacher_stall_s, diversity, tokenizer.encode_batch)
         owns = owned or backend is not extra
         workers.append(TeacherWorker(backend, prompts, settings, texts, owns_backend=owns))
         log.info("teacher %s: %d sequences in flight, %d prompts per request, prompts %s", workers[-1].name,
                  settings.in_flight, settings.per_request, ", ".join(strategies))
-    log.info("teachers: %d%% of served texts, %s mode", round(cfg.teacher_ratio * 100), cfg.teacher_mode)
+    log.info("teachers: %d%% of served %s, %s mode", round(cfg.teacher_ratio * 100), cfg.teacher_ratio_unit,
+             cfg.teacher_mode)
     return TeacherPool(texts, workers, diversity)
 
 
@@ -123,12 +132,15 @@ def build(cfg: ServeConfig, teacher=None) -> tuple[FastAPI, Feed]:
         raise ConfigError(f"--public exposes the feed to the internet: set {API_KEY_ENV} or pass "
                           "--api-key-file")
     corpus_path = corpus_from_env(cfg.corpus, "--corpus")
+    tokenizer = load_tokenizer(cfg.tokenizer)
     corpus = CorpusSource(corpus_path, cfg.seed, cfg.chunk_chars, cfg.eval_fraction, cfg.text_field)
-    mix = MixSettings(cfg.teacher_ratio, cfg.teacher_mode, cfg.teacher_wait_s, cfg.teacher_deadline_s)
+    mix = MixSettings(cfg.teacher_ratio, cfg.teacher_mode, cfg.teacher_wait_s, cfg.teacher_deadline_s,
+                      cfg.teacher_ratio_unit)
     if callable(teacher) and not hasattr(teacher, "submit"):  # a function: wrapped here, so closed here
-        feed = Feed(corpus, _teachers(cfg, corpus, FunctionTeacher(teacher), owned=True), mix)
+        teachers = _teachers(cfg, corpus, tokenizer, FunctionTeacher(teacher), owned=True)
     else:
-        feed = Feed(corpus, _teachers(cfg, corpus, teacher), mix)
+        teachers = _teachers(cfg, corpus, tokenizer, teacher)
+    feed = Feed(corpus, teachers, mix, tokenizer)
     log.info("corpus %s: %d documents (%d held out), files skipped: %s", corpus_path, len(corpus.texts),
              len(corpus.held_out), dict(corpus.stats.skipped) or "none")
     return create_app(feed, api_key, FeedLimits(cfg.batch_size, cfg.max_batch_size)), feed

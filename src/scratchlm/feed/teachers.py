@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..teacher.diversity import DiversityMeter
@@ -24,12 +25,26 @@ from ..teacher.sampling import SamplingParams
 log = logging.getLogger("scratchlm.feed")
 
 
+@dataclass(frozen=True)
+class TeacherText:
+    """A text a teacher wrote, with its token ids (the feed's tokenizer's, counted for the share in tokens and
+    served to trainers that ask for ids)."""
+
+    text: str
+    token_ids: list[int] | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the text takes in a training stream: its ids and the ``<|endoftext|>`` after it."""
+        return len(self.token_ids) + 1 if self.token_ids is not None else 0
+
+
 class TextPool:
     """Teacher texts ready to serve, bounded: room is reserved before a request goes out."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.texts: deque[str] = deque()
+        self.texts: deque[TeacherText] = deque()
         self.reserved = 0
         self.cond = threading.Condition()
 
@@ -43,23 +58,27 @@ class TextPool:
             self.reserved += n
             return True
 
-    def fill(self, reserved: int, texts: list[str]) -> None:
+    def fill(self, reserved: int, texts: list[TeacherText]) -> None:
         """Texts that came back for a reservation (fewer, or none when the request failed)."""
         with self.cond:
             self.reserved -= reserved
-            self.texts.extend(t for t in texts if t)
+            self.texts.extend(t for t in texts if t.text)
             self.cond.notify_all()
 
-    def take(self, n: int, wait_s: float, exact: bool) -> list[str]:
-        """``exact``: n texts, waiting up to ``wait_s`` for all of them, or none. Else: up to n, waiting up to
-        ``wait_s`` for the first."""
+    def take_one(self, deadline: float) -> TeacherText | None:
+        """The oldest text, waiting for one until ``deadline`` (``time.monotonic``); None if none came."""
         with self.cond:
-            self.cond.wait_for(lambda: len(self.texts) >= (n if exact else 1), wait_s)
-            if exact and len(self.texts) < n:
-                return []
-            out = [self.texts.popleft() for _ in range(min(n, len(self.texts)))]
+            if self.cond.wait_for(lambda: bool(self.texts), max(0.0, deadline - time.monotonic())):
+                text = self.texts.popleft()
+                self.cond.notify_all()
+                return text
+            return None
+
+    def put_back(self, texts: list[TeacherText]) -> None:
+        """Texts taken for an answer that was not sent: first in line again, in their order."""
+        with self.cond:
+            self.texts.extendleft(reversed(texts))
             self.cond.notify_all()
-            return out
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait for the first texts (a cold teacher loads and warms up first); False on timeout."""
@@ -85,6 +104,8 @@ class WorkerSettings:
     """Prompts per request."""
     stall_s: float = 120.0
     diversity: DiversityMeter = field(default_factory=DiversityMeter)
+    tokenize: Callable[[list[str]], list[list[int]]] | None = None
+    """The feed's tokenizer (batch encode), when it counts or serves tokens."""
 
 
 class TeacherWorker:
@@ -151,7 +172,7 @@ class TeacherWorker:
 
     def _done(self, number: int, n: int, future, error: BaseException | None) -> None:
         error = error or future.exception()
-        texts = [] if error else [c.text.strip() for c in future.result()]
+        texts = [] if error else self._texts([c.text.strip() for c in future.result()])
         with self._cond:
             self.in_flight -= n
             self._started.pop(number, None)
@@ -170,7 +191,13 @@ class TeacherWorker:
         self.answering, self._backoff = True, 0.5
         self.stats.texts += len(texts)
         for t in texts:
-            self.settings.diversity.add(t)
+            self.settings.diversity.add(t.text)
+
+    def _texts(self, texts: list[str]) -> list[TeacherText]:
+        tokenize = self.settings.tokenize
+        if tokenize is None:
+            return [TeacherText(t) for t in texts]
+        return [TeacherText(t, ids) for t, ids in zip(texts, tokenize(texts), strict=True)]
 
     def _failed(self, error: BaseException) -> None:
         if self._stop.is_set():  # requests cut short by our own stop are not the teacher's failures
@@ -200,9 +227,6 @@ class TeacherPool:
     @property
     def up(self) -> bool:
         return any(w.up for w in self.workers)
-
-    def take(self, n: int, wait_s: float, exact: bool) -> list[str]:
-        return self.texts.take(n, wait_s, exact) if n > 0 else []
 
     def wait_ready(self, timeout_s: float) -> bool:
         return self.texts.wait_ready(timeout_s)

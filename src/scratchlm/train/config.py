@@ -29,6 +29,9 @@ class TrainConfig(ConfigBase):
     """File holding the feed's API key (else $SCRATCHLM_API_KEY)."""
     feed_texts_per_request: int = 16
     """Texts asked of the feed per request (4 requests are prefetched)."""
+    feed_shuffle_blocks: int = 1024
+    """Training from a feed: blocks kept in a shuffle buffer, from which each batch is drawn at random (so a
+    batch holds many documents, as from a corpus); at most --micro-batch-size: no shuffling."""
     out: str = "runs/train"
     """Run folder: logs, metrics.jsonl, checkpoints/, final/."""
     tokenizer: str | None = None
@@ -166,7 +169,8 @@ class TrainConfig(ConfigBase):
                            seed=self.seed, chunk_chars=self.chunk_chars, eval_fraction=self.eval_fraction,
                            text_field=self.text_field, num_proc=self.num_proc,
                            feed_api_key_file=self.feed_api_key_file,
-                           feed_texts_per_request=self.feed_texts_per_request, progress=progress)
+                           feed_texts_per_request=self.feed_texts_per_request,
+                           feed_shuffle_blocks=self.feed_shuffle_blocks, progress=progress)
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
         """bf16 when asked, or on 'auto' on a GPU that has it; None = fp32."""

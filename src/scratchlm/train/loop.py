@@ -9,6 +9,7 @@ every ``checkpoint_interval``. It stops at the first stop rule that holds and sa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -80,7 +81,7 @@ class Checkpointer:
         self.saved_at = self._key(saved) if saved is not None else None
 
     def _key(self, state: TrainState) -> tuple[int, str]:
-        return state.step, json.dumps(state.data_positions[self.env.rank], sort_keys=True)
+        return state.step, json.dumps(state.data_positions[self.env.rank], sort_keys=True, default=_digest)
 
     def save(self, state: TrainState) -> None:
         key = self._key(state)
@@ -92,6 +93,11 @@ class Checkpointer:
                                     self.config_yaml, self.keep, self.env.is_main)
         distributed.barrier(self.env)
         log.info("checkpoint saved: %s", path)
+
+
+def _digest(array) -> str:
+    """A numpy array of a data position, for comparing positions."""
+    return hashlib.blake2b(array.tobytes(), digest_size=16).hexdigest() + str(array.shape)
 
 
 @dataclass

@@ -176,7 +176,7 @@ def _restore(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     elif env.is_main:
         truncate_metrics(out / METRICS_FILE, state.step)
     state.branch = branch
-    shown = {k: (f"{len(v)} tokens" if k == "leftover" else v) for k,
+    shown = {k: (f"array of {v.shape}" if hasattr(v, "shape") else v) for k,
              v in state.data_positions[env.rank].items()}
     log.info("resumed from %s: step %d, %s tokens, data at %s", checkpoint, state.step, f"{state.tokens:,}",
              shown)

@@ -1,0 +1,86 @@
+"""The feed's HTTP contract: one definition for the server (``feed/app.py``) and its client
+(``data/remote.py``).
+
+``GET /v1/batch`` takes a ``BatchQuery`` and answers a ``FeedBatch`` (JSON), or, with ``tokens=1``, a
+``TokenBatch``: the same description plus every text's token ids, in a binary body. The body is a safetensors
+file (``TOKEN_BATCH_MEDIA_TYPE``): a JSON header then raw little-endian arrays, read without pickle by the
+``safetensors`` library the project already uses for weights (and by its Rust, C++ and JavaScript readers);
+the description travels in the header's ``__metadata__``. JSON lists would be 3 to 4 times larger for ids, and
+25 times for the soft labels that are meant to travel the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+TOKEN_BATCH_MEDIA_TYPE = "application/vnd.scratchlm.token-batch+safetensors"
+Source = Literal["corpus", "teacher"]
+
+
+class BatchQuery(BaseModel):
+    """What a client asks of ``/v1/batch`` (its query parameters)."""
+
+    size: int = Field(16, ge=1, description="number of texts (at most the server's --max-batch-size)")
+    cursor: str | None = Field(None, max_length=200, description="where the corpus stream resumes")
+    rank: int = Field(0, ge=0)
+    world_size: int = Field(1, ge=1, le=65536)
+    tokens: bool = False
+    """Answer with every text's token ids (a ``TokenBatch`` body) instead of the texts."""
+
+
+class FeedBatch(BaseModel):
+    """Texts from the feed, in order, and where the corpus stream continues."""
+
+    texts: list[str]
+    """The texts (empty in a token answer, which carries ids instead)."""
+    sources: list[Source]
+    ids: list[str]
+    """Corpus document ids (``file#chunk``), or ``teacher:...`` for a teacher's text."""
+    cursor: str | None
+    """Ask again from here for the corpus texts that follow (None for the server's own stream)."""
+    tokens: list[int] | None = None
+    """Each text's tokens with the ``<|endoftext|>`` that follows it, when the feed counted them."""
+
+
+class HeldOut(BaseModel):
+    """``GET /v1/heldout``: fixed held-out documents, never in the training stream."""
+
+    texts: list[str]
+
+
+@dataclass
+class TokenBatch:
+    """A ``FeedBatch`` with every text's token ids: ``token_ids`` holds them end to end, each text followed by
+    ``<|endoftext|>`` (``meta.tokens`` says how many each took)."""
+
+    meta: FeedBatch
+    token_ids: np.ndarray  # (total,) uint32
+
+    def teacher_mask(self) -> np.ndarray:
+        """(total,) bool: which tokens a teacher wrote."""
+        return np.repeat(np.array([s == "teacher" for s in self.meta.sources], dtype=bool),
+                         np.asarray(self.meta.tokens, dtype=np.int64))
+
+    def to_bytes(self) -> bytes:
+        from safetensors.numpy import save
+
+        return save({"token_ids": np.ascontiguousarray(self.token_ids, dtype=np.uint32)},
+                    metadata={"feed_batch": self.meta.model_dump_json()})
+
+    @staticmethod
+    def from_bytes(body: bytes) -> TokenBatch:
+        from safetensors.numpy import load
+
+        (header_len,) = struct.unpack("<Q", body[:8])  # the format's own layout: length, JSON header, data
+        meta = json.loads(body[8 : 8 + header_len])["__metadata__"]["feed_batch"]
+        batch = FeedBatch.model_validate_json(meta)
+        token_ids = load(body)["token_ids"]
+        if batch.tokens is None or sum(batch.tokens) != len(token_ids):
+            raise ValueError("token batch: the texts' token counts do not add up to the ids sent")
+        return TokenBatch(batch, token_ids)
