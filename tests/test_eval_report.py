@@ -54,7 +54,7 @@ def test_eval_equals_a_hand_computed_cross_entropy(tokenizer, corpus_dir, tmp_pa
                         str(tmp_path / "text.txt"), "--split", "all", "--block-size", "32", "--json"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert set(json.loads(r.stdout)) == {"loss", "perplexity", "bits_per_byte", "tokens"}
+    assert set(json.loads(r.stdout)) == {"loss", "perplexity", "bits_per_byte", "tokens", "block_size"}
     # By default, the documents a training run on --data holds out: none in one short text.
     r = subprocess.run([sys.executable, "-m", "scratchlm", "eval", "--model", str(tmp_path / "m"), "--data",
                         str(tmp_path / "text.txt"), "--block-size", "32"], capture_output=True, text=True)
@@ -119,3 +119,36 @@ def test_example_notebooks_run_top_to_bottom(notebook, tmp_path, monkeypatch):
         assert "scratchlm report" in outputs
     else:
         assert "replay from the start gives the same first texts: True" in outputs
+
+
+def test_a_block_size_beyond_the_models_context_is_capped_with_a_message(tmp_path, tokenizer, corpus_dir):
+    # The README's eval line, on a phi-tiny model (context 512): windows of the model's context, said so.
+    torch.manual_seed(0)
+    save_hf(Phi(PRESETS["phi-tiny"]), tmp_path / "m")
+    tokenizer.save(tmp_path / "m")
+    (tmp_path / "text.txt").write_text((corpus_dir / "books" / "pg84_frankenstein.txt").read_text()[:20_000])
+    r = subprocess.run([sys.executable, "-m", "scratchlm", "eval", "--model", str(tmp_path / "m"), "--data",
+                        str(tmp_path / "text.txt"), "--split", "all", "--block-size", "2048", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "block size 2048 is beyond" in r.stderr and "context of 512" in r.stderr
+    assert json.loads(r.stdout)["block_size"] == 512
+
+
+def test_report_skips_damaged_metrics_lines_with_a_warning_each(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": 0, "tokens": 0, "eval_loss": 10.8}] + [
+        {"step": s, "tokens": 100 * s, "loss": 10 - s / 10, "lr": 1e-3} for s in range(1, 6)] + [
+        {"step": 5, "tokens": 500, "eval_loss": 9.0}]
+    lines = [json.dumps(r).encode() for r in records]
+    lines.insert(3, b'{"step": 3, "lo\xff\xfess": 9.7}')  # a byte that is not UTF-8, in the middle
+    lines.insert(4, b'{"step": 3, "loss": 9')  # a record cut short by a crash, then resumed
+    (run / "metrics.jsonl").write_bytes(b"\n".join(lines) + b'\n{"step": 6, "lo')  # and a torn last line
+    r = subprocess.run([sys.executable, "-m", "scratchlm", "report", str(run), "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if "is not a JSON record" in line]
+    assert len(warnings) == 3 and all("metrics.jsonl line" in w for w in warnings)
+    assert [w.split("line ")[1].split()[0] for w in warnings] == ["4", "5", "10"]
+    assert (tmp_path / "out" / "report.md").exists()

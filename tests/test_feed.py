@@ -188,8 +188,8 @@ def test_teacher_mix_holds_ratio_and_never_starves(small_corpus):
             raise ConnectionError("teacher unreachable")
         return [f"teacher text {time.time_ns()} {i}" for i in range(n)]
 
-    cfg = ServeConfig(corpus=str(small_corpus), teacher_ratio=0.3, teacher_mode="best-effort",
-                      teacher_deadline_s=0.05)
+    cfg = ServeConfig(corpus=str(small_corpus), teacher_ratio=0.3, teacher_ratio_unit="texts",
+                      teacher_mode="best-effort", teacher_deadline_s=0.05)
     with FeedThread(cfg, teacher=produce) as s:
         time.sleep(0.3)
         client = FeedClient(s.url)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import schemathesis
 import torch
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
-from servers import FeedThread, UvicornThread
+from servers import FeedThread, UvicornThread, free_port
 
 from scratchlm.config import ConfigError
 from scratchlm.feed.server import ServeConfig, build
@@ -33,12 +35,17 @@ SMALL = ModelConfig(name="small-context", n_layer=1, n_embd=32, n_head=2, interm
 
 
 @pytest.fixture(scope="module")
-def model_server(tmp_path_factory, tokenizer):
+def small_model(tmp_path_factory, tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("models") / "small-context"
     torch.manual_seed(0)
     save_hf(Phi(SMALL), folder)
     tokenizer.save(folder)
-    teacher = LocalTeacher(str(folder), device="cpu", batch_size=8, dtype=torch.float32)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_server(small_model):
+    teacher = LocalTeacher(str(small_model), device="cpu", batch_size=8, dtype=torch.float32)
     with UvicornThread(create_app(teacher, "small-context", "k3y", max_body_bytes=2**20)) as server:
         yield server
     teacher.close()
@@ -81,7 +88,7 @@ def test_the_key_comes_before_the_body_and_bodies_are_capped(model_server):
 
 
 @pytest.mark.parametrize("body,status,words", [
-    ('{"prompt": "x", "max_tokens": 100}', 400, "room"),  # more than the 64-position context leaves
+    ('{"prompt": "x", "max_tokens": 100}', 400, "maximum context length is 64"),  # beyond its context
     ('{"prompt": "x", "temperature": NaN}', 422, "temperature"),
     ('{"prompt": "x", "top_p": Infinity}', 422, "top_p"),
     ('{"prompt": "x", "top_k": -Infinity}', 422, "top_k"),
@@ -98,6 +105,18 @@ def test_bad_completion_requests_get_a_4xx_with_a_message(model_server, body, st
                    headers={**KEY, "Content-Type": "application/json"})
     assert r.status_code == status, r.text
     assert words in json.dumps(r.json())
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("prompt", [" ".join(["word"] * 640), [15496] * 640], ids=["text", "token ids"])
+def test_a_prompt_ten_times_the_context_is_a_400_naming_both_lengths(model_server, prompt, stream):
+    # vLLM and OpenAI answer so; cutting it silently would score a text the client did not send.
+    r = httpx.post(model_server.url + "/v1/completions", headers=KEY,
+                   json={"prompt": prompt, "max_tokens": 4, "stream": stream, "temperature": 0})
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert "maximum context length is 64 tokens" in detail
+    assert "644 tokens (640 in the prompt, 4 for" in detail
 
 
 def test_token_id_prompts_and_streaming(model_server):
@@ -157,10 +176,10 @@ def test_cursors_with_unicode_digits_are_refused_and_every_error_is_counted(feed
 
 
 def test_slow_clients_cannot_hold_every_connection(small_corpus):
-    limits = ServerConfig(header_timeout_s=1.0, max_connections=64)
+    limits = ServerConfig(port=0, header_timeout_s=1.0, max_connections=64)
     app, feed = build(ServeConfig(corpus=str(small_corpus), eval_fraction=0.05))
     fds = len(os.listdir("/proc/self/fd"))
-    with UvicornThread(app, limits=limits) as server:
+    with UvicornThread(app, limits) as server:
         slow = []
         for _ in range(300):  # each sends the start of a request and then nothing
             s = socket.create_connection(("127.0.0.1", server.port))
@@ -179,6 +198,52 @@ def test_slow_clients_cannot_hold_every_connection(small_corpus):
         for s in slow:
             s.close()
     assert held <= 64 + 5  # no more than the limit (and a few of the server's own)
+
+
+def _closed(s: socket.socket, wait_s: float) -> bool:
+    """Whether the server closed this connection (within ``wait_s``)."""
+    s.settimeout(wait_s)
+    try:
+        return s.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+@pytest.mark.parametrize("command", ["serve", "serve-model"])
+def test_both_commands_hold_the_limits_given_on_their_command_line(command, small_corpus, small_model):
+    # Each server as a user starts it: its own flags, its own process (serve once ignored both).
+    port = free_port()
+    what = (["--corpus", str(small_corpus)] if command == "serve"
+            else ["--model", str(small_model), "--device", "cpu"])
+    proc = subprocess.Popen([sys.executable, "-m", "scratchlm", command, *what, "--port", str(port),
+                             "--header-timeout-s", "1", "--max-connections", "4"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        slow = []
+        for _ in range(10):  # each sends half a request head and then nothing
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            slow.append(s)
+        refused = sum(_closed(s, 0.3) for s in slow)
+        assert refused >= 6  # beyond the 4 it may hold: closed as they arrive
+        t0 = time.monotonic()
+        assert all(_closed(s, 3.0) for s in slow)  # the rest: at the header timeout
+        assert time.monotonic() - t0 < 2.5
+    finally:
+        proc.kill()
+        proc.wait()
+        for s in slow:
+            s.close()
 
 
 def test_a_key_that_no_header_can_carry_is_refused_at_start(small_corpus, tmp_path):

@@ -38,16 +38,17 @@ def serve(**settings):
     return serve_background(validate(ServeConfig, settings, "scratchlm.serve"))
 
 
-def serve_model(model: str, api_key: str | None = None, batch_size: int | None = None, device: str = "auto",
-                port: int = 0):
-    """Serve a model folder through the OpenAI-compatible completions API in the background (loopback)."""
-    from .serving import BackgroundServer
-    from .teacher.backends import LocalTeacher
-    from .teacher.serve_model import create_app
+def serve_model(model: str, **settings):
+    """Serve a model folder through the OpenAI-compatible completions API in the background; settings are
+    ``ServeModelConfig`` fields (``port=0``, the default here, picks a free one). Returns the running server:
+    ``.url``, ``.stop()``."""
+    from .config import validate
+    from .teacher.commands import ServeModelConfig
+    from .teacher.serve_model import serve_model as _serve_model
 
-    teacher = LocalTeacher(model, device=device, batch_size=batch_size)
-    app = create_app(teacher, model, api_key)
-    return BackgroundServer(app, port=port or None, on_stop=teacher.close).start()
+    settings.setdefault("port", 0)
+    return _serve_model(validate(ServeModelConfig, {"model": model, **settings}, "scratchlm.serve_model"),
+                        background=True)
 
 
 def evaluate(model: str, data: str, block_size: int = 2048, max_tokens: int | None = None) -> dict:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from .config import ConfigBase, add_command
+from .config import ConfigBase, Count, add_command
 from .errors import UserError
 from .model.config import PRESETS, get_preset
 
@@ -62,7 +62,7 @@ class ModelInfoConfig(ConfigBase):
     """Preset name (see --list)."""
     list: bool = False
     """List the presets."""
-    seq_len: int | None = None
+    seq_len: Count | None = None
     """Sequence length T for the FLOPs (default: the model's block size)."""
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError
 
@@ -37,9 +37,65 @@ C = TypeVar("C", bound=ConfigBase)
 DeviceSpec = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
 """A device setting: 'auto' (a GPU if there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
 
+# Numeric settings with an obvious range: checked when a config is built, the range named in the error.
+Count = Annotated[int, Field(ge=1)]
+"""A count or a size: at least 1."""
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+"""Seconds, rates, amounts: above 0."""
+NonNegative = Annotated[float, Field(ge=0)]
+Share = Annotated[float, Field(ge=0, le=1)]
+"""A share or probability: in [0, 1]."""
+OpenShare = Annotated[float, Field(gt=0, lt=1)]
+"""A share that must leave something on both sides: in (0, 1)."""
+Port = Annotated[int, Field(ge=0, le=65535)]
+"""A TCP port (0: any free one, where a server allows it)."""
+TopP = Annotated[float, Field(gt=0, le=1)]
+"""Nucleus sampling mass: in (0, 1]."""
 
-def _describe_errors(err: ValidationError, source: str) -> str:
-    """One line per offending key; a union's alternatives (``int | None``…) are folded into that line."""
+
+def _usable_temperature(value: float) -> float:
+    if 0 < value < 0.01:
+        raise ValueError("a temperature must be 0 (greedy) or at least 0.01")
+    return value
+
+
+Temperature = Annotated[float, Field(ge=0, le=100), AfterValidator(_usable_temperature)]
+"""A sampling temperature: 0 (greedy), or in [0.01, 100]."""
+
+
+def bounds(annotation: Any, metadata: Sequence[Any] = ()) -> dict[str, float]:
+    """The numeric bounds (``ge``, ``gt``, ``le``, ``lt``) an annotation (and a field's ``metadata``) carries,
+    through ``X | None`` and ``Literal[...] | X``."""
+    found: dict[str, float] = {}
+    for meta in [*metadata, *getattr(annotation, "__metadata__", ())]:
+        for part in [meta, *getattr(meta, "metadata", [])]:  # annotated_types objects, or a FieldInfo's
+            for name in ("ge", "gt", "le", "lt"):
+                if getattr(part, name, None) is not None:
+                    found[name] = getattr(part, name)
+    union = typing.get_origin(annotation) in (Union, types.UnionType)
+    for arg in typing.get_args(annotation) if union else ():
+        found.update(bounds(arg))
+    return found
+
+
+def range_text(found: dict[str, float]) -> str:
+    """Bounds as an interval: [0, 1], (0, inf), ..."""
+    low = f"[{found['ge']:g}" if "ge" in found else (f"({found['gt']:g}" if "gt" in found else "(-inf")
+    high = f"{found['le']:g}]" if "le" in found else (f"{found['lt']:g})" if "lt" in found else "inf)")
+    return f"{low}, {high}"
+
+
+def _field_bounds(cls: type[ConfigBase] | None, key: str) -> dict[str, float]:
+    field = cls.model_fields.get(key) if cls is not None else None
+    if field is None:
+        return {}
+    return bounds(field.annotation, field.metadata)
+
+
+def _describe_errors(err: ValidationError, source: str, cls: type[ConfigBase] | None = None) -> str:
+    """One line per offending key, with the allowed range of a numeric one; a union's alternatives (``int |
+    None``…) are folded into that line."""
     problems: dict[str, list[str]] = {}
     inputs: dict[str, object] = {}
     for e in err.errors():
@@ -51,8 +107,11 @@ def _describe_errors(err: ValidationError, source: str) -> str:
     for key, msgs in problems.items():
         if msgs == ["unknown key"]:
             lines.append(f"{source}: unknown key '{key}'")
-        else:
-            lines.append(f"{source}: key '{key}': {' or '.join(dict.fromkeys(msgs))} (got {inputs[key]!r})")
+            continue
+        found = _field_bounds(cls, key)
+        allowed = f"; allowed: {range_text(found)}" if found else ""
+        lines.append(f"{source}: key '{key}': {' or '.join(dict.fromkeys(msgs))} (got {inputs[key]!r}"
+                     f"{allowed})")
     return "\n".join(lines)
 
 
@@ -61,7 +120,7 @@ def validate(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
     try:
         return cls.model_validate(values)
     except ValidationError as err:
-        raise ConfigError(_describe_errors(err, source)) from None
+        raise ConfigError(_describe_errors(err, source, cls)) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -116,11 +175,17 @@ def _argument(name: str, field, positional: bool) -> tuple[list[str], dict[str, 
     help_text = (field.description or "").strip()
     help_text = f"{help_text} [default: {default}]" if help_text else f"[default: {default}]"
     kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
-    item = typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else annotation
-    if typing.get_origin(item) is Literal:
+    is_list = typing.get_origin(annotation) is list
+    item = typing.get_args(annotation)[0] if is_list else annotation
+    if typing.get_origin(item) is Literal and not (is_list and not positional):
         kwargs["choices"] = [str(c) for c in typing.get_args(item)]
-    if typing.get_origin(annotation) is list:
-        kwargs["nargs"] = "*" if positional and not field.is_required() else "+"
+    if is_list and not positional:
+        # Repeated flags add up, and each may be a comma list: --teacher A --teacher B, --prompts words,topic
+        kwargs.update(nargs="+", action=_Extend)
+        if typing.get_origin(item) is Literal:
+            kwargs["help"] += f" (one or more of: {', '.join(str(c) for c in typing.get_args(item))})"
+    elif is_list:
+        kwargs["nargs"] = "*" if not field.is_required() else "+"
     elif positional:
         kwargs["nargs"] = None if field.is_required() else "?"
     if positional:
@@ -131,6 +196,15 @@ def _argument(name: str, field, positional: bool) -> tuple[list[str], dict[str, 
     elif "choices" not in kwargs:
         kwargs["metavar"] = name.upper()
     return ["--" + name.replace("_", "-")], kwargs
+
+
+class _Extend(argparse.Action):
+    """A list flag: every occurrence adds its values, and a value holding commas adds each part."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = list(getattr(namespace, self.dest, None) or [])
+        items += [part for value in values for part in value.split(",") if part]
+        setattr(namespace, self.dest, items)
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type[ConfigBase], skip: tuple[str, ...] = ()) -> None:

@@ -56,7 +56,7 @@ def _banner(text: str) -> None:
 def demo(out: Path, plan: DemoPlan) -> dict:
     import torch
 
-    from . import serve, serve_model
+    from . import serve
     from .data import corpus_from_env, held_out_documents
     from .evaluation import evaluate_model
     from .reporting import PHI2_WIKITEXT_LOSS, build_report
@@ -92,25 +92,7 @@ def demo(out: Path, plan: DemoPlan) -> dict:
     finally:
         feed.stop()
 
-    _banner("4/7 the clean model as a teacher (OpenAI-compatible /v1/completions on loopback)")
-    teacher = serve_model(str(runs["clean"] / "final"), batch_size=32, device="cpu")
-    print(f"teacher: {teacher.url}")
-    try:
-        feed = serve(corpus=corpus, teacher=f"openai:{teacher.url}", teacher_ratio=plan.teacher_ratio,
-                     teacher_max_new_tokens=plan.teacher_max_new_tokens)
-        try:
-            # Without this, a short run on a slow machine can end before the teacher's first texts exist.
-            print("waiting for the teacher's first texts...", flush=True)
-            if not feed.feed.teachers.wait_ready(timeout_s=300):
-                raise RuntimeError(f"the teacher at {teacher.url} produced no text in 300 s")
-            _banner(f"5/7 run 'stream': {plan.model} from the feed, {plan.teacher_ratio:.0%} of its tokens "
-                    "written by the teacher")
-            train(TrainConfig(**common, data=feed.url, out=str(runs["stream"])))
-            served_share = feed.feed.health()["teacher_token_share_realised"]
-        finally:
-            feed.stop()
-    finally:
-        teacher.stop()
+    served_share = _stream_run(corpus, runs, common, plan)
 
     _banner("6/7 the three models on the same held-out documents")
     held_out = held_out_documents(corpus)
@@ -138,6 +120,33 @@ def demo(out: Path, plan: DemoPlan) -> dict:
     print(f"\ndone in {summary['wall_s']:.0f} s. Report: {summary['report']} (plots beside it); runs: "
           f"{', '.join(str(r) for r in runs.values())}; summary: {out / 'demo_summary.json'}")
     return summary
+
+
+def _stream_run(corpus: str, runs: dict[str, Path], common: dict, plan: DemoPlan) -> float:
+    """Steps 4 and 5: the clean model served as a teacher, and run 'stream' from a feed that mixes its text
+    in; returns the share of the tokens served that the teacher wrote."""
+    from . import serve, serve_model
+    from .train import TrainConfig, train
+
+    _banner("4/7 the clean model as a teacher (OpenAI-compatible /v1/completions on loopback)")
+    teacher = serve_model(str(runs["clean"] / "final"), batch_size=32, device="cpu")
+    print(f"teacher: {teacher.url}")
+    try:
+        feed = serve(corpus=corpus, teacher=f"openai:{teacher.url}", teacher_ratio=plan.teacher_ratio,
+                     teacher_max_new_tokens=plan.teacher_max_new_tokens)
+        try:
+            # Without this, a short run on a slow machine can end before the teacher's first texts exist.
+            print("waiting for the teacher's first texts...", flush=True)
+            if not feed.feed.teachers.wait_ready(timeout_s=300):
+                raise RuntimeError(f"the teacher at {teacher.url} produced no text in 300 s")
+            _banner(f"5/7 run 'stream': {plan.model} from the feed, {plan.teacher_ratio:.0%} of its tokens "
+                    "written by the teacher")
+            train(TrainConfig(**common, data=feed.url, out=str(runs["stream"])))
+            return feed.feed.health()["teacher_token_share_realised"]
+        finally:
+            feed.stop()
+    finally:
+        teacher.stop()
 
 
 class DemoConfig(ConfigBase):

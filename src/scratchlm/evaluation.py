@@ -10,21 +10,24 @@ loss in bits over the UTF-8 bytes of the text.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from tqdm import tqdm
 
-from .config import ConfigBase, DeviceSpec
+from .config import ConfigBase, Count, DeviceSpec, OpenShare
 from .data import DataError, held_out_documents, iter_documents
 from .devices import pick_device
 from .tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger("scratchlm.eval")
 
 
 @dataclass
@@ -33,6 +36,8 @@ class EvalResult:
     perplexity: float
     bits_per_byte: float
     tokens: int
+    block_size: int | None = None
+    """The window length used (a model's context caps what was asked)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +57,23 @@ def load_causal_lm(path_or_hub_id: str, device: torch.device, dtype: torch.dtype
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     return (lambda idx: model(input_ids=idx, use_cache=False).logits), model
+
+
+def context_length(model) -> int | None:
+    """The most positions a loaded model (ours or a transformers one) attends over, if it says."""
+    config = getattr(model, "config", None)
+    return getattr(config, "block_size", None) or getattr(config, "max_position_embeddings", None)
+
+
+def window_for(model, block_size: int, name: str) -> int:
+    """``block_size``, or the model's context where that is shorter (said in the log: a window longer than
+    the context has no meaning for the model)."""
+    context = context_length(model)
+    if context is not None and block_size > context:
+        log.warning("block size %d is beyond %s's context of %d positions: evaluating in windows of %d",
+                    block_size, name, context, context)
+        return context
+    return block_size
 
 
 @torch.no_grad()
@@ -89,8 +111,12 @@ def evaluate_model(model: str, texts: Sequence[str], tokenizer: Tokenizer, block
                    device: torch.device, batch_size: int = 4, max_tokens: int | None = None,
                    progress: bool = False) -> EvalResult:
     """``evaluate_texts`` for a model folder or hub id (bf16 on a GPU, float32 on the CPU)."""
-    forward, _ = load_causal_lm(model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return evaluate_texts(forward, texts, tokenizer, block_size, device, batch_size, max_tokens, progress)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    forward, loaded = load_causal_lm(model, device, dtype)
+    window = window_for(loaded, block_size, model)
+    result = evaluate_texts(forward, texts, tokenizer, window, device, batch_size, max_tokens, progress)
+    result.block_size = window
+    return result
 
 
 def whole_documents(data: str) -> list[str]:
@@ -109,15 +135,15 @@ class EvalConfig(ConfigBase):
     """held-out: the documents a training run on --data holds out (with the same --eval-fraction and
     --chunk-chars), the set every run is compared on; all: every document of --data (a file of held-out text
     written out, or another corpus)."""
-    eval_fraction: float = 0.005
+    eval_fraction: OpenShare = 0.005
     """The held-out share, as in training."""
-    chunk_chars: int = 8000
+    chunk_chars: Count = 8000
     """Documents are cut at this many characters before the held-out split, as in training."""
-    block_size: int = 2048
+    block_size: Annotated[int, Field(ge=2)] = 2048
     """Window length in tokens."""
-    batch_size: int = 4
+    batch_size: Count = 4
     """Windows per forward pass."""
-    max_tokens: int | None = None
+    max_tokens: Annotated[int, Field(ge=2)] | None = None
     """Evaluate only the first N tokens."""
     tokenizer: str | None = None
     """Tokenizer folder or hub id (default: $SCRATCHLM_TOKENIZER)."""
@@ -141,4 +167,4 @@ def run_eval(cfg: EvalConfig) -> None:
     else:
         print(f"{cfg.model} on {cfg.data} ({cfg.split}): loss {result.loss:.4f} nats/token, perplexity "
               f"{result.perplexity:.3f}, {result.bits_per_byte:.4f} bits/byte over {result.tokens:,} tokens "
-              f"(windows of {cfg.block_size})")
+              f"(windows of {result.block_size})")

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
 
-from .config import ConfigBase, ConfigError
+from .config import ConfigBase, ConfigError, NonNegative, Positive
 from .files import read_jsonl
 from .scaling import (
     LossLaw,
@@ -339,7 +339,9 @@ def build_report(run_dirs: list[Path], out: Path | None, reference: tuple[str, f
     for run in runs:
         s, ev = run["summary"], run["eval"]
         final = s.get("final_eval_loss", ev[-1]["eval_loss"] if ev else None)
-        row = {"run": run["name"], "initial_loss": s.get("initial_eval_loss"),
+        # A run stopped without its summary (killed, preempted): what its evaluations say.
+        first = ev[0]["eval_loss"] if ev else None
+        row = {"run": run["name"], "initial_loss": s.get("initial_eval_loss", first),
                "target_loss": s.get("target_loss"),
                "target_reached": s.get("target_reached"), "final_eval_loss": final, "steps": s.get("steps"),
                "tokens": s.get("tokens"), "tokens_per_s": s.get("tokens_per_s"), "wall_s": s.get("elapsed_s"),
@@ -388,7 +390,8 @@ def _markdown(report: dict) -> str:
         reached = (f"step {t['step']}, {_fmt_tokens(t['tokens'])} tokens, {t['elapsed_s']:.0f} s" if t
                    else "not reached")
         share = r.get("teacher_token_share")
-        lines.append(f"| {r['run']} | {r['initial_loss']:.3f} | {reached} | {r['final_eval_loss']:.3f} |"
+        lines.append(f"| {r['run']} | {_loss(r['initial_loss'])} | {reached} | "
+                     f"{_loss(r['final_eval_loss'])} |"
                      + (f" {r['final_loss_on_eval_data']:.3f} |" if extra else "")
                      + f" {_fmt_tokens(r['tokens'])} |"
                      + ((f" {share:.1%} |" if share is not None else " — |") if shares else "")
@@ -421,6 +424,10 @@ def _effects_lines(e: dict) -> list[str]:
     lines.append("")
     lines += [f"- {said[k]}: {e[k]:+.3f} nats/token." for k in ("path", "teacher", "total") if k in e]
     return lines
+
+
+def _loss(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 def _law_text(p: dict) -> str:
@@ -522,17 +529,17 @@ class ReportConfig(ConfigBase):
     """Run folders (with metrics.jsonl and summary.json)."""
     out: str | None = None
     """Folder for report.md, report.json and the plots (optional with --json)."""
-    predict_tokens: float | None = None
+    predict_tokens: Positive | None = None
     """Predict the final evaluation loss of a run of this many tokens (the longest run's schedule)."""
     predict_model: str | None = None
     """... of this model preset (needs runs of two sizes or more; e.g. phi-2)."""
     predict_schedule: Literal["cosine", "wsd", "constant"] | None = None
     """... with this learning-rate schedule instead of the longest run's (same peak, warmup, minimum)."""
-    annealing_momentum: float | None = None
+    annealing_momentum: Annotated[float, Field(ge=0, lt=1)] | None = None
     """λ of the loss law's annealing area (default: fitted when two runs or more decay, else 0.95)."""
     as_json: bool = Field(False, alias="json")
     """Print the forecast as JSON: predicted_loss, interval, backtest_error and the fitted parameters."""
-    reference_loss: float | None = None
+    reference_loss: NonNegative | None = None
     """Reference loss in nats/token (Phi-2 on WikiText-2: 2.273)."""
     reference_name: str | None = None
     """Label of the reference."""
@@ -540,9 +547,9 @@ class ReportConfig(ConfigBase):
     """Measure the reference instead: a model folder or hub id (e.g. microsoft/phi-2); needs --eval-data."""
     eval_data: str | None = None
     """Text on which the reference model and every run's final model are evaluated."""
-    block_size: int = 2048
+    block_size: Annotated[int, Field(ge=2)] = 2048
     """Window length of the --reference-model evaluation."""
-    max_eval_tokens: int | None = None
+    max_eval_tokens: Annotated[int, Field(ge=2)] | None = None
     """Cap on evaluated tokens."""
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ConfigBase, ConfigError
+from .config import ConfigBase, ConfigError, Count, Port, Positive
 
 API_KEY_ENV = "SCRATCHLM_API_KEY"
 PUBLIC_PATHS = frozenset({"/health"})
@@ -33,13 +33,13 @@ class ServerConfig(ConfigBase):
 
     host: str = "127.0.0.1"
     """Address to bind. Anything but loopback needs an API key."""
-    port: int = 8000
+    port: Port = 8000
     """TCP port."""
     api_key_file: str | None = None
     """File holding the API key (else $SCRATCHLM_API_KEY; never on the command line)."""
-    header_timeout_s: float = 10.0
+    header_timeout_s: Positive = 10.0
     """A connection that has not sent a complete request head in this many seconds is closed."""
-    max_connections: int = 256
+    max_connections: Count = 256
     """Connections held at once; more are closed as they arrive (bounds the file descriptors a client can
     take)."""
 
@@ -49,11 +49,21 @@ class ServerConfig(ConfigBase):
         check_bind(self.host, api_key, what)
         return api_key
 
-    def uvicorn_settings(self) -> dict:
-        """The keyword arguments of ``uvicorn.run`` / ``uvicorn.Config`` these settings make."""
-        return {"host": self.host, "port": self.port,
-                "http": guarded_protocol(self.header_timeout_s, self.max_connections),
-                "h11_max_incomplete_event_size": 16384}
+    def uvicorn_config(self, app, log_level: str = "info", port: int | None = None):
+        """The one way every scratchlm server is run, in the foreground (``run_server``) or in a thread
+        (``BackgroundServer``): these settings' address and limits, our guarded protocol."""
+        import uvicorn
+
+        return uvicorn.Config(app, host=self.host, port=self.port if port is None else port,
+                              http=guarded_protocol(self.header_timeout_s, self.max_connections),
+                              h11_max_incomplete_event_size=16384, log_level=log_level)
+
+
+def run_server(app, cfg: ServerConfig) -> None:
+    """Serve ``app`` in the foreground with ``cfg``'s address and limits, until interrupted."""
+    import uvicorn
+
+    uvicorn.Server(cfg.uvicorn_config(app)).run()
 
 
 def _checked(key: str, where: str) -> str:
@@ -280,20 +290,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class BackgroundServer:
-    """An ASGI app served by uvicorn from a background thread (for the demo, notebooks and tests).
+    """An ASGI app served by uvicorn from a background thread (for the demo, notebooks and tests), with the
+    address and limits of ``cfg`` (its port 0, or None: a free one).
 
     ``with BackgroundServer(app) as server: ... server.url ...``, or ``start()`` / ``stop()``.
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, on_stop=None,
-                 limits: ServerConfig | None = None) -> None:
+    def __init__(self, app, cfg: ServerConfig | None = None, on_stop=None) -> None:
         import uvicorn
 
-        self.host, self.port = host, port or free_port(host)
-        self.url = f"http://{host}:{self.port}"
-        settings = (limits or ServerConfig()).uvicorn_settings()
-        settings.update(host=host, port=self.port)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **settings))
+        cfg = cfg or ServerConfig(port=0)
+        self.host, self.port = cfg.host, cfg.port or free_port(cfg.host)
+        self.url = f"http://{self.host}:{self.port}"
+        self.server = uvicorn.Server(cfg.uvicorn_config(app, log_level="warning", port=self.port))
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="scratchlm-server")
         self.on_stop = on_stop
 

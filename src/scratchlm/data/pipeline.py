@@ -47,6 +47,8 @@ class DataRequest:
     """Texts asked of the feed per request."""
     feed_shuffle_blocks: int = 1024
     """Blocks a feed's loader keeps to draw batches from at random (at most the batch: no shuffling)."""
+    verify_cache: bool = False
+    """Check every token shard against its checksum (sizes are checked at every open)."""
     progress: bool = False
     """Show a progress bar while tokenizing."""
 
@@ -122,7 +124,8 @@ def _tokenize_all(request: DataRequest, tokenizer: Tokenizer, env: distributed.D
         distributed.barrier(env)  # rank 0 tokenizes into the cache first; the others then read it
     corpora = [tokenize_corpus(s.path, tokenizer, chunk_chars=request.chunk_chars,
                                eval_fraction=request.eval_fraction, progress=request.progress and env.is_main,
-                               num_proc=request.num_proc, text_field=request.text_field)
+                               num_proc=request.num_proc, text_field=request.text_field,
+                               verify=request.verify_cache)
                for s in sources]
     if env.is_main:
         distributed.barrier(env)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import httpx
 import numpy as np
+from pydantic import ValidationError
 
 from ..serving import read_api_key
 from .documents import DataError
@@ -73,7 +74,11 @@ class FeedClient:
     def batch(self, size: int, cursor: str | None = None, rank: int = 0, world_size: int = 1,
               tokens: bool = False) -> FeedBatch | TokenBatch:
         """``/v1/batch``: texts (a ``FeedBatch``), or with ``tokens`` their token ids (a ``TokenBatch``)."""
-        query = BatchQuery(size=size, cursor=cursor, rank=rank, world_size=world_size, tokens=tokens)
+        try:
+            query = BatchQuery(size=size, cursor=cursor, rank=rank, world_size=world_size, tokens=tokens)
+        except ValidationError as err:  # the contract is shared: refused here as the feed would refuse it
+            raise FeedError(f"a request the feed would refuse (422): {err.errors()[0]['loc'][0]} "
+                            f"{err.errors()[0]['msg']}") from None
         r = self.get("/v1/batch", **query.model_dump(exclude_defaults=True))
         return TokenBatch.from_bytes(r.content) if tokens else FeedBatch.model_validate_json(r.content)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from array import array
 from collections.abc import Sequence
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_dir
+from ..files import atomic_dir, build_lock
 from .documents import CorpusStats, DataError, is_held_out, iter_documents
 from .token_cache import default_cache_dir, remove_abandoned, source_key
+
+log = logging.getLogger("scratchlm.data")
 
 STORE_FORMAT = 1
 
@@ -86,16 +89,38 @@ class TextStore:
 
 
 def open_text_store(source: str | Path, chunk_chars: int = 8000, eval_fraction: float = 0.005,
-               text_field: str = "text",
-               cache_dir: str | Path | None = None) -> TextStore:
-    """The corpus's documents on disk, written on first use (streamed: memory is a document at a time)."""
+                    text_field: str = "text", cache_dir: str | Path | None = None) -> TextStore:
+    """The corpus's documents on disk, written on first use (streamed: memory is a document at a time), by one
+    process at a time (``files.build_lock``); a store whose files are not the size its offsets say is written
+    again, with a warning."""
     key = source_key(source, [STORE_FORMAT, chunk_chars, eval_fraction, text_field])
     folder = Path(cache_dir or default_cache_dir()) / "texts" / key
-    if not (folder / "meta.json").exists():
-        remove_abandoned(folder.parent)
-        with atomic_dir(folder, folder.with_name(f"{key}.tmp{os.getpid()}"), replace=False) as tmp:
-            _write(source, tmp, chunk_chars, eval_fraction, text_field)
+    if damage(folder) is not None:
+        with build_lock(folder.with_name(key + ".lock"), f"the text store of {source}"):
+            why = damage(folder)  # looked at again: another process may have written it meanwhile
+            if why is not None:
+                if (folder / "meta.json").exists():
+                    log.warning("text store %s is damaged (%s): writing it again", folder, why)
+                remove_abandoned(folder.parent)
+                with atomic_dir(folder, folder.with_name(f"{key}.tmp{os.getpid()}")) as tmp:
+                    _write(source, tmp, chunk_chars, eval_fraction, text_field)
     return TextStore(folder)
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a stored corpus (None: nothing): not written yet, or a file of another size than its
+    offsets say (checked at every open: cheap)."""
+    if not (folder / "meta.json").exists():
+        return "not written yet"
+    for name in ("train", "ids", "heldout"):
+        try:
+            expected = int(np.load(folder / f"{name}.offsets.npy", mmap_mode="r")[-1])
+            size = (folder / f"{name}.bin").stat().st_size
+        except (OSError, ValueError, IndexError):
+            return f"{name} unreadable"
+        if size != expected:
+            return f"{name}.bin holds {size} bytes, its offsets say {expected}"
+    return None
 
 
 def _write(source: str | Path, out: Path, chunk_chars: int, eval_fraction: float, text_field: str) -> None:

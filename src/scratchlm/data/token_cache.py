@@ -18,10 +18,12 @@ import bisect
 import dataclasses
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..files import atomic_file, atomic_write
+from ..files import atomic_file, atomic_write, build_lock
 from ..tokenizer import Tokenizer
 from .documents import (
     HF_PREFIX,
@@ -42,12 +44,20 @@ from .documents import (
     unit_documents,
 )
 
+log = logging.getLogger("scratchlm.data")
+
 CACHE_FORMAT = 2
 CACHE_ENV = "SCRATCHLM_CACHE"
 IN_PROCESS_BYTES = 16 * 2**20
 """Less than this to tokenize is done in this process: starting workers would cost more than it saves."""
 ABANDONED_AFTER_S = 7 * 24 * 3600
 """An unfinished cache nobody has touched for this long is deleted (its corpus has probably changed)."""
+SHARD_KEYS = ("train_tokens", "val_tokens", "train_crc32", "val_crc32")
+"""What the index keeps of each shard: its sizes (checked at every open) and checksums (``verify``; caches
+built before checksums have none)."""
+FAULT_SHARD_SLEEP_ENV = "SCRATCHLM_FAULT_SHARD_SLEEP"
+"""Fault injection for tests: seconds to pause before a shard is marked complete, so that a test can start a
+second builder while the first is still at work."""
 
 
 class ShardedTokens:
@@ -123,10 +133,11 @@ def _memmap(path: Path, n_tokens: int) -> np.ndarray:
 
 def tokenize_corpus(source: str | Path, tokenizer: Tokenizer, cache_dir: str | Path | None = None,
                     chunk_chars: int = 8000, eval_fraction: float = 0.005, batch_docs: int = 256,
-                    progress: bool = True, num_proc: int | None = None,
-                    text_field: str = "text") -> TokenizedCorpus:
+                    progress: bool = True, num_proc: int | None = None, text_field: str = "text",
+                    verify: bool = False) -> TokenizedCorpus:
     """Tokenize a corpus once into token shards (``num_proc`` processes; default: every core) and reuse the
-    cache afterwards."""
+    cache afterwards. Every open checks each shard's size against the index; ``verify`` also checks each
+    shard's checksum. A damaged shard is tokenized again, with a warning naming it."""
     if not str(source).startswith(HF_PREFIX):
         source = Path(source).expanduser()
         if not source.exists():
@@ -135,16 +146,68 @@ def tokenize_corpus(source: str | Path, tokenizer: Tokenizer, cache_dir: str | P
         raise DataError("token cache stores uint16 ids; this tokenizer has more than 65536")
     key = source_key(source, [CACHE_FORMAT, chunk_chars, eval_fraction, text_field, tokenizer.digest])
     cache = Path(cache_dir or default_cache_dir()) / "tokens" / key
-    if not (cache / "index.json").exists():
-        remove_abandoned(cache.parent)
+    if not (cache / "index.json").exists() or damaged_shards(cache, verify):
         job = _Job(tokenizer.backend.to_str(), tokenizer.eot_id, chunk_chars, eval_fraction, batch_docs,
                    text_field)
-        _build(source, job, cache, num_proc or os.cpu_count() or 1, progress)
+        with build_lock(cache.with_name(key + ".lock"), f"the token cache of {source}"):
+            built = (cache / "index.json").exists()  # looked at again: another process may have done it
+            damaged = damaged_shards(cache, verify) if built else []
+            if not built or damaged:
+                _rebuild(source, job, cache, damaged, num_proc or os.cpu_count() or 1, progress)
     index = json.loads((cache / "index.json").read_text())
     shards = index.pop("shards")
     train = ShardedTokens([_memmap(cache / f"{k}.train.bin", s["train_tokens"]) for k, s in shards])
     val = ShardedTokens([_memmap(cache / f"{k}.val.bin", s["val_tokens"]) for k, s in shards])
     return TokenizedCorpus(train, val, index)
+
+
+def damaged_shards(cache: Path, checksums: bool = False) -> list[tuple[str, str]]:
+    """(shard, what is wrong) for each shard of a finished cache whose files are missing or of another size
+    than the index says (cheap: every open), or, with ``checksums``, whose bytes differ from what was written
+    (a full read)."""
+    try:
+        shards = json.loads((cache / "index.json").read_text())["shards"]
+    except (OSError, ValueError, KeyError):
+        return [("index.json", "missing or unreadable")]
+    damaged = []
+    for name, counts in shards:
+        for split in ("train", "val"):
+            path = cache / f"{name}.{split}.bin"
+            size = path.stat().st_size if path.exists() else None
+            if size != 2 * counts[f"{split}_tokens"]:
+                damaged.append((name, f"{path.name} holds {size} bytes, the index says "
+                                      f"{2 * counts[f'{split}_tokens']}"))
+            elif checksums and f"{split}_crc32" in counts and _crc32(path) != counts[f"{split}_crc32"]:
+                damaged.append((name, f"{path.name} differs from its checksum"))
+    return damaged
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(16 * 2**20):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _rebuild(source: str | Path, job: _Job, cache: Path, damaged: list[tuple[str, str]], num_proc: int,
+             progress: bool) -> None:
+    """Build the cache, or (``damaged``) tokenize its damaged shards again: the cache goes back to its
+    ``.partial`` folder without them, and the resumable build does the rest. Called under the build lock."""
+    partial = cache.with_name(cache.name + ".partial")
+    if damaged:
+        for name, why in damaged:
+            log.warning("token cache %s: shard %s is damaged (%s): tokenizing it again", cache, name, why)
+        if partial.exists():
+            shutil.rmtree(partial)
+        os.replace(cache, partial)
+        (partial / "index.json").unlink(missing_ok=True)
+        for name in {n for n, _ in damaged if n != "index.json"}:
+            for suffix in (".json", ".train.bin", ".val.bin"):
+                (partial / f"{name}{suffix}").unlink(missing_ok=True)
+    else:
+        remove_abandoned(cache.parent)
+    _build(source, job, cache, num_proc, progress)
 
 
 @dataclass(frozen=True)
@@ -185,6 +248,7 @@ def _tokenize_unit(job: _Job, unit: Unit, out: Path, k: int) -> dict:
     tokenizer, stats = _tokenizer(job), CorpusStats()
     counts = {"train_tokens": 0, "val_tokens": 0, "train_documents": 0, "val_documents": 0}
     name = f"{k:06d}"
+    crcs = {"train_crc32": 0, "val_crc32": 0}
     with atomic_file(out / f"{name}.train.bin") as train_tmp, \
             atomic_file(out / f"{name}.val.bin") as val_tmp, \
             open(train_tmp, "wb") as train_f, open(val_tmp, "wb") as val_f:
@@ -196,9 +260,10 @@ def _tokenize_unit(job: _Job, unit: Unit, out: Path, k: int) -> dict:
                        else [tokenizer.encode(t, add_special_tokens=False) for t in texts])
             for (doc_id, _), e in zip(batch, encoded, strict=True):
                 split = "val" if is_held_out(doc_id, job.eval_fraction) else "train"
-                arr = np.asarray(e.ids + [job.eot_id], dtype=np.uint16)
-                files[split].write(arr.tobytes())
-                counts[f"{split}_tokens"] += len(arr)
+                data = np.asarray(e.ids + [job.eot_id], dtype=np.uint16).tobytes()
+                files[split].write(data)
+                crcs[f"{split}_crc32"] = zlib.crc32(data, crcs[f"{split}_crc32"])
+                counts[f"{split}_tokens"] += len(data) // 2
                 counts[f"{split}_documents"] += 1
 
         batch: list[tuple[str, str]] = []
@@ -211,7 +276,9 @@ def _tokenize_unit(job: _Job, unit: Unit, out: Path, k: int) -> dict:
                 batch = []
         if batch:
             flush(batch)
-    meta = {**counts, "unit": unit.label, "bytes": unit.bytes, "stats": stats.to_dict()}
+    meta = {**counts, **crcs, "unit": unit.label, "bytes": unit.bytes, "stats": stats.to_dict()}
+    if os.environ.get(FAULT_SHARD_SLEEP_ENV):
+        time.sleep(float(os.environ[FAULT_SHARD_SLEEP_ENV]))
     atomic_write(out / f"{name}.json", json.dumps(meta))  # last: the shard is complete
     return meta
 
@@ -251,13 +318,10 @@ def _build(source: str | Path, job: _Job, cache: Path, num_proc: int, progress: 
                         f"(files skipped: {dict(stats.skipped) or 'none'}, documents: {stats.documents})")
     index = {"source": str(source), "chunk_chars": job.chunk_chars, "eval_fraction": job.eval_fraction,
              "text_field": job.text_field, **totals, "stats": stats.to_dict(),
-             "shards": [[f"{k:06d}", {"train_tokens": s["train_tokens"], "val_tokens": s["val_tokens"]}]
+             "shards": [[f"{k:06d}", {key: s[key] for key in SHARD_KEYS if key in s}]
                         for k, s in enumerate(shards)]}
     atomic_write(partial / "index.json", json.dumps(index, indent=1))
-    try:
-        os.replace(partial, cache)
-    except OSError:  # another process finished the same cache first: keep theirs
-        shutil.rmtree(partial, ignore_errors=True)
+    os.replace(partial, cache)  # under the build lock: no one else writes this cache
 
 
 def remove_abandoned(tokens_dir: Path) -> None:

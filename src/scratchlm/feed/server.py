@@ -9,7 +9,7 @@ import os
 from fastapi import FastAPI
 from pydantic import field_validator
 
-from ..config import ConfigError
+from ..config import ConfigError, Count, NonNegative, OpenShare, Positive, Share, Temperature, TopP
 from ..data import corpus_from_env
 from ..serving import API_KEY_ENV, ServerConfig
 from ..teacher.diversity import DiversityMeter
@@ -30,22 +30,22 @@ class ServeConfig(ServerConfig):
     corpus: str | None = None
     """Corpus to serve: folder, .zip, .txt, .jsonl(.gz/.zst), .parquet, hf:NAME[:CONFIG][@SPLIT] (default:
     $SCRATCHLM_DATA)."""
-    batch_size: int = 16
+    batch_size: Count = 16
     """Texts per /generate answer."""
-    max_batch_size: int = 1024
+    max_batch_size: Count = 1024
     """Largest size a request may ask for."""
     seed: int = 1337
     """Seed of the corpus order."""
-    chunk_chars: int = 8000
+    chunk_chars: Count = 8000
     """Documents longer than this are served in pieces cut at paragraph breaks."""
-    eval_fraction: float = 0.005
+    eval_fraction: OpenShare = 0.005
     """Share of documents held out (served only by /v1/heldout)."""
     text_field: str = "text"
     """The field (JSON lines) or column (parquet, Hugging Face datasets) that holds the text."""
     teacher: list[str] = []
     """Teacher spec, local:PATH_OR_HUB_ID or openai:URL[#model]; give several (--teacher A --teacher B) to
     spread the work over several teachers (none = corpus only)."""
-    teacher_ratio: float = 0.0
+    teacher_ratio: Share = 0.0
     """Share of what is served that should come from the teachers, when there are any: of tokens (what a
     trainer eats), or of texts with --teacher-ratio-unit texts."""
     teacher_ratio_unit: ShareUnit = "tokens"
@@ -57,29 +57,29 @@ class ServeConfig(ServerConfig):
     teacher_mode: TeacherMode = "strict"
     """strict: every response carries the share, waiting for the teachers (up to --teacher-wait-s, then 503);
     best-effort: never waits, fills from the corpus, and warns when the share falls behind."""
-    teacher_wait_s: float = 20.0
+    teacher_wait_s: Positive = 20.0
     """strict: the longest a request waits for its teacher texts before a 503 with Retry-After."""
-    teacher_deadline_s: float = 0.05
+    teacher_deadline_s: NonNegative = 0.05
     """best-effort: how long a request waits for teacher texts before answering from the corpus instead."""
     teacher_api_key_file: str | None = None
     """API key file of openai: teachers (else $SCRATCHLM_API_KEY)."""
-    teacher_concurrency: int = 16
+    teacher_concurrency: Count = 16
     """openai: requests in flight to each teacher server (× prompts per request = sequences in flight)."""
-    teacher_prompts_per_request: int = 4
+    teacher_prompts_per_request: Count = 4
     """Prompts per request to a teacher (a server that refuses lists, like llama.cpp's, is sent one)."""
-    teacher_batch_size: int | None = None
+    teacher_batch_size: Count | None = None
     """local: sequences decoded together (default: 256 on a GPU, 32 on a CPU)."""
-    teacher_max_new_tokens: int = 256
+    teacher_max_new_tokens: Count = 256
     """Tokens a teacher writes per text."""
-    teacher_temperature: float = 0.8
+    teacher_temperature: Temperature = 0.8
     """Teacher sampling temperature (0 = greedy)."""
-    teacher_top_p: float = 0.95
+    teacher_top_p: TopP = 0.95
     """Teacher nucleus sampling mass."""
     prompts: list[PromptStrategy] = ["words", "topic", "snippet"]
     """Prompt strategies for the teachers, mixed: token (the seed's), words, topic, snippet."""
-    teacher_buffer: int = 256
+    teacher_buffer: Count = 256
     """Teacher texts kept ready (a bounded pool shared by the teachers)."""
-    teacher_stall_s: float = 120.0
+    teacher_stall_s: Positive = 120.0
     """A teacher request running longer than this marks the teacher down (hung) until it answers."""
     public: bool = False
     """Open an ngrok tunnel (needs pyngrok and NGROK_AUTHTOKEN, and an API key)."""
@@ -165,18 +165,17 @@ def serve_background(cfg: ServeConfig, teacher=None):
     from ..serving import BackgroundServer
 
     app, feed = build(cfg, teacher)
-    server = BackgroundServer(app, cfg.host, cfg.port or None,
-                              on_stop=feed.teachers.stop if feed.teachers else None)
+    server = BackgroundServer(app, cfg, on_stop=feed.teachers.stop if feed.teachers else None)
     server.feed = feed
     return server.start()
 
 
 def run_serve(cfg: ServeConfig) -> None:
     """The ``serve`` command: the feed in the foreground until interrupted."""
-    import uvicorn
+    from ..serving import run_server
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     app, _ = build(cfg)
     if cfg.public:
         print(f"Public URL: {open_tunnel(cfg.port)}", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", h11_max_incomplete_event_size=16384)
+    run_server(app, cfg)

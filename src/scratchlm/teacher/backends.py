@@ -119,6 +119,13 @@ class LocalTeacher:
         return self.engine.in_flight if self.engine else 0
 
     @property
+    def context_length(self) -> int:
+        """Positions a prompt and its completion may take together."""
+        if self.engine is not None:
+            return self.engine.max_seq_len
+        return self.hf_model.config.max_position_embeddings
+
+    @property
     def max_in_flight(self) -> int:
         """Sequences a feed keeps submitted: twice the batch, so a freed slot never waits for a prompt."""
         return 2 * self.batch_size

@@ -7,7 +7,7 @@ import itertools
 import json
 from pathlib import Path
 
-from ..config import ConfigBase, DeviceSpec
+from ..config import ConfigBase, Count, DeviceSpec, Port, Temperature, TopP
 from ..serving import ServerConfig
 from .prompts import PromptStrategy
 
@@ -15,13 +15,13 @@ from .prompts import PromptStrategy
 class SamplingConfig(ConfigBase):
     """How a teacher picks each new token."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: Count = 64
     """Tokens to generate per text."""
-    temperature: float = 0.8
+    temperature: Temperature = 0.8
     """Sampling temperature (0 = greedy)."""
-    top_k: int | None = None
+    top_k: Count | None = None
     """Sample from the k most likely tokens only."""
-    top_p: float | None = 0.95
+    top_p: TopP | None = 0.95
     """Nucleus sampling: the smallest set of tokens holding this much probability."""
     seed: int = 0
     """Seed of the sampling."""
@@ -41,7 +41,7 @@ class GenerateConfig(SamplingConfig):
     """Hugging Face folder or hub id (ours or microsoft/phi-2)."""
     prompt: str = ""
     """Text to continue."""
-    num_samples: int = 1
+    num_samples: Count = 1
     """Samples, generated as one batch."""
     device: DeviceSpec = "auto"
     """auto, cpu, cuda or cuda:N."""
@@ -62,13 +62,13 @@ class ServeModelConfig(ServerConfig):
 
     model: str
     """Hugging Face folder or hub id."""
-    port: int = 8001
+    port: Port = 8001
     """TCP port."""
-    batch_size: int | None = None
+    batch_size: Count | None = None
     """Sequences decoded together, across all clients (default: 256 on a GPU, 32 on a CPU)."""
     served_model_name: str | None = None
     """The model's id in /v1/models and in answers (default: its folder's name or hub id; never a path)."""
-    max_body_bytes: int = 8 * 2**20
+    max_body_bytes: Count = 8 * 2**20
     """Largest request body accepted (413 beyond it)."""
     device: DeviceSpec = "auto"
     """auto, cpu, cuda or cuda:N."""
@@ -89,13 +89,13 @@ class BuildCorpusConfig(SamplingConfig):
     """Bytes of text to generate, e.g. 100MB."""
     out: str
     """The .zip to write (rerun the same command to continue an interrupted build)."""
-    max_new_tokens: int = 256
+    max_new_tokens: Count = 256
     """Tokens to generate per text."""
     prompts: list[PromptStrategy] = ["words", "topic", "snippet"]
     """Prompt strategies, mixed: token (the seed's), words, topic, snippet."""
     prompt_corpus: str | None = None
     """Corpus for word and snippet prompts (default: $SCRATCHLM_DATA)."""
-    batch_size: int = 64
+    batch_size: Count = 64
     """Prompts per teacher call."""
     api_key_file: str | None = None
     """The openai teacher's API key file (else $SCRATCHLM_API_KEY)."""

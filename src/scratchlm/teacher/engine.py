@@ -115,8 +115,10 @@ class GenerationEngine:
             future.set_result([])
             return future
         base = seed if seed is not None else self._seeds.getrandbits(63)
-        # Any integer seeds a generator (numpy's seeds must be non-negative: hence the modulo).
-        sequences = [_Sequence(request, i, (p or [self.eot_id])[-room:],  # keep the prompt's end
+        # Any integer seeds a generator (numpy's seeds must be non-negative: hence the modulo). A prompt
+        # longer than the room its completion leaves keeps its end, on purpose: the feed's own prompts are
+        # short, and a longer one only steers the text. (serve-model refuses such a prompt before this.)
+        sequences = [_Sequence(request, i, (p or [self.eot_id])[-room:],
                                None if params.greedy else np.random.default_rng([(base + i) % 2**64]))
                      for i, p in enumerate(prompts)]
         request.waiting.extend(sequences)

@@ -92,6 +92,20 @@ def _prompt_list(req: CompletionRequest, vocab_size: int) -> list[str] | list[li
     return prompts
 
 
+def _fitting(teacher: LocalTeacher, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """The prompts (token ids), if each one and its completion fit in the model's context; else a 400 that
+    says so, as vLLM and OpenAI answer (never a prompt cut silently: a client scoring a text would get
+    log-probabilities for a text it did not send)."""
+    context = teacher.context_length
+    for ids in prompts:
+        if max(1, len(ids)) + max_tokens > context:
+            raise HTTPException(400, f"This model's maximum context length is {context} tokens. However, you "
+                                     f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, "
+                                     f"{max_tokens} for the completion). Please reduce the length of the "
+                                     "prompt or the completion.")
+    return prompts
+
+
 def _choice(i: int, c: Completion, stops: list[str]) -> dict:
     text, reason = c.text, "stop" if c.finished else "length"
     for s in stops:
@@ -116,12 +130,14 @@ def create_app(teacher: LocalTeacher, model_name: str, api_key: str | None,
 
     @app.get("/v1/models")
     def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "scratchlm"}]}
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "scratchlm",
+                                            "max_model_len": teacher.context_length}]}
 
     @app.post("/v1/completions")
     def completions(req: CompletionRequest):
         _refuse_unsupported(req)
-        prompts = _prompt_list(req, teacher.tokenizer.vocab_size)
+        prompts = _fitting(teacher, teacher.token_ids(_prompt_list(req, teacher.tokenizer.vocab_size)),
+                           req.max_tokens)
         params = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature,
                                 top_p=req.top_p if req.top_p < 1.0 else None, top_k=req.top_k)
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
@@ -136,7 +152,7 @@ def create_app(teacher: LocalTeacher, model_name: str, api_key: str | None,
         except ValueError as err:  # e.g. more new tokens than the model's context leaves room for
             raise HTTPException(400, str(err)) from None
         completion_tokens = sum(c.tokens for c in outs)
-        prompt_tokens = sum(len(ids) for ids in teacher.token_ids(prompts))
+        prompt_tokens = sum(len(ids) for ids in prompts)
         return {**head, "choices": [_choice(i, c, stops) for i, c in enumerate(outs)],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
@@ -156,10 +172,14 @@ def _stream(teacher: LocalTeacher, prompts: list, params: SamplingParams, seed: 
     yield "data: [DONE]\n\n"
 
 
-def serve_model(cfg: ServeModelConfig) -> None:
-    import uvicorn
+def serve_model(cfg: ServeModelConfig, background: bool = False):
+    """serve-model with ``cfg``'s address and limits: in the foreground until interrupted, or (``background``)
+    in a thread, returning the started ``BackgroundServer``."""
+    from ..serving import BackgroundServer, run_server
 
     api_key = cfg.checked_key("model")
     teacher = LocalTeacher(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
     app = create_app(teacher, cfg.served_model_name or model_id(cfg.model), api_key, cfg.max_body_bytes)
-    uvicorn.run(app, log_level="info", **cfg.uvicorn_settings())
+    if background:
+        return BackgroundServer(app, cfg, on_stop=teacher.close).start()
+    run_server(app, cfg)

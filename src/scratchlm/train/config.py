@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from ..config import ConfigBase, ConfigError
+from pydantic import Field
+
+from ..config import ConfigBase, ConfigError, Count, NonNegative, NonNegativeInt, OpenShare, Positive
 from ..model.config import ModelConfig, get_preset
 
 if TYPE_CHECKING:  # the config stays light to import: the CLI reads it before anything runs
@@ -27,22 +29,22 @@ class TrainConfig(ConfigBase):
     """The seed's setting: a feed server URL to train from (same as --data http://...)."""
     feed_api_key_file: str | None = None
     """File holding the feed's API key (else $SCRATCHLM_API_KEY)."""
-    feed_texts_per_request: int = 16
+    feed_texts_per_request: Count = 16
     """Texts asked of the feed per request (4 requests are prefetched)."""
-    feed_shuffle_blocks: int = 1024
+    feed_shuffle_blocks: NonNegativeInt = 1024
     """Training from a feed: blocks kept in a shuffle buffer, from which each batch is drawn at random (so a
     batch holds many documents, as from a corpus); at most --micro-batch-size: no shuffling."""
     out: str = "runs/train"
     """Run folder: logs, metrics.jsonl, checkpoints/, final/."""
     tokenizer: str | None = None
     """Tokenizer folder or hub id (default: $SCRATCHLM_TOKENIZER, else microsoft/phi-2)."""
-    max_steps: int | None = None
+    max_steps: Count | None = None
     """Stop after this many optimizer steps."""
-    max_tokens: int | None = None
+    max_tokens: Count | None = None
     """Stop after this many training tokens."""
-    max_time: float | None = None
+    max_time: Positive | None = None
     """Stop after this many seconds of training (summed over resumed sessions)."""
-    target_loss: Literal["auto"] | float | None = None
+    target_loss: Literal["auto"] | NonNegative | None = None
     """Stop when the evaluation loss reaches this; 'auto' = the initial evaluation loss minus 1."""
     continue_after_target: bool = False
     """Log the target when reached but keep training until another stop rule."""
@@ -53,38 +55,38 @@ class TrainConfig(ConfigBase):
     """Branch a new run (in --out) off another run's checkpoint: its weights, optimizer, data position and
     metrics so far. With --decay-steps N the rate decays from the checkpoint's over N steps and the run stops
     there: the loss a run of that length would have ended at, for N more steps of compute."""
-    micro_batch_size: int = 8
+    micro_batch_size: Count = 8
     """Sequences per forward/backward pass."""
-    grad_accum_steps: int = 1
+    grad_accum_steps: Count = 1
     """Micro-batches per optimizer step (global batch = micro_batch_size × grad_accum_steps × ranks)."""
-    block_size: int | None = None
+    block_size: Count | None = None
     """Tokens per training sequence (default: the model's block size)."""
-    lr: float = 6e-4
+    lr: Positive = 6e-4
     """Peak learning rate, reached after warmup."""
-    min_lr: float = 6e-5
+    min_lr: NonNegative = 6e-5
     """Learning rate at the end of the decay."""
-    warmup_steps: int = 100
+    warmup_steps: NonNegativeInt = 100
     """Linear warmup steps from 0 to lr."""
     lr_schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     """After warmup: 'cosine' down to min_lr at the end of the run; 'wsd' (warmup-stable-decay) constant,
     then a final decay (1 − √progress) over the last --decay-fraction of the run; 'constant'. To ask "how
     much more training", use wsd: its runs of any length share one curve until their decays, a decay can be
     branched off any checkpoint (--resume-from), and `report` fits the loss against the schedule."""
-    decay_fraction: float = 0.2
+    decay_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
     """wsd: the share of the run spent in the final decay."""
-    decay_steps: int | None = None
+    decay_steps: Count | None = None
     """wsd: steps of the final decay (instead of --decay-fraction); with --resume-from: decay over this many
     steps from the checkpoint, then stop."""
-    lr_decay_steps: int | None = None
+    lr_decay_steps: Count | None = None
     """The step at which the decay ends (default: max_steps, else max_tokens / tokens per step; with
     neither, the rate stays at lr after warmup)."""
-    weight_decay: float = 0.1
+    weight_decay: NonNegative = 0.1
     """AdamW weight decay, applied to matrices and embeddings only (not biases, not LayerNorm)."""
-    beta1: float = 0.9
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
     """AdamW beta1."""
-    beta2: float = 0.95
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.95
     """AdamW beta2."""
-    grad_clip: float = 1.0
+    grad_clip: NonNegative = 1.0
     """Clip the global gradient norm to this (0 = off)."""
     seed: int = 1337
     """Seed for weight init and data order."""
@@ -101,25 +103,28 @@ class TrainConfig(ConfigBase):
     FSDP from 1B parameters, else DDP."""
     fsdp_reduce_fp32: bool = True
     """With FSDP and bf16: reduce gradients in fp32 (more exact, twice the traffic) rather than bf16."""
-    eval_interval: int = 50
+    eval_interval: Count = 50
     """Evaluate on the held-out set every this many steps (also before step 1 and at the end)."""
-    eval_batches: int = 8
+    eval_batches: Count = 8
     """Micro-batches in each evaluation (always the same held-out blocks)."""
-    eval_fraction: float = 0.005
+    eval_fraction: OpenShare = 0.005
     """Share of documents held out for evaluation (fixed by a hash of each document's id)."""
     text_field: str = "text"
     """The field (JSON lines) or column (parquet, Hugging Face datasets) that holds the text."""
-    num_proc: int | None = None
+    num_proc: Count | None = None
     """Processes that tokenize a corpus the first time it is used (default: every core)."""
-    chunk_chars: int = 8000
+    chunk_chars: Count = 8000
     """Text files are cut into documents of at most this many characters at paragraph breaks."""
-    log_interval: int = 1
+    verify_cache: bool = False
+    """Read every token shard of the corpus's cache and check it against the checksum written with it (sizes
+    are checked at every start); a damaged shard is tokenized again, with a warning naming it."""
+    log_interval: Count = 1
     """Write a console/train.log line every this many steps (metrics.jsonl gets every step)."""
     log_format: Literal["default", "seed", "litgpt"] = "default"
     """Console line style: ours, the seed's 'Epoch: … Step count: … loss = …', or litgpt's 'iter … step …'."""
-    checkpoint_interval: int = 100
+    checkpoint_interval: Count = 100
     """Save a checkpoint every this many steps (and at the end)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: Count = 2
     """Checkpoints kept (older ones are deleted after a newer one is complete)."""
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss or gradient: stop with a message (the last checkpoint stays intact) or skip the
@@ -128,7 +133,7 @@ class TrainConfig(ConfigBase):
     """Also write TensorBoard event files to the run folder (needs the tensorboard package)."""
 
     def check(self) -> None:
-        """Settings that are each valid but make no run: no stop rule, counts below one."""
+        """Settings that are each valid but make no run together: no stop rule, conflicting resumes."""
         branch_decay = self.decay_steps if self.resume_from is not None else None
         if not any(x is not None for x in (self.max_steps, self.max_tokens, self.max_time, self.target_loss,
                                            branch_decay)):
@@ -140,12 +145,6 @@ class TrainConfig(ConfigBase):
             raise ConfigError("--decay-steps is the length of a wsd run's final decay, or of a decay "
                               "branched off a checkpoint with --resume-from; this run's schedule is "
                               f"{self.lr_schedule}")
-        if not 0.0 <= self.decay_fraction < 1.0:
-            raise ConfigError(f"key 'decay_fraction' must be in [0, 1) (got {self.decay_fraction})")
-        for name in ("micro_batch_size", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval",
-                     "checkpoint_interval") + (("decay_steps",) if self.decay_steps is not None else ()):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"key '{name}' must be at least 1 (got {getattr(self, name)})")
 
     def preset(self) -> ModelConfig:
         return get_preset(self.model)
@@ -170,7 +169,8 @@ class TrainConfig(ConfigBase):
                            text_field=self.text_field, num_proc=self.num_proc,
                            feed_api_key_file=self.feed_api_key_file,
                            feed_texts_per_request=self.feed_texts_per_request,
-                           feed_shuffle_blocks=self.feed_shuffle_blocks, progress=progress)
+                           feed_shuffle_blocks=self.feed_shuffle_blocks, verify_cache=self.verify_cache,
+                           progress=progress)
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
         """bf16 when asked, or on 'auto' on a GPU that has it; None = fp32."""
@@ -187,5 +187,5 @@ RESUMABLE_CHANGES = {"max_steps", "max_tokens", "max_time", "target_loss", "cont
                      "resume_from",
                      "log_interval", "log_format", "eval_interval", "checkpoint_interval", "keep_checkpoints",
                      "tensorboard", "compile", "activation_checkpointing", "device", "out", "data",
-                     "num_proc",
+                     "num_proc", "verify_cache",
                      "tokenizer"}
