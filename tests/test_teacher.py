@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
@@ -68,6 +69,60 @@ def test_greedy_batched_generation_equals_transformers(teacher_dir, tokenizer):
         ref = ref[: ref.index(EOT)] if EOT in ref else ref
         assert out == ref
     assert any(len(o) == 24 for o in got)
+
+
+def _reference_logprobs(teacher_dir, tokens: list[int]) -> torch.Tensor:
+    """transformers' log-softmax over the real vocabulary at every position of ``tokens`` (float64)."""
+    hf = PhiForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([tokens])).logits[0, :, :50295].double()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_top_k_logprobs_of_generation_and_scoring_equal_transformers(teacher_dir, tokenizer):
+    teacher = LocalTeacher(str(teacher_dir), device="cpu", batch_size=4, dtype=torch.float32)
+    prompt = tokenizer.encode(PROMPTS[2])
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, logprobs=5, stop_at_eot=False)
+    (done,) = teacher.complete([prompt], params, seed=3)
+    text = tokenizer.encode(PROMPTS[0] + " and the rest of a longer text to score, " * 3)
+    (scored,) = teacher.score([text], k=20)
+    teacher.close()
+    # Generation: the raw distribution each new token was drawn from (before temperature and top-p).
+    ref = _reference_logprobs(teacher_dir, prompt + done.token_ids)[len(prompt) - 1 : -1]
+    assert done.logprobs.ids.shape == (12, 5) and done.text == tokenizer.decode(done.token_ids)
+    top = ref.topk(5, dim=-1)
+    assert (done.logprobs.ids == top.indices.numpy()).all()
+    assert np.allclose(done.logprobs.logprobs, top.values.numpy(), atol=1e-4)
+    sampled = ref.gather(1, torch.tensor(done.token_ids)[:, None]).squeeze(1).numpy()
+    assert np.allclose(done.logprobs.token_logprobs, sampled, atol=1e-4)
+    # Scoring: every token but the first, no decoding.
+    ref = _reference_logprobs(teacher_dir, text)[:-1]
+    assert len(scored) == len(text) - 1
+    assert (scored.ids == ref.topk(20, dim=-1).indices.numpy()).all()
+    assert np.allclose(scored.logprobs, ref.topk(20, dim=-1).values.numpy(), atol=1e-4)
+    given = ref.gather(1, torch.tensor(text[1:])[:, None]).squeeze(1).numpy()
+    assert np.allclose(scored.token_logprobs, given, atol=1e-4)
+
+
+def test_scoring_and_generation_share_engine_steps_and_each_equals_running_alone(teacher_dir, tokenizer):
+    teacher = LocalTeacher(str(teacher_dir), device="cpu", batch_size=8, dtype=torch.float32)
+    engine = teacher.engine
+    params = SamplingParams(max_new_tokens=30, temperature=0.8, top_p=0.95, stop_at_eot=False)
+    texts = [tokenizer.encode(t) for t in PROMPTS] * 2
+    long = tokenizer.encode(" ".join(PROMPTS) * 30)  # longer than the engine's context: scored in windows
+    alone_gen = teacher.complete(PROMPTS, params, seed=1)
+    alone_score = teacher.score(texts + [long], k=8)
+    before = engine.stats.most_requests_in_a_step
+    gen = teacher.submit(PROMPTS, params, seed=1)
+    time.sleep(0.05)
+    score = teacher.submit_score(texts + [long], k=8)
+    together_gen, together_score = gen.result(timeout=120), score.result(timeout=120)
+    teacher.close()
+    assert len(long) > engine.max_seq_len and len(together_score[-1]) == len(long) - 1
+    assert [c.token_ids for c in together_gen] == [c.token_ids for c in alone_gen]
+    for a, b in zip(together_score, alone_score, strict=True):
+        assert (a.ids == b.ids).all() and np.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert before == 1 and engine.stats.most_requests_in_a_step > 1 and engine.stats.scored > 0
 
 
 def test_seeded_sampling_is_reproducible(teacher_dir):
@@ -232,3 +287,127 @@ def test_a_non_phi_model_teaches_and_evaluates_through_transformers(tokenizer, t
     result = evaluate_texts(forward, ["Some text to score, long enough for two windows."], tokenizer, 8,
                             torch.device("cpu"), progress=False)
     assert abs(result.loss - math.log(50295)) < 1.0
+
+
+@pytest.fixture(scope="module")
+def fp32_teacher(teacher_dir):
+    teacher = LocalTeacher(str(teacher_dir), device="cpu", batch_size=16, dtype=torch.float32)
+    yield teacher
+    teacher.close()
+
+
+def test_serve_model_scores_a_text_as_lm_eval_asks_and_as_the_openai_client_reads(fp32_teacher, tokenizer):
+    text = "The quick brown fox jumps over the lazy dog, and then some more words to score."
+    ids = tokenizer.encode(text)
+    ours = fp32_teacher.score([ids], 5)[0]
+    with UvicornThread(create_app(fp32_teacher, "phi-tiny-test", None)) as server:
+        # echo + max_tokens 0 + logprobs 5: every prompt token but the first, as our own score says
+        scored = httpx.post(server.url + "/v1/completions", json={"prompt": text, "max_tokens": 0,
+                                                                  "echo": True, "logprobs": 5}).json()
+        # lm-eval's local-completions: token ids, max_tokens 1, logprobs 1, echo, temperature 0
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        lm_eval = client.completions.create(model="phi-tiny-test", prompt=ids, max_tokens=1, logprobs=1,
+                                            echo=True, temperature=0)
+        vllm = httpx.post(server.url + "/v1/completions", json={"prompt": ids, "max_tokens": 1,
+                                                                "prompt_logprobs": 3}).json()
+        with httpx.stream("POST", server.url + "/v1/completions", json={
+                "prompt": ["One", "Two"], "max_tokens": 4, "logprobs": 2, "stream": True,
+                "return_tokens_as_token_ids": True}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        refused = [httpx.post(server.url + "/v1/completions", json={"prompt": "x", **bad}).status_code
+                   for bad in ({"logprobs": 21}, {"logprobs": -1}, {"prompt_logprobs": 99})]
+    choice = scored["choices"][0]
+    assert choice["text"] == text and choice["logprobs"]["tokens"] == [tokenizer.decode([t]) for t in ids]
+    lps = choice["logprobs"]["token_logprobs"]
+    assert lps[0] is None and np.allclose(lps[1:], ours.token_logprobs, atol=1e-5)
+    top = choice["logprobs"]["top_logprobs"][1]
+    assert list(top) == [tokenizer.decode([int(t)]) for t in ours.ids[0]] or len(set(top)) < 5
+    assert np.allclose(sorted(top.values(), reverse=True), ours.logprobs[0], atol=1e-5)
+    got = lm_eval.choices[0].logprobs
+    assert len(got.token_logprobs) == len(ids) + 1
+    assert np.allclose(got.token_logprobs[1:-1], ours.token_logprobs, atol=1e-5)
+    positions = vllm["choices"][0]["prompt_logprobs"]
+    assert positions[0] is None and len(positions) == len(ids)
+    assert positions[1][str(ids[1])]["logprob"] == pytest.approx(float(ours.token_logprobs[0]), abs=1e-5)
+    assert all(c["logprobs"]["tokens"][0].startswith("token_id:") for e in events for c in e["choices"])
+    assert sorted(c["index"] for e in events for c in e["choices"]) == [0, 1]
+    assert refused == [400, 422, 400]
+
+
+def test_an_openai_teacher_scores_and_writes_with_its_own_ids(fp32_teacher, tokenizer):
+    from scratchlm.teacher.backends import OpenAITeacher
+
+    ids = tokenizer.encode(PROMPTS[2] * 3)
+    with UvicornThread(create_app(fp32_teacher, "phi-tiny-test", None)) as server:
+        remote = OpenAITeacher(server.url)
+        scored = remote.score([ids], 8)[0]
+        written = remote.complete(["Hello"], SamplingParams(max_new_tokens=6, temperature=0.8, logprobs=4))[0]
+        remote.close()
+    ours = fp32_teacher.score([ids], 8)[0]
+    assert remote.scoring == "prompt_logprobs" and (scored.ids == ours.ids).all()
+    assert np.allclose(scored.logprobs, ours.logprobs, atol=1e-5)
+    assert np.allclose(scored.token_logprobs, ours.token_logprobs, atol=1e-5)
+    assert len(written.token_ids) == 6 and written.text == tokenizer.decode(written.token_ids)
+    assert written.logprobs.ids.shape == (6, 4)
+    check = fp32_teacher.score([tokenizer.encode("Hello") + written.token_ids], 4)[0]
+    assert np.allclose(written.logprobs.logprobs, check.logprobs[-6:], atol=1e-4)
+
+
+def test_the_feed_serves_the_teachers_ids_and_soft_labels_over_a_socket(fp32_teacher, small_corpus,
+                                                                          tokenizer):
+    from servers import FeedThread
+
+    written: dict[str, list] = {}  # the teacher's own completions, by text
+    submit = fp32_teacher.submit
+
+    def recording(prompts, params, seed=None):  # what the teacher wrote, to compare with what is served
+        future = submit(prompts, params, seed)
+        future.add_done_callback(lambda f: written.update({c.text: c for c in f.result()}))
+        return future
+
+    cfg = ServeConfig(corpus=str(small_corpus), teacher_ratio=0.3, soft_labels=20, score_corpus=True,
+                      teacher_max_new_tokens=16, chunk_chars=600, eval_fraction=0.05)
+    fp32_teacher.submit = recording
+    try:
+        with FeedThread(cfg, teacher=fp32_teacher) as feed:
+            assert feed.feed.teachers.wait_ready(60)
+            client = FeedClient(feed.url)
+            answer = client.batch(12, None, soft_labels=20)
+            replay = client.batch(12, None, soft_labels=20)  # from the same (first) cursor
+            store = feed.feed.corpus
+            corpus = {store.ids[i]: store.texts[i] for i in range(len(store.ids))}
+    finally:
+        fp32_teacher.submit = submit
+    sizes = np.cumsum([0] + answer.meta.tokens)
+    assert len(answer.to_bytes()) / len(answer.token_ids) < 90  # ids + 20 × (id, logprob) + mask: 83
+    for n, (source, doc_id) in enumerate(zip(answer.meta.sources, answer.meta.ids, strict=True)):
+        ids = answer.token_ids[sizes[n] : sizes[n + 1]].tolist()
+        rows = slice(sizes[n], sizes[n + 1])
+        soft_ids, soft_lps, mask = answer.soft_ids[rows], answer.soft_logprobs[rows], answer.soft_mask[rows]
+        assert ids[-1] == EOT
+        if source == "corpus":
+            assert ids[:-1] == tokenizer.encode(corpus[doc_id])
+            ref = fp32_teacher.score([ids], 20)[0]  # the document and its <|endoftext|>
+            assert not mask[0] and mask[1:].all()
+        else:
+            done = next(c for c in written.values() if c.token_ids == ids[:-1])  # the teacher's own ids
+            ref = done.logprobs
+            assert mask[:-1].all() and not mask[-1]
+        got = slice(1, None) if source == "corpus" else slice(0, -1)
+        assert (soft_ids[got] == ref.ids).all()
+        assert np.allclose(soft_lps[got].astype(np.float32), ref.logprobs, atol=2e-3, rtol=1e-3)  # float16
+    # From the same cursor: the same corpus texts in the same order, with the same soft labels.
+    first, second = _corpus_pieces(answer), _corpus_pieces(replay)
+    n = min(len(first), len(second))
+    assert n and [d for d, _, _ in first][:n] == [d for d, _, _ in second][:n]
+    for (_, ids_a, lps_a), (_, ids_b, lps_b) in zip(first, second, strict=False):
+        assert (ids_a == ids_b).all() and np.allclose(lps_a.astype(float), lps_b.astype(float), atol=2e-3)
+
+
+def _corpus_pieces(batch) -> list:
+    """(document id, token ids, soft log-probabilities) of each corpus text of a token answer, in order."""
+    sizes = np.cumsum([0] + batch.meta.tokens)
+    return [(doc_id, batch.token_ids[sizes[n] : sizes[n + 1]], batch.soft_logprobs[sizes[n] : sizes[n + 1]])
+            for n, (source, doc_id) in enumerate(zip(batch.meta.sources, batch.meta.ids, strict=True))
+            if source == "corpus"]

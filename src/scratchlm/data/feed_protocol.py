@@ -32,6 +32,9 @@ class BatchQuery(BaseModel):
     world_size: int = Field(1, ge=1, le=65536)
     tokens: bool = False
     """Answer with every text's token ids (a ``TokenBatch`` body) instead of the texts."""
+    soft_labels: int = Field(0, ge=0, le=1024)
+    """With the ids (implies ``tokens``): the teacher's top-k at every token that has them (k at most the
+    feed's --soft-labels)."""
 
 
 class FeedBatch(BaseModel):
@@ -57,10 +60,16 @@ class HeldOut(BaseModel):
 @dataclass
 class TokenBatch:
     """A ``FeedBatch`` with every text's token ids: ``token_ids`` holds them end to end, each text followed by
-    ``<|endoftext|>`` (``meta.tokens`` says how many each took)."""
+    ``<|endoftext|>`` (``meta.tokens`` says how many each took). With soft labels, each token's row of the
+    teacher's top-k: ``soft_ids`` and ``soft_logprobs`` (total, k), and ``soft_mask`` (total,), false where
+    there is none (a corpus text's first token, the <|endoftext|> after a teacher's text, corpus text not
+    scored)."""
 
     meta: FeedBatch
-    token_ids: np.ndarray  # (total,) uint32
+    token_ids: np.ndarray  # (total,) uint16 (uint32 for a vocabulary beyond 65,536)
+    soft_ids: np.ndarray | None = None  # (total, k) uint16
+    soft_logprobs: np.ndarray | None = None  # (total, k) float16
+    soft_mask: np.ndarray | None = None  # (total,) bool
 
     def teacher_mask(self) -> np.ndarray:
         """(total,) bool: which tokens a teacher wrote."""
@@ -70,8 +79,14 @@ class TokenBatch:
     def to_bytes(self) -> bytes:
         from safetensors.numpy import save
 
-        return save({"token_ids": np.ascontiguousarray(self.token_ids, dtype=np.uint32)},
-                    metadata={"feed_batch": self.meta.model_dump_json()})
+        wide = len(self.token_ids) and int(self.token_ids.max()) >= 2**16
+        arrays = {"token_ids": np.ascontiguousarray(self.token_ids, dtype=np.uint32 if wide else np.uint16)}
+        if self.soft_ids is not None:
+            arrays.update(soft_ids=np.ascontiguousarray(self.soft_ids, dtype=np.uint32 if wide else
+            np.uint16),
+                          soft_logprobs=np.ascontiguousarray(self.soft_logprobs, dtype=np.float16),
+                          soft_mask=np.ascontiguousarray(self.soft_mask, dtype=bool))
+        return save(arrays, metadata={"feed_batch": self.meta.model_dump_json()})
 
     @staticmethod
     def from_bytes(body: bytes) -> TokenBatch:
@@ -80,7 +95,9 @@ class TokenBatch:
         (header_len,) = struct.unpack("<Q", body[:8])  # the format's own layout: length, JSON header, data
         meta = json.loads(body[8 : 8 + header_len])["__metadata__"]["feed_batch"]
         batch = FeedBatch.model_validate_json(meta)
-        token_ids = load(body)["token_ids"]
+        arrays = load(body)
+        token_ids = arrays["token_ids"]
         if batch.tokens is None or sum(batch.tokens) != len(token_ids):
             raise ValueError("token batch: the texts' token counts do not add up to the ids sent")
-        return TokenBatch(batch, token_ids)
+        return TokenBatch(batch, token_ids, arrays.get("soft_ids"), arrays.get("soft_logprobs"),
+                          arrays.get("soft_mask"))

@@ -30,12 +30,34 @@ def block_span(block_size: int) -> int:
 
 
 @dataclass
+class SoftLabels:
+    """A teacher's distribution at each target of a batch, truncated to its top k (raw log-probabilities),
+    where it has one."""
+
+    ids: torch.Tensor  # (B, T, k) int64
+    logprobs: torch.Tensor  # (B, T, k) float32
+    mask: torch.Tensor  # (B, T) bool: which targets have a row
+
+    @staticmethod
+    def of_blocks(ids: np.ndarray, logprobs: np.ndarray, mask: np.ndarray) -> SoftLabels:
+        """Rows of (B, T+1) blocks → the rows of their targets (every token but each block's first)."""
+        return SoftLabels(torch.from_numpy(ids[:, 1:].astype(np.int64)),
+                          torch.from_numpy(logprobs[:, 1:].astype(np.float32)),
+                          torch.from_numpy(np.ascontiguousarray(mask[:, 1:], dtype=bool)))
+
+    def to(self, device: torch.device) -> SoftLabels:
+        return SoftLabels(self.ids.to(device, non_blocking=True), self.logprobs.to(device, non_blocking=True),
+                          self.mask.to(device, non_blocking=True))
+
+
+@dataclass
 class Batch:
     inputs: torch.Tensor  # (B, T)
     targets: torch.Tensor  # (B, T): inputs shifted by one
     position: dict  # the stream position after this batch (tagged with "kind"; may hold numpy arrays)
     epoch: int = 0  # passes over the data so far (for logs)
     teacher_mask: torch.Tensor | None = None  # (B, T) bool: which targets a teacher wrote (from a feed)
+    soft: SoftLabels | None = None  # the teacher's top-k at the targets, when the data carries them
 
     @property
     def teacher_share(self) -> float | None:
@@ -43,12 +65,12 @@ class Batch:
         return None if self.teacher_mask is None else float(self.teacher_mask.float().mean())
 
     @staticmethod
-    def from_blocks(blocks: np.ndarray, position: dict, epoch: int = 0,
-                    teacher: np.ndarray | None = None) -> Batch:
+    def from_blocks(blocks: np.ndarray, position: dict, epoch: int = 0, teacher: np.ndarray | None = None,
+                    soft: SoftLabels | None = None) -> Batch:
         """(B, T+1) token ids (and which of them a teacher wrote) → inputs (B, T) and targets (B, T)."""
         data = torch.from_numpy(np.asarray(blocks, dtype=np.int64))
         mask = None if teacher is None else torch.from_numpy(np.ascontiguousarray(teacher[:, 1:]))
-        return Batch(data[:, :-1], data[:, 1:], position, epoch, mask)
+        return Batch(data[:, :-1], data[:, 1:], position, epoch, mask, soft)
 
 
 class TokenBlocks:
@@ -107,16 +129,34 @@ def _too_few_blocks(what: str, tokens: np.ndarray, block_size: int, wanted: str)
             f"{block_span(block_size)}, fewer than {wanted}")
 
 
+class BlockSoftLabels:
+    """Soft labels (``soft_labels.SoftLabelShards``) read block by block, as ``TokenBlocks`` reads tokens."""
+
+    def __init__(self, shards, block_size: int, k: int) -> None:
+        self.shards, self.span, self.k = shards, block_span(block_size), k
+
+    def stack(self, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows = [self.shards.rows(int(i) * self.span, (int(i) + 1) * self.span, self.k) for i in ids]
+        return tuple(np.stack(part) for part in zip(*rows, strict=True))
+
+    def none(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows for n blocks of a source without soft labels: all masked."""
+        return (np.zeros((n, self.span, self.k), np.uint16), np.zeros((n, self.span, self.k), np.float16),
+                np.zeros((n, self.span), bool))
+
+
 class BlockLoader:
-    """Seeded, resumable batches of (inputs, targets) from one token array.
+    """Seeded, resumable batches of (inputs, targets) from one token array (and its soft labels, when given).
 
     Each epoch visits every block once in a permutation seeded by (seed, epoch). Rank r of a world of size w
     takes the r-th slice of each group of w·B blocks, so ranks see disjoint data and advance in step.
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int,
-                 position: DataPosition = DataPosition(), rank: int = 0, world_size: int = 1) -> None:
+                 position: DataPosition = DataPosition(), rank: int = 0, world_size: int = 1,
+                 soft: BlockSoftLabels | None = None) -> None:
         self.blocks, self.batch_size, self.rank = TokenBlocks(tokens, block_size), batch_size, rank
+        self.soft = soft
         self.per_step = batch_size * world_size
         if len(self.blocks) < self.per_step:
             raise DataError(_too_few_blocks("the training data", tokens, block_size,
@@ -132,7 +172,8 @@ class BlockLoader:
         start = index + self.rank * self.batch_size
         ids = self.order(epoch)[start : start + self.batch_size]
         self.position = DataPosition(epoch, index + self.per_step)
-        return Batch.from_blocks(self.blocks.stack(ids), self.position.to_dict(), epoch)
+        soft = SoftLabels.of_blocks(*self.soft.stack(ids)) if self.soft is not None else None
+        return Batch.from_blocks(self.blocks.stack(ids), self.position.to_dict(), epoch, soft=soft)
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
@@ -155,8 +196,10 @@ class MixedBlockLoader:
 
     def __init__(self, sources: list[np.ndarray], weights: list[float], block_size: int, batch_size: int,
                  seed: int, position: dict | None = None, rank: int = 0, world_size: int = 1,
-                 names: list[str] | None = None) -> None:
+                 names: list[str] | None = None, soft: list[BlockSoftLabels | None] | None = None) -> None:
         self.blocks = [TokenBlocks(t, block_size) for t in sources]
+        # Soft labels where a source has them (the others: masked rows, plain cross-entropy).
+        self.soft = soft if soft and any(s is not None for s in soft) else None
         self.batch_size, self.rank, self.per_step = batch_size, rank, batch_size * world_size
         total = sum(weights)
         self.weights = [w / total for w in weights]
@@ -173,22 +216,29 @@ class MixedBlockLoader:
         self.state = [dict(s) for s in state]
         self.main = max(range(len(sources)), key=lambda i: self.weights[i])  # its epoch is the one logged
 
-    def _next_block(self) -> np.ndarray:
+    def _next_block(self) -> tuple[int, int]:
+        """(source, block) of the next block of the global stream."""
         taken = sum(s["taken"] for s in self.state)
         i = max(range(len(self.state)), key=lambda j: self.weights[j] * (taken + 1) - self.state[j]["taken"])
         s, blocks = self.state[i], self.blocks[i]
         if s["index"] >= len(blocks):
             s["epoch"], s["index"] = s["epoch"] + 1, 0
-        block = blocks[int(self.orders[i](s["epoch"])[s["index"]])]
+        block = int(self.orders[i](s["epoch"])[s["index"]])
         s["index"] += 1
         s["taken"] += 1
-        return block
+        return i, block
 
     def next_batch(self) -> Batch:
         step = [self._next_block() for _ in range(self.per_step)]
         mine = step[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         position = {"kind": self.KIND, "sources": [dict(s) for s in self.state]}
-        return Batch.from_blocks(np.stack(mine), position, self.state[self.main]["epoch"])
+        soft = None
+        if self.soft is not None:
+            any_source = next(s for s in self.soft if s is not None)
+            rows = [self.soft[i].stack([b]) if self.soft[i] else any_source.none(1) for i, b in mine]
+            soft = SoftLabels.of_blocks(*(np.concatenate(part) for part in zip(*rows, strict=True)))
+        return Batch.from_blocks(np.stack([self.blocks[i][b] for i, b in mine]), position,
+                                 self.state[self.main]["epoch"], soft=soft)
 
     def __iter__(self) -> Iterator[Batch]:
         while True:

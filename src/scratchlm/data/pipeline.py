@@ -12,7 +12,15 @@ import torch
 from .. import distributed
 from ..tokenizer import Tokenizer
 from .documents import DataError
-from .loaders import Batch, BlockLoader, DataPosition, MixedBlockLoader, eval_blocks, prefetch
+from .loaders import (
+    Batch,
+    BlockLoader,
+    BlockSoftLabels,
+    DataPosition,
+    MixedBlockLoader,
+    eval_blocks,
+    prefetch,
+)
 from .sources import DataSource, is_feed_url, parse_data_list
 from .token_cache import TokenizedCorpus, tokenize_corpus
 
@@ -47,6 +55,10 @@ class DataRequest:
     """Texts asked of the feed per request."""
     feed_shuffle_blocks: int = 1024
     """Blocks a feed's loader keeps to draw batches from at random (at most the batch: no shuffling)."""
+    soft_labels: int = 0
+    """The teacher's top-k to read beside each token (0: none)."""
+    soft_label_teacher: str | None = None
+    """Whose prepared soft labels a corpus run reads (default: the only set prepared)."""
     verify_cache: bool = False
     """Check every token shard against its checksum (sizes are checked at every open)."""
     progress: bool = False
@@ -114,7 +126,8 @@ def _feed_data(request: DataRequest, tokenizer: Tokenizer, env: distributed.Dist
              request.source, f"{len(val_tokens):,}", max(request.feed_shuffle_blocks, request.batch_size))
     loader = FeedBlockLoader(client, request.block_size, request.batch_size, position,
                              request.feed_texts_per_request, rank=env.rank, world_size=env.world_size,
-                             shuffle_blocks=request.feed_shuffle_blocks, seed=request.seed)
+                             shuffle_blocks=request.feed_shuffle_blocks, seed=request.seed,
+                             soft_labels=request.soft_labels)
     return TrainData(FEED_KIND, iter(loader), eval_set)
 
 
@@ -130,6 +143,31 @@ def _tokenize_all(request: DataRequest, tokenizer: Tokenizer, env: distributed.D
     if env.is_main:
         distributed.barrier(env)
     return corpora
+
+
+def _soft_labels(request: DataRequest, corpora: list[TokenizedCorpus],
+                 sources: list[DataSource]) -> list[BlockSoftLabels | None]:
+    """Each source's prepared soft labels, when the run reads them: in a mix, a source without any trains
+    on plain cross-entropy (said in the log); one corpus must have them."""
+    if not request.soft_labels:
+        return [None] * len(corpora)
+    from .soft_labels import open_soft_labels
+
+    found: list[BlockSoftLabels | None] = []
+    for source, corpus in zip(sources, corpora, strict=True):
+        try:
+            shards = open_soft_labels(corpus, request.soft_labels, request.soft_label_teacher)
+        except DataError as err:
+            if len(corpora) == 1:
+                raise
+            log.warning("data: %s has no soft labels (%s): its blocks train on plain cross-entropy",
+                        source.path, err)
+            found.append(None)
+            continue
+        log.info("data: %s: soft labels of %s (top %d of %d kept)", source.path, shards.meta["teacher"],
+                 request.soft_labels, shards.k)
+        found.append(BlockSoftLabels(shards, request.block_size, request.soft_labels))
+    return found
 
 
 def _corpus_data(request: DataRequest, tokenizer: Tokenizer, env: distributed.DistEnv, position: dict,
@@ -151,13 +189,14 @@ def _corpus_data(request: DataRequest, tokenizer: Tokenizer, env: distributed.Di
             eval_parts.append(eval_blocks(corpus.val, request.block_size, n))
         except DataError as err:  # name the corpus: in a mix, which one is too small is the whole question
             raise DataError(f"{source.path}: {err}") from None
+    soft = _soft_labels(request, corpora, sources)
     if kind == DataPosition.KIND:
         loader = BlockLoader(corpora[0].train, request.block_size, request.batch_size, request.seed,
-                             DataPosition.from_dict(position), env.rank, env.world_size)
+                             DataPosition.from_dict(position), env.rank, env.world_size, soft[0])
         return TrainData(kind, prefetch(iter(loader)), eval_parts[0])
     loader = MixedBlockLoader([c.train for c in corpora], [s.weight for s in sources], request.block_size,
                               request.batch_size, request.seed, position, env.rank, env.world_size,
-                              [s.path for s in sources])
+                              [s.path for s in sources], soft)
     bounds = torch.tensor([0] + [len(p) for p in eval_parts]).cumsum(0).tolist()
     groups = {s.name: (bounds[k], bounds[k + 1]) for k, s in enumerate(sources)}
     return TrainData(kind, prefetch(iter(loader)), torch.cat(eval_parts), groups)

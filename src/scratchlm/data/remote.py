@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from ..serving import read_api_key
 from .documents import DataError
 from .feed_protocol import BatchQuery, FeedBatch, HeldOut, TokenBatch
-from .loaders import Batch, ShuffleBuffer, block_span, prefetch
+from .loaders import Batch, ShuffleBuffer, SoftLabels, block_span, prefetch
 
 log = logging.getLogger("scratchlm.feed")
 
@@ -72,10 +72,13 @@ class FeedClient:
         return r
 
     def batch(self, size: int, cursor: str | None = None, rank: int = 0, world_size: int = 1,
-              tokens: bool = False) -> FeedBatch | TokenBatch:
-        """``/v1/batch``: texts (a ``FeedBatch``), or with ``tokens`` their token ids (a ``TokenBatch``)."""
+              tokens: bool = False, soft_labels: int = 0) -> FeedBatch | TokenBatch:
+        """``/v1/batch``: texts (a ``FeedBatch``), or with ``tokens`` their token ids (a ``TokenBatch``), with
+        ``soft_labels`` k the teacher's top-k beside them."""
+        tokens = tokens or soft_labels > 0
         try:
-            query = BatchQuery(size=size, cursor=cursor, rank=rank, world_size=world_size, tokens=tokens)
+            query = BatchQuery(size=size, cursor=cursor, rank=rank, world_size=world_size, tokens=tokens,
+                               soft_labels=soft_labels)
         except ValidationError as err:  # the contract is shared: refused here as the feed would refuse it
             raise FeedError(f"a request the feed would refuse (422): {err.errors()[0]['loc'][0]} "
                             f"{err.errors()[0]['msg']}") from None
@@ -107,6 +110,8 @@ def client_from_env(url: str, api_key_file: str | None = None) -> FeedClient:
 
 COLUMNS = {"tokens": np.int32, "teacher": np.bool_}
 """What the loader keeps of each token of the stream: its id, and whether a teacher wrote it."""
+SOFT_COLUMNS = {"soft_ids": np.uint16, "soft_logprobs": np.float16, "soft_mask": np.bool_}
+"""... and, training on soft labels, the teacher's top-k there (as they travel: 2 + 2 bytes an entry)."""
 
 
 class FeedBlockLoader:
@@ -118,35 +123,42 @@ class FeedBlockLoader:
 
     def __init__(self, client: FeedClient, block_size: int, batch_size: int, position: dict | None = None,
                  texts_per_request: int = 16, prefetch: int = 4, rank: int = 0, world_size: int = 1,
-                 shuffle_blocks: int = 1024, seed: int = 1337) -> None:
+                 shuffle_blocks: int = 1024, seed: int = 1337, soft_labels: int = 0) -> None:
         self.client, self.block_size, self.batch_size = client, block_size, batch_size
         self.texts_per_request, self.prefetch = texts_per_request, prefetch
         self.rank, self.world_size, self.shuffle_blocks = rank, world_size, shuffle_blocks
+        self.soft_labels = soft_labels
         span = block_span(block_size)
         position = position or {}
         self.cursor: str | None = position.get("cursor")
-        self.pending = {k: np.asarray(position.get(f"pending_{k}", []), dtype=t) for k, t in COLUMNS.items()}
-        saved = {k: np.asarray(position.get(f"buffer_{k}", np.zeros((0, span))), dtype=t)
-                 for k, t in COLUMNS.items()}
+        self.columns = {**COLUMNS, **(SOFT_COLUMNS if soft_labels else {})}
+        # A column's shape per token: () for the id and the masks, (k,) for the top-k.
+        self.shapes = {k: (soft_labels,) if k in ("soft_ids", "soft_logprobs") else () for k in self.columns}
+        self.pending = {k: np.asarray(position.get(f"pending_{k}", np.zeros((0, *shape))), dtype=t)
+                        for (k, shape), t in zip(self.shapes.items(), self.columns.values(), strict=True)}
+        saved = {k: np.asarray(position.get(f"buffer_{k}", np.zeros((0, span, *shape))), dtype=t)
+                 for (k, shape), t in zip(self.shapes.items(), self.columns.values(), strict=True)}
         if saved["tokens"].shape[1:] != (span,):
             raise DataError(f"the saved feed position holds blocks of {saved['tokens'].shape[1]} tokens, "
                             f"this run's are {span}: resume with the same --block-size")
         self.buffer = ShuffleBuffer(saved, seed, rank, position.get("draws", 0))
 
     def _replies(self, cursor: str | None) -> Iterator[TokenBatch]:
-        """The feed's answers from ``cursor`` on, as token ids."""
+        """The feed's answers from ``cursor`` on, as token ids (and soft labels)."""
         while True:
-            reply = self.client.batch(self.texts_per_request, cursor, self.rank, self.world_size, tokens=True)
+            reply = self.client.batch(self.texts_per_request, cursor, self.rank, self.world_size, tokens=True,
+                                      soft_labels=self.soft_labels)
             cursor = reply.meta.cursor
             yield reply
 
     def _cut(self, reply: TokenBatch) -> None:
         """Add a reply's tokens to the stream and move its whole blocks into the buffer."""
         span = block_span(self.block_size)
-        stream = {"tokens": reply.token_ids, "teacher": reply.teacher_mask()}
-        joined = {k: np.concatenate([self.pending[k], stream[k].astype(t)]) for k, t in COLUMNS.items()}
+        stream = {"tokens": reply.token_ids, "teacher": reply.teacher_mask(), "soft_ids": reply.soft_ids,
+                  "soft_logprobs": reply.soft_logprobs, "soft_mask": reply.soft_mask}
+        joined = {k: np.concatenate([self.pending[k], stream[k].astype(t)]) for k, t in self.columns.items()}
         whole = len(joined["tokens"]) // span * span
-        self.buffer.add({k: v[:whole].reshape(-1, span) for k, v in joined.items()})
+        self.buffer.add({k: v[:whole].reshape(-1, span, *self.shapes[k]) for k, v in joined.items()})
         self.pending = {k: v[whole:] for k, v in joined.items()}
 
     def __iter__(self) -> Iterator[Batch]:
@@ -162,7 +174,9 @@ class FeedBlockLoader:
                     self._cut(reply)
                 rows = self.buffer.draw(self.batch_size, shuffle)
                 position = self.position()
-                yield Batch.from_blocks(rows["tokens"], position, position["epoch"], rows["teacher"])
+                soft = (SoftLabels.of_blocks(rows["soft_ids"], rows["soft_logprobs"], rows["soft_mask"])
+                        if self.soft_labels else None)
+                yield Batch.from_blocks(rows["tokens"], position, position["epoch"], rows["teacher"], soft)
         finally:
             replies.close()
 

@@ -98,6 +98,8 @@ class TokenizedCorpus:
     train: ShardedTokens
     val: ShardedTokens
     meta: dict
+    folder: Path | None = None
+    """The cache folder (soft-label shards live beside the token shards, under ``soft/``)."""
 
     @property
     def stats(self) -> dict:
@@ -158,7 +160,7 @@ def tokenize_corpus(source: str | Path, tokenizer: Tokenizer, cache_dir: str | P
     shards = index.pop("shards")
     train = ShardedTokens([_memmap(cache / f"{k}.train.bin", s["train_tokens"]) for k, s in shards])
     val = ShardedTokens([_memmap(cache / f"{k}.val.bin", s["val_tokens"]) for k, s in shards])
-    return TokenizedCorpus(train, val, index)
+    return TokenizedCorpus(train, val, index, cache)
 
 
 def damaged_shards(cache: Path, checksums: bool = False) -> list[tuple[str, str]]:

@@ -24,10 +24,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..data.feed_protocol import TOKEN_BATCH_MEDIA_TYPE, BatchQuery, FeedBatch, HeldOut
+from ..data.feed_protocol import TOKEN_BATCH_MEDIA_TYPE, BatchQuery, FeedBatch, HeldOut, TokenBatch
 from ..serving import harden
 from .corpus import Cursor, CursorError
-from .mixer import Feed, TeacherBehind
+from .mixer import Feed, NoSoftLabels, TeacherBehind
 
 MAX_BODY_BYTES = 64 * 2**10
 """The feed's routes take no body: anything bigger than a form is refused."""
@@ -90,8 +90,11 @@ def batch(feed: FeedDep, limits: LimitsDep, query: Annotated[BatchQuery, Query()
         start = Cursor.decode(query.cursor, feed.corpus.fingerprint) if query.cursor else Cursor(0, 0)
     except CursorError as err:
         raise HTTPException(status_code=400, detail=str(err)) from None
-    answer = feed.batch(query.size, start, query.rank, query.world_size, query.tokens)
-    if query.tokens:
+    try:
+        answer = feed.batch(query.size, start, query.rank, query.world_size, query.tokens, query.soft_labels)
+    except NoSoftLabels as err:
+        raise HTTPException(status_code=400, detail=str(err)) from None
+    if isinstance(answer, TokenBatch):
         return Response(answer.to_bytes(), media_type=TOKEN_BATCH_MEDIA_TYPE)
     return answer
 

@@ -27,6 +27,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..data.feed_protocol import FeedBatch, Source, TokenBatch
+from ..teacher.protocol import TopK
 from ..tokenizer import Tokenizer
 from .corpus import CorpusSource, Cursor
 from .teachers import TeacherPool, TeacherText
@@ -56,23 +57,39 @@ class MixSettings:
     """What the share counts: tokens (what a trainer eats) or texts."""
 
 
+@dataclass(frozen=True)
+class SoftLabelSettings:
+    top_k: int = 0
+    """The teachers' top-k kept per token (what an answer may ask for, at most); 0: none."""
+    score_corpus: bool = False
+    """Corpus text is scored by the first teacher as it is served."""
+
+
+class NoSoftLabels(ValueError):
+    """Soft labels asked of a feed that keeps none, or fewer than asked (the route answers 400)."""
+
+
 @dataclass
 class Piece:
-    """One text of an answer: where it came from and, when counted, its token ids."""
+    """One text of an answer: where it came from and, when known, its token ids and the teacher's
+    distribution at them (one row per token, or, for scored corpus text, one per token after the first and one
+    for the <|endoftext|> after it)."""
 
     text: str
     source: Source
     id: str
     token_ids: list[int] | None = None
-    teacher_text: TeacherText | None = None
+    soft: TopK | None = None
 
 
 class Feed:
     """Corpus + optional teachers, mixed to a target share, with counters for /metrics."""
 
     def __init__(self, corpus: CorpusSource, teachers: TeacherPool | None = None,
-                 mix: MixSettings = MixSettings(), tokenizer: Tokenizer | None = None) -> None:
+                 mix: MixSettings = MixSettings(), tokenizer: Tokenizer | None = None,
+                 soft: SoftLabelSettings = SoftLabelSettings()) -> None:
         self.corpus, self.teachers, self.mix, self.tokenizer = corpus, teachers, mix, tokenizer
+        self.soft = soft
         if self.mixing and mix.unit == "tokens" and tokenizer is None:
             raise ValueError("a share of tokens needs the feed's tokenizer")
         self._texts = {"corpus": 0, "teacher": 0}
@@ -159,7 +176,7 @@ class Feed:
                 if text is not None:
                     taken.append(text)
                     pieces.append(Piece(text.text, "teacher", f"teacher:{time.time_ns()}:{len(taken)}",
-                                        text.token_ids, text))
+                                        text.token_ids, text.soft))
                     units = text.tokens if counting else 1
                     teacher, total = teacher + units, total + units
                     continue
@@ -208,9 +225,15 @@ class Feed:
             self.warning = None
 
     def batch(self, n: int, cursor: Cursor | None, rank: int = 0, world_size: int = 1,
-              tokens: bool = False) -> FeedBatch | TokenBatch:
+              tokens: bool = False, soft_labels: int = 0) -> FeedBatch | TokenBatch:
         """n texts: the teachers' share, the rest from the corpus (from ``cursor``, or the server's own
-        stream); with ``tokens``, their token ids instead of their texts."""
+        stream); with ``tokens``, their token ids instead of their texts, and with ``soft_labels`` k, the
+        teachers' top-k at every token that has one."""
+        if soft_labels > self.soft.top_k:
+            raise NoSoftLabels(f"soft_labels {soft_labels} asked of a feed that keeps "
+                               + (f"the top {self.soft.top_k}" if self.soft.top_k else "none")
+                               + ": start it with --soft-labels K (and --score-corpus for corpus text)")
+        tokens = tokens or soft_labels > 0
         with self._lock:
             pieces, after = self._compose(n, cursor or self.corpus.stream, rank, world_size)
             if cursor is None:
@@ -231,7 +254,26 @@ class Feed:
         eot = self.tokenizer.eot_id
         ids = np.fromiter((t for p in pieces for t in (*p.token_ids, eot)), dtype=np.uint32,
                           count=sum(meta.tokens))
-        return TokenBatch(meta, ids)
+        if not soft_labels:
+            return TokenBatch(meta, ids)
+        if self.soft.score_corpus:
+            self._score([p for p in pieces if p.source == "corpus"])
+        return TokenBatch(meta, ids, *_soft_rows(pieces, soft_labels))
+
+    def _score(self, pieces: list[Piece]) -> None:
+        """The first teacher's distribution over each corpus piece's tokens and the <|endoftext|> after them
+        (one scoring request for all: the teacher batches them with what else it is doing)."""
+        if not pieces:
+            return
+        scorer = self.teachers.workers[0].backend
+        eot = self.tokenizer.eot_id
+        try:
+            scored = scorer.score([p.token_ids + [eot] for p in pieces], self.soft.top_k)
+        except Exception as err:  # a teacher down: the client retries, as when a strict share lags
+            raise TeacherBehind(f"the teacher could not score corpus text ({type(err).__name__}: {err})") \
+                from None
+        for p, rows in zip(pieces, scored, strict=True):
+            p.soft = rows
 
     def _tokenize(self, pieces: list[Piece]) -> None:
         if pieces:
@@ -252,3 +294,23 @@ class Feed:
                      teacher_text_share_realised=round(self._share(self._texts), 4),
                      teachers=[w.health() for w in self.teachers.workers])
         return {**state, "warning": self.warning} if self.warning else state
+
+
+def _soft_rows(pieces: list[Piece], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each token's row of the teachers' top-k, end to end as the token ids are (each text followed by
+    <|endoftext|>): ids, log-probabilities and the mask of the rows that hold one."""
+    total = sum(len(p.token_ids) + 1 for p in pieces)
+    ids = np.zeros((total, k), np.uint32)
+    logprobs = np.zeros((total, k), np.float32)
+    mask = np.zeros(total, bool)
+    at = 0
+    for p in pieces:
+        n = len(p.token_ids) + 1
+        if p.soft is not None and len(p.soft):
+            # A teacher's text: its tokens (the <|endoftext|> after them was never sampled). Scored corpus
+            # text: every token after the first, and the <|endoftext|>.
+            first = at if p.source == "teacher" else at + 1
+            rows = slice(first, first + len(p.soft))
+            ids[rows], logprobs[rows], mask[rows] = p.soft.ids[:, :k], p.soft.logprobs[:, :k], True
+        at += n
+    return ids, logprobs, mask

@@ -9,7 +9,17 @@ import os
 from fastapi import FastAPI
 from pydantic import field_validator
 
-from ..config import ConfigError, Count, NonNegative, OpenShare, Positive, Share, Temperature, TopP
+from ..config import (
+    ConfigError,
+    Count,
+    NonNegative,
+    NonNegativeInt,
+    OpenShare,
+    Positive,
+    Share,
+    Temperature,
+    TopP,
+)
 from ..data import corpus_from_env
 from ..serving import API_KEY_ENV, ServerConfig
 from ..teacher.diversity import DiversityMeter
@@ -18,7 +28,7 @@ from ..teacher.sampling import SamplingParams
 from ..tokenizer import Tokenizer, load_tokenizer
 from .app import FeedLimits, create_app
 from .corpus import CorpusSource
-from .mixer import Feed, MixSettings, ShareUnit, TeacherMode
+from .mixer import Feed, MixSettings, ShareUnit, SoftLabelSettings, TeacherMode
 from .teachers import TeacherPool, TeacherWorker, TextPool, WorkerSettings
 
 log = logging.getLogger("scratchlm.feed")
@@ -81,6 +91,13 @@ class ServeConfig(ServerConfig):
     """Teacher texts kept ready (a bounded pool shared by the teachers)."""
     teacher_stall_s: Positive = 120.0
     """A teacher request running longer than this marks the teacher down (hung) until it answers."""
+    soft_labels: NonNegativeInt = 0
+    """The teachers' top-k log-probabilities kept for every token they write (their raw distribution) and,
+    with --score-corpus, for corpus text: what /v1/batch?soft_labels=K serves, for K up to this (0: none; 20
+    is what vLLM and OpenAI allow by default)."""
+    score_corpus: bool = False
+    """Score corpus text with the first teacher as it is served (a prefill, no sampling), so that a soft-label
+    answer has a teacher's distribution at corpus tokens too (needs --soft-labels)."""
     public: bool = False
     """Open an ngrok tunnel (needs pyngrok and NGROK_AUTHTOKEN, and an API key)."""
 
@@ -99,18 +116,19 @@ def _teachers(cfg: ServeConfig, corpus: CorpusSource, tokenizer: Tokenizer, extr
 
     backends = [load_teacher(spec, cfg.teacher_api_key_file, batch_size=cfg.teacher_batch_size,
                              concurrency=cfg.teacher_concurrency,
-                             prompts_per_request=cfg.teacher_prompts_per_request)
+                             prompts_per_request=cfg.teacher_prompts_per_request, tokenizer=tokenizer)
                 for spec in cfg.teacher] + ([extra] if extra is not None else [])
     if not backends:
         return None
     params = SamplingParams(max_new_tokens=cfg.teacher_max_new_tokens, temperature=cfg.teacher_temperature,
-                            top_p=cfg.teacher_top_p)
+                            top_p=cfg.teacher_top_p, logprobs=cfg.soft_labels)
     texts, diversity = TextPool(cfg.teacher_buffer), DiversityMeter()
     workers = []
     for i, backend in enumerate(backends):
-        decode = backend.tokenizer.decode if hasattr(backend, "tokenizer") else None
-        strategies = [s for s in cfg.prompts if s != "token" or decode is not None]
-        prompts = PromptSource(strategies, corpus.texts, seed=cfg.seed + i, decode=decode)
+        # The 'token' prompts decode random ids with the feed's tokenizer: the teachers' (checked by
+        # trainers).
+        prompts = PromptSource(cfg.prompts, corpus.texts, seed=cfg.seed + i, decode=tokenizer.decode)
+        strategies = prompts.strategies
         settings = WorkerSettings(params, backend.max_in_flight, backend.prompts_per_request,
                                   cfg.teacher_stall_s, diversity, tokenizer.encode_batch)
         owns = owned or backend is not extra
@@ -132,6 +150,8 @@ def build(cfg: ServeConfig, teacher=None) -> tuple[FastAPI, Feed]:
         raise ConfigError(f"--public exposes the feed to the internet: set {API_KEY_ENV} or pass "
                           "--api-key-file")
     corpus_path = corpus_from_env(cfg.corpus, "--corpus")
+    if cfg.score_corpus and not cfg.soft_labels:
+        raise ConfigError("--score-corpus keeps the teacher's top-k at corpus tokens: give --soft-labels K")
     tokenizer = load_tokenizer(cfg.tokenizer)
     corpus = CorpusSource(corpus_path, cfg.seed, cfg.chunk_chars, cfg.eval_fraction, cfg.text_field)
     mix = MixSettings(cfg.teacher_ratio, cfg.teacher_mode, cfg.teacher_wait_s, cfg.teacher_deadline_s,
@@ -140,7 +160,9 @@ def build(cfg: ServeConfig, teacher=None) -> tuple[FastAPI, Feed]:
         teachers = _teachers(cfg, corpus, tokenizer, FunctionTeacher(teacher), owned=True)
     else:
         teachers = _teachers(cfg, corpus, tokenizer, teacher)
-    feed = Feed(corpus, teachers, mix, tokenizer)
+    if cfg.score_corpus and teachers is None:
+        raise ConfigError("--score-corpus needs a teacher to score with: give --teacher")
+    feed = Feed(corpus, teachers, mix, tokenizer, SoftLabelSettings(cfg.soft_labels, cfg.score_corpus))
     log.info("corpus %s: %d documents (%d held out), files skipped: %s", corpus_path, len(corpus.texts),
              len(corpus.held_out), dict(corpus.stats.skipped) or "none")
     return create_app(feed, api_key, FeedLimits(cfg.batch_size, cfg.max_batch_size)), feed

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from ..teacher.diversity import DiversityMeter
 from ..teacher.prompts import PromptSource
+from ..teacher.protocol import Completion, TopK
 from ..teacher.sampling import SamplingParams
 
 log = logging.getLogger("scratchlm.feed")
@@ -27,11 +28,13 @@ log = logging.getLogger("scratchlm.feed")
 
 @dataclass(frozen=True)
 class TeacherText:
-    """A text a teacher wrote, with its token ids (the feed's tokenizer's, counted for the share in tokens and
-    served to trainers that ask for ids)."""
+    """A text a teacher wrote, with its token ids (the teacher's own, or the feed's tokenizer's for a teacher
+    that gives text only) and, when the feed keeps them, the teacher's distribution at each of them."""
 
     text: str
     token_ids: list[int] | None = None
+    soft: TopK | None = None
+    """One row per token of ``token_ids`` (the <|endoftext|> after them has none)."""
 
     @property
     def tokens(self) -> int:
@@ -172,7 +175,7 @@ class TeacherWorker:
 
     def _done(self, number: int, n: int, future, error: BaseException | None) -> None:
         error = error or future.exception()
-        texts = [] if error else self._texts([c.text.strip() for c in future.result()])
+        texts = [] if error else self._texts(future.result())
         with self._cond:
             self.in_flight -= n
             self._started.pop(number, None)
@@ -193,11 +196,20 @@ class TeacherWorker:
         for t in texts:
             self.settings.diversity.add(t.text)
 
-    def _texts(self, texts: list[str]) -> list[TeacherText]:
-        tokenize = self.settings.tokenize
-        if tokenize is None:
-            return [TeacherText(t) for t in texts]
-        return [TeacherText(t, ids) for t, ids in zip(texts, tokenize(texts), strict=True)]
+    def _texts(self, completions: list[Completion]) -> list[TeacherText]:
+        """What the teacher wrote, as the feed keeps it: the teacher's own ids and their distributions where
+        it gave them (nothing tokenized again); else the text, stripped, and its ids from the feed's
+        tokenizer."""
+        out = []
+        for c in completions:
+            if c.token_ids is not None:
+                soft = c.logprobs if c.logprobs is not None and len(c.logprobs) == len(c.token_ids) else None
+                out.append(TeacherText(c.text, list(c.token_ids), soft))
+                continue
+            text = c.text.strip()
+            tokenize = self.settings.tokenize
+            out.append(TeacherText(text, tokenize([text])[0] if tokenize else None))
+        return out
 
     def _failed(self, error: BaseException) -> None:
         if self._stop.is_set():  # requests cut short by our own stop are not the teacher's failures

@@ -1,11 +1,9 @@
-"""One teacher interface, three backends: a local model, any OpenAI-compatible ``/v1/completions`` server, or
-a Python function.
+"""The ``Teacher`` contract (``protocol``) implemented three ways: a local model, any OpenAI-compatible
+``/v1/completions`` server, or a Python function.
 
-Every backend has ``submit(prompts, params, seed) -> Future[list[Completion]]`` (callers keep work in flight)
-and ``complete(...)`` (submit and wait). Spec strings: ``local:PATH_OR_HUB_ID`` (a Hugging Face folder: Phi
-checkpoints run on our ``GenerationEngine``, other architectures through ``transformers``) and
-``openai:URL[#model]`` (vLLM, TGI, llama.cpp's server, or ``scratchlm serve-model``; key from
-$SCRATCHLM_API_KEY or the ``api_key`` argument).
+Spec strings: ``local:PATH_OR_HUB_ID`` (a Hugging Face folder: Phi checkpoints run on our
+``GenerationEngine``, other architectures through ``transformers``) and ``openai:URL[#model]`` (vLLM, TGI,
+llama.cpp's server, or ``scratchlm serve-model``; key from $SCRATCHLM_API_KEY or the ``api_key`` argument).
 """
 
 from __future__ import annotations
@@ -15,27 +13,24 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import httpx
+import numpy as np
 import torch
 
 from ..config import ConfigError
 from ..devices import pick_device
 from ..model.hf import load_hf, resolve_model_dir
 from ..serving import read_api_key
-from ..tokenizer import load_tokenizer
-from .engine import GenerationEngine, default_batch_size
+from ..tokenizer import Tokenizer, load_tokenizer
+from .engine import Generated, GenerationEngine, default_batch_size, raw_top_k
+from .protocol import Completion, Teacher, TopK
 from .sampling import SamplingParams
 
 log = logging.getLogger("scratchlm.teacher")
 
-
-@dataclass
-class Completion:
-    text: str
-    tokens: int
-    finished: bool  # stopped at <|endoftext|> rather than at max tokens
+__all__ = ["Completion", "FunctionTeacher", "LocalTeacher", "OpenAITeacher", "Teacher", "TopK",
+           "load_teacher"]
 
 
 def generation_dtype(device: torch.device) -> torch.dtype:
@@ -147,23 +142,30 @@ class LocalTeacher:
             outs = self.engine.submit(ids, params, seed)
         else:
             outs = self.hf_pool.submit(self._hf_generate, ids, params, seed)
-        return chain(outs, lambda tokens: self._completions(tokens, params))
+        return chain(outs, lambda generated: self._completions(generated, params))
 
-    def complete(self, prompts: list[str], params: SamplingParams,
-                 seed: int | None = None) -> list[Completion]:
+    def complete(self, prompts: list, params: SamplingParams, seed: int | None = None) -> list[Completion]:
         return self.submit(prompts, params, seed).result()
 
-    def _completions(self, outs: list[list[int]], params: SamplingParams) -> list[Completion]:
-        texts = self.tokenizer.decode_batch(outs)
-        return [Completion(t, len(o), len(o) < params.max_new_tokens) for t,
-                o in zip(texts, outs, strict=True)]
+    def submit_score(self, sequences: list[list[int]], k: int) -> Future:
+        if self.engine is not None:
+            return self.engine.submit_score(sequences, k)
+        return self.hf_pool.submit(self._hf_score, sequences, k)
+
+    def score(self, sequences: list[list[int]], k: int) -> list[TopK]:
+        return self.submit_score(sequences, k).result()
+
+    def _completions(self, outs: list[Generated], params: SamplingParams) -> list[Completion]:
+        texts = self.tokenizer.decode_batch([g.tokens for g in outs])
+        return [Completion(g.tokens, t, len(g.tokens) < params.max_new_tokens, g.logprobs) for t,
+                g in zip(texts, outs, strict=True)]
 
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
 
     @torch.inference_mode()
-    def _hf_generate(self, ids: list[list[int]], params: SamplingParams, seed: int | None) -> list[list[int]]:
+    def _hf_generate(self, ids: list[list[int]], params: SamplingParams, seed: int | None) -> list[Generated]:
         if seed is not None:
             torch.manual_seed(seed)
         eot, out = self.tokenizer.eot_id, []
@@ -177,27 +179,61 @@ class LocalTeacher:
                                          do_sample=params.temperature > 0,
                                          temperature=params.temperature or None,
                                          top_k=params.top_k, top_p=params.top_p, pad_token_id=eot,
-                                         eos_token_id=eot if params.stop_at_eot else None)
-            for row in gen[:, width:].tolist():
-                out.append(row[: row.index(eot)] if params.stop_at_eot and eot in row else row)
+                                         eos_token_id=eot if params.stop_at_eot else None,
+                                         return_dict_in_generate=True, output_logits=params.logprobs > 0)
+            for r, row in enumerate(gen.sequences[:, width:].tolist()):
+                n = row.index(eot) if params.stop_at_eot and eot in row else len(row)
+                rows = None
+                if params.logprobs:  # the raw logits of each step (before any sampling setting)
+                    logits = torch.stack([step[r] for step in gen.logits[:n]])
+                    rows = raw_top_k(logits, torch.tensor(row[:n]), params.logprobs)
+                out.append(Generated(row[:n], rows))
+        return out
+
+    @torch.inference_mode()
+    def _hf_score(self, sequences: list[list[int]], k: int) -> list[TopK]:
+        """Scoring through transformers, a sequence at a time, in windows of the model's context."""
+        window = self.context_length
+        out = []
+        for seq in sequences:
+            parts = []
+            for start in range(0, max(0, len(seq) - 1), window):
+                ids = torch.tensor([seq[start : start + window]], device=self.device)
+                logits = self.hf_model(input_ids=ids, use_cache=False).logits[0]
+                targets = torch.tensor(seq[start + 1 : start + window + 1], device=self.device)
+                parts.append(raw_top_k(logits[: len(targets)], targets, k))
+            out.append(TopK.concat(parts, k))
         return out
 
 
 class OpenAITeacher:
     """Any OpenAI-compatible completions server, with up to ``concurrency`` requests of
     ``prompts_per_request`` prompts in flight. A server that refuses a list of prompts (llama.cpp's answers
-    500) is detected at the first refusal and sent one prompt per request from then on."""
+    500) is detected at the first refusal and sent one prompt per request from then on.
+
+    Log-probabilities: generation asks ``logprobs`` with vLLM's ``return_tokens_as_token_ids``, so the
+    teacher's own token ids come back (from a server that ignores it, ``tokenizer`` gives the text's ids).
+    Scoring asks vLLM's ``prompt_logprobs`` (ids and log-probabilities of every prompt position) and, from a
+    server that does not answer it, falls back to ``echo`` with ``logprobs`` (the shape lm-eval's
+    ``local-completions`` sends); the log says which is used.
+    """
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, concurrency: int = 16,
-                 prompts_per_request: int = 4, timeout_s: float = 300.0) -> None:
+                 prompts_per_request: int = 4, timeout_s: float = 300.0,
+                 tokenizer: Tokenizer | None = None) -> None:
         self.url, self.model, self.prompts_per_request = url.rstrip("/"), model, prompts_per_request
         self.name = f"openai:{self.url}#{model}" if model else f"openai:{self.url}"
+        self.tokenizer = tokenizer
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(headers=headers, timeout=timeout_s,
                                  limits=httpx.Limits(max_connections=concurrency + 1))
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="scratchlm-openai")
         self.max_in_flight = concurrency * prompts_per_request
         self.in_flight = 0
+        self.context_length = 2048
+        """Positions a prompt and its completion may take (the server's ``max_model_len`` when it says)."""
+        self.scoring: str | None = None
+        """How this server scores: 'prompt_logprobs' (vLLM's) or 'echo' (found at the first score)."""
         self._lock = threading.Lock()
 
     def _model(self) -> str:
@@ -205,10 +241,11 @@ class OpenAITeacher:
             r = self.http.get(self.url + "/v1/models")
             if r.status_code >= 400:
                 raise RuntimeError(f"teacher {self.url}/v1/models answered {r.status_code}: {r.text[:300]}")
-            self.model = r.json()["data"][0]["id"]
+            card = r.json()["data"][0]
+            self.model, self.context_length = card["id"], card.get("max_model_len") or self.context_length
         return self.model
 
-    def _post(self, prompts: list[str], params: SamplingParams, seed: int | None) -> httpx.Response:
+    def _body(self, prompts: list, params: SamplingParams, seed: int | None) -> dict:
         body = {"model": self._model(), "prompt": prompts if len(prompts) > 1 else prompts[0],
                 "max_tokens": params.max_new_tokens, "temperature": params.temperature,
                 "top_p": params.top_p or 1.0}
@@ -216,58 +253,144 @@ class OpenAITeacher:
             body["top_k"] = params.top_k  # vLLM and ours accept it; OpenAI itself ignores unknown fields
         if seed is not None:
             body["seed"] = seed
-        return self.http.post(self.url + "/v1/completions", json=body)
+        if params.logprobs:
+            body.update(logprobs=params.logprobs, return_tokens_as_token_ids=True)
+        return body
 
     def _count(self, n: int) -> None:
         with self._lock:
             self.in_flight += n
 
-    def _request(self, prompts: list[str], params: SamplingParams, seed: int | None) -> list[Completion]:
+    def _request(self, prompts: list, body: Callable[[list, int], dict], parse: Callable) -> list:
+        """POST ``body(prompts, k)`` (k: the prompt's number, for its seed) and ``parse`` the answer; a server
+        that refuses a list of prompts but takes one is sent one at a time from then on."""
         self._count(len(prompts))
         try:
-            r = self._post(prompts, params, seed)
+            r = self.http.post(self.url + "/v1/completions", json=body(prompts, 0))
             if r.status_code >= 400 and len(prompts) > 1 and r.status_code not in (401, 403):
-                one = self._post(prompts[:1], params, seed)
+                one = self.http.post(self.url + "/v1/completions", json=body(prompts[:1], 0))
                 if one.status_code < 400:
                     log.warning("teacher %s refused a list of %d prompts (%d: %s) but takes one: sending one "
                                 "prompt per request from now on", self.url, len(prompts), r.status_code,
                                 r.text[:200])
                     self.prompts_per_request = 1
-                    rest = [self._request([p], params, None if seed is None else seed + k)
+                    rest = [parse(self.http.post(self.url + "/v1/completions", json=body([p], k)))
                             for k, p in enumerate(prompts[1:], 1)]
-                    return self._completions(one) + [c for part in rest for c in part]
-            if r.status_code >= 400:
-                raise RuntimeError(f"teacher {self.url} answered {r.status_code}: {r.text[:300]}")
-            return self._completions(r)
+                    return parse(one) + [c for part in rest for c in part]
+            return parse(r)
         finally:
             self._count(-len(prompts))
 
-    @staticmethod
-    def _completions(r: httpx.Response) -> list[Completion]:
-        reply = r.json()
-        choices = sorted(reply["choices"], key=lambda c: c["index"])
-        per = reply.get("usage", {}).get("completion_tokens", 0) // max(1, len(choices))
-        return [Completion(c["text"], per, c.get("finish_reason") == "stop") for c in choices]
+    def _choices(self, r: httpx.Response) -> list[dict]:
+        if r.status_code >= 400:
+            raise RuntimeError(f"teacher {self.url} answered {r.status_code}: {r.text[:300]}")
+        return sorted(r.json()["choices"], key=lambda c: c["index"])
 
-    def submit(self, prompts: list[str], params: SamplingParams, seed: int | None = None) -> Future:
+    def _completions(self, r: httpx.Response, k: int) -> list[Completion]:
+        out = []
+        for c in self._choices(r):
+            rows, ids = (_openai_rows(c["logprobs"], k) if k and c.get("logprobs") else (None, None))
+            if ids is None and self.tokenizer is not None:
+                ids = self.tokenizer.encode(c["text"])
+            out.append(Completion(ids, c["text"], c.get("finish_reason") == "stop", rows))
+        return out
+
+    def submit(self, prompts: list, params: SamplingParams, seed: int | None = None) -> Future:
         step = self.prompts_per_request
         chunks = [prompts[i : i + step] for i in range(0, len(prompts), step)]
-        return gather([self.pool.submit(self._request, chunk, params,
-                                        None if seed is None else seed + i * step)
+
+        def body(first: int):
+            return lambda part, k: self._body(part, params, None if seed is None else seed + first + k)
+
+        return gather([self.pool.submit(self._request, chunk, body(i * step),
+                                        lambda r: self._completions(r, params.logprobs))
                        for i, chunk in enumerate(chunks)])
 
-    def complete(self, prompts: list[str], params: SamplingParams,
-                 seed: int | None = None) -> list[Completion]:
+    def complete(self, prompts: list, params: SamplingParams, seed: int | None = None) -> list[Completion]:
         return self.submit(prompts, params, seed).result()
+
+    def submit_score(self, sequences: list[list[int]], k: int) -> Future:
+        """Each sequence in windows the server's context takes (one position left for the token it must
+        generate), the windows' rows put back together."""
+        self._model()
+        width = max(2, self.context_length - 1)
+        windows = [(i, seq[start : start + width + 1]) for i, seq in enumerate(sequences)
+                   for start in range(0, max(0, len(seq) - 1), width)]
+        futures = [self.pool.submit(self._score_one, window, k) for _, window in windows]
+
+        def assemble(rows: list[TopK]) -> list[TopK]:
+            parts: list[list[TopK]] = [[] for _ in sequences]
+            for (i, _), part in zip(windows, rows, strict=True):
+                parts[i].append(part)
+            return [TopK.concat(p, k) for p in parts]
+
+        return chain(gather([chain(f, lambda rows: [rows]) for f in futures]), assemble)
+
+    def score(self, sequences: list[list[int]], k: int) -> list[TopK]:
+        return self.submit_score(sequences, k).result()
+
+    def _score_one(self, ids: list[int], k: int) -> TopK:
+        base = {"model": self._model(), "prompt": ids, "max_tokens": 1, "temperature": 0}
+        if self.scoring in (None, "prompt_logprobs"):
+            r = self.http.post(self.url + "/v1/completions", json={**base, "prompt_logprobs": k})
+            choice = self._choices(r)[0]
+            if choice.get("prompt_logprobs"):
+                if self.scoring is None:
+                    log.info("teacher %s scores with vLLM's prompt_logprobs", self.url)
+                self.scoring = "prompt_logprobs"
+                return _prompt_logprobs_rows(choice["prompt_logprobs"][1:], ids[1:], k)
+            log.info("teacher %s does not answer prompt_logprobs: scoring with echo + logprobs", self.url)
+        self.scoring = "echo"
+        r = self.http.post(self.url + "/v1/completions", json={**base, "echo": True, "logprobs": k,
+                                                               "return_tokens_as_token_ids": True})
+        rows, _ = _openai_rows(self._choices(r)[0]["logprobs"], k, skip=1, keep=len(ids) - 1)
+        return rows
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.http.close()
 
 
+def _token_id(token: str) -> int | None:
+    """``token_id:N`` (vLLM's ``return_tokens_as_token_ids``) → N; another form → None."""
+    return int(token[9:]) if token.startswith("token_id:") and token[9:].isdigit() else None
+
+
+def _openai_rows(logprobs: dict, k: int, skip: int = 0, keep: int | None = None) -> tuple[TopK, list | None]:
+    """OpenAI's ``logprobs`` (``tokens``, ``token_logprobs``, ``top_logprobs``) of positions ``skip`` to
+    ``skip + keep`` as a ``TopK`` (top entries keyed ``token_id:N``), and the token ids when the server gave
+    them."""
+    end = None if keep is None else skip + keep
+    tokens = logprobs["tokens"][skip:end]
+    ids = [_token_id(t) for t in tokens]
+    tops = logprobs.get("top_logprobs") or [{}] * len(tokens)
+    top_ids = np.zeros((len(tokens), k), np.int32)
+    top_lps = np.full((len(tokens), k), -np.inf, np.float32)
+    for n, top in enumerate(tops[skip:end]):
+        best = sorted((top or {}).items(), key=lambda kv: -kv[1])[:k]
+        for j, (token, lp) in enumerate(best):
+            top_ids[n, j], top_lps[n, j] = _token_id(token) or 0, lp
+    token_lps = np.array(logprobs["token_logprobs"][skip:end], dtype=np.float32)
+    return TopK(top_ids, top_lps, token_lps), None if None in ids else ids
+
+
+def _prompt_logprobs_rows(positions: list[dict], targets: list[int], k: int) -> TopK:
+    """vLLM's ``prompt_logprobs`` (per position: token id → {logprob, rank}) as a ``TopK``."""
+    top_ids = np.zeros((len(targets), k), np.int32)
+    top_lps = np.full((len(targets), k), -np.inf, np.float32)
+    token_lps = np.zeros(len(targets), np.float32)
+    for n, (entry, target) in enumerate(zip(positions, targets, strict=True)):
+        ranked = sorted(((int(t), v) for t, v in entry.items()), key=lambda kv: kv[1].get("rank", 0))
+        best = sorted(ranked, key=lambda kv: -kv[1]["logprob"])[:k]
+        for j, (token, v) in enumerate(best):
+            top_ids[n, j], top_lps[n, j] = token, v["logprob"]
+        token_lps[n] = entry[str(target)]["logprob"]
+    return TopK(top_ids, top_lps, token_lps)
+
+
 class FunctionTeacher:
     """A Python function ``produce(n) -> n texts`` as a teacher (notebooks, tests), called one batch at a
-    time."""
+    time. It has text only: no token ids, no distribution to score with."""
 
     def __init__(self, produce: Callable[[int], list[str]], name: str = "function", batch: int = 16) -> None:
         self.produce, self.name = produce, name
@@ -278,29 +401,37 @@ class FunctionTeacher:
     def _run(self, n: int) -> list[Completion]:
         self.in_flight += n
         try:
-            return [Completion(t, 0, True) for t in self.produce(n)]  # no tokenizer here: tokens unknown
+            return [Completion(None, t, True) for t in self.produce(n)]
         finally:
             self.in_flight -= n
 
-    def submit(self, prompts: list[str], params: SamplingParams, seed: int | None = None) -> Future:
+    def submit(self, prompts: list, params: SamplingParams, seed: int | None = None) -> Future:
         return self.pool.submit(self._run, len(prompts))
 
-    def complete(self, prompts: list[str], params: SamplingParams,
-                 seed: int | None = None) -> list[Completion]:
+    def complete(self, prompts: list, params: SamplingParams, seed: int | None = None) -> list[Completion]:
         return self.submit(prompts, params, seed).result()
+
+    def submit_score(self, sequences: list[list[int]], k: int) -> Future:
+        raise NotImplementedError(f"teacher {self.name} is a function of texts: it has no distribution to "
+                                  "score with")
+
+    def score(self, sequences: list[list[int]], k: int) -> list[TopK]:
+        return self.submit_score(sequences, k).result()
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def load_teacher(spec: str, api_key_file: str | None = None, device: str = "auto",
-                 batch_size: int | None = None,
-                 concurrency: int = 16, prompts_per_request: int = 4):
-    """A teacher from a spec string: ``local:PATH_OR_HUB_ID`` or ``openai:URL[#model]``."""
+                 batch_size: int | None = None, concurrency: int = 16, prompts_per_request: int = 4,
+                 tokenizer: Tokenizer | None = None) -> Teacher:
+    """A teacher from a spec string: ``local:PATH_OR_HUB_ID`` or ``openai:URL[#model]`` (``tokenizer``: the
+    ids of a remote teacher's text, when its server does not give them)."""
     kind, _, target = spec.partition(":")
     if kind == "local" and target:
         return LocalTeacher(target, device=device, batch_size=batch_size)
     if kind == "openai" and target:
         url, _, model = target.partition("#")
-        return OpenAITeacher(url, model or None, read_api_key(api_key_file), concurrency, prompts_per_request)
+        return OpenAITeacher(url, model or None, read_api_key(api_key_file), concurrency, prompts_per_request,
+                             tokenizer=tokenizer)
     raise ConfigError(f"teacher spec {spec!r}: use local:PATH_OR_HUB_ID or openai:URL[#model]")

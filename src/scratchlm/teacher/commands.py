@@ -70,6 +70,8 @@ class ServeModelConfig(ServerConfig):
     """The model's id in /v1/models and in answers (default: its folder's name or hub id; never a path)."""
     max_body_bytes: Count = 8 * 2**20
     """Largest request body accepted (413 beyond it)."""
+    max_logprobs: Count = 20
+    """Most alternatives a request may ask per token (logprobs, prompt_logprobs), as vLLM's --max-logprobs."""
     device: DeviceSpec = "auto"
     """auto, cpu, cuda or cuda:N."""
 

@@ -1,5 +1,7 @@
 """One generation engine per local model: a background loop that owns the KV cache and decodes every caller's
-sequences in one continuous batch, as vLLM's engine does.
+sequences in one continuous batch, as vLLM's engine does. Scoring requests (``submit_score``: the teacher's
+distribution over given tokens, no decoding) join the same batch as prefill-only sequences, so one model
+serves both at once.
 
 Callers ``submit`` requests (prompts, sampling settings, a seed) from any thread and get a ``Future``. Each of
 ``batch_size`` slots holds one sequence; a sequence joins the running batch at the next step (its prompt
@@ -26,6 +28,7 @@ import torch
 from ..model.cpu_inference import PackedLinear, pack_linears
 from ..model.kv_cache import KVCache
 from ..model.model import Phi
+from .protocol import TopK
 from .sampling import UNIFORMS_PER_STEP, RowSettings, SamplingParams, sample
 
 log = logging.getLogger("scratchlm.teacher")
@@ -40,6 +43,30 @@ def _close_engines() -> None:
         engine.close()
 
 
+SCORE_ROWS = 256
+"""Positions of a scoring window whose logits exist at once (256 × 50k floats: 51 MB)."""
+
+
+def raw_top_k(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> TopK:
+    """The raw distribution of each row of ``logits`` (n, V): its k most likely tokens and their
+    log-probabilities (``torch.topk``: a partial selection), and the log-probability of ``tokens`` (n,)."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    values, ids = torch.topk(logits, k, dim=-1)
+    chosen = logits.gather(1, tokens.view(-1, 1).long())
+    ranks = (logits > chosen).sum(dim=-1) + 1
+    return TopK(ids.to(torch.int32).cpu().numpy(), (values - lse).cpu().numpy(),
+                (chosen - lse).squeeze(1).cpu().numpy(), ranks.cpu().numpy())
+
+
+def _scores(request: _Request) -> list[TopK]:
+    """A scoring request's windows put back together, in order: one ``TopK`` per sequence."""
+    parts: list[list[TopK]] = [[] for _ in range(request.sequences)]
+    for owner, rows in zip(request.owners, request.results, strict=True):
+        parts[owner].append(rows)
+    return [TopK.concat(p, request.score_k) for p in parts]
+
+
 def default_batch_size(device: torch.device) -> int:
     """Sequences decoded together when not set: a GPU is busy only with hundreds, a CPU is saturated by
     tens."""
@@ -47,23 +74,40 @@ def default_batch_size(device: torch.device) -> int:
 
 
 @dataclass
+class Generated:
+    """One prompt's new tokens (the stop token excluded) and, when asked, the distribution each was drawn
+    from."""
+
+    tokens: list[int]
+    logprobs: TopK | None = None
+
+
+@dataclass
 class _Request:
     params: SamplingParams
     future: Future
-    results: list[list[int] | None]
+    results: list
     remaining: int
     waiting: deque = field(default_factory=deque)  # its sequences not yet in the batch
+    score_k: int = 0
+    """> 0: a scoring request (the top-k of each window's positions), not a generation."""
+    owners: list[int] = field(default_factory=list)
+    """Scoring: which sequence each window is of."""
+    sequences: int = 0
+    """Scoring: how many sequences."""
 
 
 @dataclass
 class _Sequence:
     request: _Request
-    index: int  # which prompt of its request
+    index: int  # which prompt (or scoring window) of its request
     prompt: list[int]
     rng: np.random.Generator | None  # None when greedy
     out: list[int] = field(default_factory=list)
     pos: int = 0  # position of the next token to feed
     last: int = 0  # the token to feed next
+    rows: list[TopK] = field(default_factory=list)  # the distributions of the new tokens (logprobs > 0)
+    targets: list[int] = field(default_factory=list)  # scoring: the token each position predicts
 
 
 @dataclass
@@ -75,7 +119,10 @@ class EngineStats:
     sequences: int = 0
     requests: int = 0
     most_requests_in_a_step: int = 0
-    """The most distinct requests whose sequences shared one decoding step."""
+    """The most distinct requests whose sequences shared one step (scoring windows prefilled in the step
+    before a decode count with it)."""
+    scored: int = 0
+    """Positions scored (prefill only: no decoding)."""
 
 
 class GenerationEngine:
@@ -100,13 +147,16 @@ class GenerationEngine:
         self._closed = False
         self._seeds = random.Random()
         self._thread: threading.Thread | None = None
+        self._scored_now = 0  # scoring windows finished since the last decoding step
+        self._admitting: list[_Sequence] = []  # the sequences being prefilled now
         _ENGINES.add(self)
 
     # --- callers' side -------------------------------------------------------------------------------------
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None) -> Future:
-        """Queue a request; the future's result is each prompt's new token ids (the stop token excluded), in
-        order. Prompt i samples with seed ``seed + i`` (a random seed when None)."""
+        """Queue a request; the future's result is a ``Generated`` per prompt (its new token ids, the stop
+        token excluded, and with ``params.logprobs`` their distributions), in order. Prompt i samples with
+        seed ``seed + i`` (a random seed when None)."""
         self.check(params)
         room = self.max_seq_len - params.max_new_tokens
         future: Future = Future()
@@ -122,6 +172,10 @@ class GenerationEngine:
                                None if params.greedy else np.random.default_rng([(base + i) % 2**64]))
                      for i, p in enumerate(prompts)]
         request.waiting.extend(sequences)
+        self._enqueue(request)
+        return future
+
+    def _enqueue(self, request: _Request) -> None:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the generation engine is closed")
@@ -131,6 +185,27 @@ class GenerationEngine:
                 self._thread = threading.Thread(target=self._loop, daemon=True, name="scratchlm-engine")
                 self._thread.start()
             self._cond.notify()
+
+    def submit_score(self, sequences: list[list[int]], k: int) -> Future:
+        """Queue a scoring request: for each sequence of n tokens, the raw distribution at each of its last
+        n − 1 tokens (a ``TopK`` of n − 1 rows). A sequence longer than this engine's context is scored in
+        consecutive windows, the first token of each predicted from the window before."""
+        if not 1 <= k <= self.vocab_size:
+            raise ValueError(f"k must be in [1, {self.vocab_size}] (got {k})")
+        future: Future = Future()
+        windows = [(i, start) for i, seq in enumerate(sequences) if len(seq) > 1
+                   for start in range(0, len(seq) - 1, self.max_seq_len)]
+        request = _Request(SamplingParams(max_new_tokens=1, temperature=0), future, [None] * len(windows),
+                           len(windows), score_k=k, owners=[i for i, _ in windows], sequences=len(sequences))
+        if not windows:
+            future.set_result(_scores(request))
+            return future
+        for j, (i, start) in enumerate(windows):
+            seq = sequences[i]
+            window = _Sequence(request, j, list(seq[start : start + self.max_seq_len]), None)
+            window.targets = list(seq[start + 1 : start + self.max_seq_len + 1])
+            request.waiting.append(window)
+        self._enqueue(request)
         return future
 
     def check(self, params: SamplingParams) -> None:
@@ -144,8 +219,8 @@ class GenerationEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  seed: int | None = None) -> list[list[int]]:
-        """``submit`` and wait for the result."""
-        return self.submit(prompts, params, seed).result()
+        """``submit`` and wait: each prompt's new token ids."""
+        return [g.tokens for g in self.submit(prompts, params, seed).result()]
 
     @property
     def in_flight(self) -> int:
@@ -181,7 +256,8 @@ class GenerationEngine:
     def _fail_all(self, err: BaseException) -> None:
         with self._cond:
             requests, self._pending = list(self._pending), deque()
-        for request in requests + [s.request for s in self.slots if s is not None]:
+        admitting, self._admitting = self._admitting, []
+        for request in requests + [s.request for s in self.slots + admitting if s is not None]:
             if not request.future.done():
                 request.future.set_exception(err)
         self.slots = [None] * self.batch_size
@@ -199,7 +275,26 @@ class GenerationEngine:
     def _next_tokens(self, hidden: torch.Tensor, rows: list[_Sequence]) -> list[int]:
         logits = self.head(hidden[:, -1])  # (B, vocab_size)
         settings = RowSettings.of([s.request.params for s in rows], self.device)
-        return sample(logits, settings, self._uniforms(rows)).tolist()
+        tokens = sample(logits, settings, self._uniforms(rows))
+        wanting = [j for j, s in enumerate(rows) if s.request.params.logprobs > 0]
+        if wanting:  # the raw distribution's top k, where asked: a partial selection, never a sort of the row
+            k = max(rows[j].request.params.logprobs for j in wanting)
+            picked = torch.tensor(wanting, device=self.device)
+            found = raw_top_k(logits[picked], tokens[picked], k)
+            for n, j in enumerate(wanting):
+                want = rows[j].request.params.logprobs
+                rows[j].rows.append(TopK(found.ids[n : n + 1, :want], found.logprobs[n : n + 1, :want],
+                                         found.token_logprobs[n : n + 1], found.token_ranks[n : n + 1]))
+        return tokens.tolist()
+
+    def _score(self, hidden: torch.Tensor, seq: _Sequence) -> None:
+        """A scoring window's distributions, from the prefill's hidden states (its positions that have a
+        next token), in chunks of rows: the logits of a window are never whole."""
+        n, k = len(seq.targets), seq.request.score_k
+        targets = torch.tensor(seq.targets, device=self.device)
+        parts = [raw_top_k(self.head(hidden[start : min(n, start + SCORE_ROWS)]),
+                           targets[start : start + SCORE_ROWS], k) for start in range(0, n, SCORE_ROWS)]
+        seq.rows = [TopK.concat(parts, k)]
 
     def _waiting(self, n: int) -> list[_Sequence]:
         """Up to n waiting sequences, one request at a time in turn: a small request is not queued behind
@@ -216,7 +311,7 @@ class GenerationEngine:
     def _admit(self) -> None:
         """Prefill waiting prompts into the free slots and take each one's first token."""
         free = [r for r, s in enumerate(self.slots) if s is None]
-        group = self._waiting(len(free))
+        group = self._admitting = self._waiting(len(free))  # failed with the others if this step fails
         free = free[: len(group)]
         if not group:
             return
@@ -226,10 +321,22 @@ class GenerationEngine:
         for j, s in enumerate(group):
             idx[j, : len(s.prompt)] = torch.tensor(s.prompt, device=self.device)
         pos = torch.arange(width, device=self.device).expand(len(group), width)
+        scoring = [j for j, s in enumerate(group) if s.request.score_k]
+        # Scoring windows need every position's hidden state; generation only each prompt's last.
         hidden = self.cache.forward(self.model, idx, pos, torch.tensor(free, device=self.device),
-                                    kv_len=width,
-                                    keep=lengths - 1)
-        for row, seq, token in zip(free, group, self._next_tokens(hidden, group), strict=True):
+                                    kv_len=width, keep=None if scoring else lengths - 1)
+        if scoring:
+            self.stats.scored += sum(len(group[j].targets) for j in scoring)
+            for j in scoring:
+                self._score(hidden[j], group[j])
+                self._done(group[j])
+            hidden = hidden[torch.arange(len(group), device=self.device), lengths - 1].unsqueeze(1)
+        generating = [j for j in range(len(group)) if j not in scoring]
+        if not generating:
+            return
+        rows = [group[j] for j in generating]
+        tokens = self._next_tokens(hidden[generating], rows)
+        for row, seq, token in zip([free[j] for j in generating], rows, tokens, strict=True):
             seq.pos = len(seq.prompt)
             self.slots[row] = seq
             self.stats.sequences += 1
@@ -253,7 +360,8 @@ class GenerationEngine:
         hidden = self.cache.forward(self.model, idx, pos, cache_rows, kv_len=kv_len)
         self.stats.steps += 1
         self.stats.most_requests_in_a_step = max(self.stats.most_requests_in_a_step,
-                                                 len({id(s.request) for s in rows}))
+                                                 len({id(s.request) for s in rows}) + self._scored_now)
+        self._scored_now = 0
         for row, seq, token in zip(active, rows, self._next_tokens(hidden, rows), strict=True):
             seq.pos += 1
             self._accept(row, token)
@@ -272,8 +380,18 @@ class GenerationEngine:
 
     def _finish(self, row: int) -> None:
         seq, self.slots[row] = self.slots[row], None
+        self._done(seq)
+
+    def _done(self, seq: _Sequence) -> None:
+        """A sequence (or scoring window) is complete: its result is kept, and its request's given when all
+        are."""
         request = seq.request
-        request.results[seq.index] = seq.out
+        if request.score_k:
+            request.results[seq.index] = seq.rows[0]
+            self._scored_now += 1
+        else:
+            k = request.params.logprobs
+            request.results[seq.index] = Generated(seq.out, TopK.concat(seq.rows, k) if k else None)
         request.remaining -= 1
         if request.remaining == 0 and not request.future.done():
-            request.future.set_result(request.results)
+            request.future.set_result(_scores(request) if request.score_k else request.results)

@@ -54,7 +54,7 @@ class PromptSource:
         if needs_docs and not documents:
             strategies = [s for s in strategies if s not in needs_docs] or ["topic"]
         if "token" in strategies and decode is None:
-            raise ValueError("the 'token' strategy needs a tokenizer's decode function")
+            strategies = [s for s in strategies if s != "token"] or ["topic"]  # no tokenizer to decode with
         self.strategies, self.documents, self.decode = list(strategies), documents, decode  # any sequence
         self.vocab_size = vocab_size
         self.rng = random.Random(seed)

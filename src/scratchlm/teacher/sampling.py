@@ -42,6 +42,9 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     stop_at_eot: bool = True
+    logprobs: int = 0
+    """Return, for every new token, the k most likely tokens of the raw distribution (before temperature,
+    top-k and top-p) and their log-probabilities, and the new token's own (0: none)."""
 
     @property
     def greedy(self) -> bool:

@@ -1,11 +1,20 @@
-"""``scratchlm serve-model``: an OpenAI-compatible completions subset for a Phi checkpoint.
+"""``scratchlm serve-model``: an OpenAI-compatible completions server for a Phi checkpoint.
 
 ``POST /v1/completions`` (prompt: a string, a list, or token ids; max_tokens, temperature, top_p, top_k, n,
-seed, stop, stream) and ``GET /v1/models``, authenticated like the feed server (the key is checked before a
-request body is read, and bodies are capped), so a teacher can run on its own GPU machine and
-several can serve one feed. Every request's prompts join the one running batch of the model's generation
-engine, whatever other requests are in flight.
+seed, stop, stream, logprobs, echo, and vLLM's prompt_logprobs and return_tokens_as_token_ids) and ``GET
+/v1/models``, authenticated like the feed server (the key is checked before a request body is read, and bodies
+are capped), so a teacher can run on its own GPU machine and several can serve one feed. Every request's
+prompts join the one running batch of the model's generation engine, whatever other requests are in flight;
+scoring a prompt (``echo`` with ``logprobs``, ``prompt_logprobs``) is a prefill in the same batch.
+
+Log-probabilities are of the model's raw distribution (before temperature, top-k and top-p), as vLLM's
+``raw_logprobs``, in OpenAI's completions shape: ``tokens``, ``token_logprobs``, ``top_logprobs`` (up to
+``--max-logprobs`` per token) and ``text_offset``; with ``echo``, the prompt's tokens come first, the first
+with no log-probability. ``echo`` with ``max_tokens`` 0 or 1 and ``logprobs`` is how lm-eval's
+``local-completions`` computes a log-likelihood.
 """
+
+from __future__ import annotations
 
 import json
 import time
@@ -14,18 +23,20 @@ from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..serving import harden
 from .backends import Completion, LocalTeacher
 from .commands import ServeModelConfig
+from .protocol import TopK
 from .sampling import SamplingParams
 
 MAX_PROMPTS = 1024
-UNSUPPORTED = {"logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}),
-               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0)}
+UNSUPPORTED = {"suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+               "frequency_penalty": (None, 0, 0.0)}
 """OpenAI fields this server does not implement, with the values that ask for nothing (accepted)."""
 
 Prompt = str | list[str] | list[int] | list[list[int]]
@@ -38,7 +49,7 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: Annotated[Prompt, Field(description="a prompt, prompts, or token ids (one list or several)")]
-    max_tokens: int = Field(16, ge=1, le=4096)
+    max_tokens: int = Field(16, ge=0, le=4096)
     temperature: float = Field(1.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1, le=1_000_000)
@@ -47,6 +58,21 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
+    logprobs: int | None = Field(None, ge=0, le=1024)
+    """The log-probability of each token and its ``logprobs`` most likely alternatives (at most the server's
+    --max-logprobs)."""
+    echo: bool = False
+    """Return the prompt before the completion (with ``logprobs``: the prompt's tokens scored too)."""
+    prompt_logprobs: int | None = Field(None, ge=0, le=1024)
+    """vLLM's: each prompt token's log-probability and the top alternatives, keyed by token id."""
+    return_tokens_as_token_ids: bool = False
+    """vLLM's: tokens named ``token_id:N`` in ``logprobs`` (what a client that needs the ids asks)."""
+
+    @model_validator(mode="after")
+    def _nothing_asked(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 asks for nothing: give at least 1, or echo the prompt to score it")
+        return self
 
     @field_validator("temperature")
     @classmethod
@@ -67,12 +93,16 @@ class CompletionRequest(BaseModel):
         return value
 
 
-def _refuse_unsupported(req: CompletionRequest) -> None:
+def _refuse_unsupported(req: CompletionRequest, max_logprobs: int) -> None:
     for name, value in (req.model_extra or {}).items():
         if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
             raise HTTPException(400, f"'{name}' is not supported by this server (scratchlm serve-model)")
     if req.best_of is not None and req.best_of != req.n:
         raise HTTPException(400, "'best_of' other than n is not supported by this server")
+    for name in ("logprobs", "prompt_logprobs"):
+        if (getattr(req, name) or 0) > max_logprobs:
+            raise HTTPException(400, f"'{name}' {getattr(req, name)} is over this server's limit of "
+                                     f"{max_logprobs} (serve-model --max-logprobs)")
 
 
 def _prompt_list(req: CompletionRequest, vocab_size: int) -> list[str] | list[list[int]]:
@@ -106,12 +136,64 @@ def _fitting(teacher: LocalTeacher, prompts: list[list[int]], max_tokens: int) -
     return prompts
 
 
-def _choice(i: int, c: Completion, stops: list[str]) -> dict:
-    text, reason = c.text, "stop" if c.finished else "length"
-    for s in stops:
-        if s and s in text:
-            text, reason = text[: text.index(s)], "stop"
-    return {"text": text, "index": i, "logprobs": None, "finish_reason": reason}
+class Answer:
+    """How one request is answered: each choice's text (after its prompt, with ``echo``) cut at a stop
+    string, and its log-probabilities in OpenAI's shape (``logprobs``) and vLLM's (``prompt_logprobs``); token
+    strings from the tokenizer, or ``token_id:N`` when the client asks for ids."""
+
+    def __init__(self, teacher: LocalTeacher, req: CompletionRequest) -> None:
+        self.decode, self.req = teacher.tokenizer.decode, req
+        self.stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+
+    def name(self, token: int) -> str:
+        return f"token_id:{token}" if self.req.return_tokens_as_token_ids else self.decode([token])
+
+    def choice(self, i: int, prompt: list[int], scored: TopK | None, c: Completion) -> dict:
+        text, reason, kept = c.text, "stop" if c.finished else "length", c.tokens
+        for s in self.stops:
+            if s and s in text:
+                text, reason = text[: text.index(s)], "stop"
+        if len(text) < len(c.text):  # only the tokens whose text starts before the cut
+            starts = np.cumsum([0] + [len(self.decode([t])) for t in c.token_ids])
+            kept = int((starts[:-1] < len(text)).sum())
+        echoed = self.decode(prompt) if self.req.echo else ""
+        out = {"text": echoed + text, "index": i, "logprobs": None, "finish_reason": reason}
+        if self.req.logprobs is not None:
+            own = c.logprobs or TopK.empty(1)
+            own = TopK(own.ids[:kept], own.logprobs[:kept], own.token_logprobs[:kept])
+            if self.req.echo:  # the prompt's tokens first; the very first has no log-probability
+                out["logprobs"] = self._block(prompt + c.token_ids[:kept], [scored, own], 1)
+            else:
+                out["logprobs"] = self._block(c.token_ids[:kept], [own], 0, len(echoed))
+        if self.req.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self._prompt(prompt, scored)
+        return out
+
+    def _block(self, ids: list[int], parts: list[TopK], blank: int, offset: int = 0) -> dict:
+        """``logprobs`` for tokens ``ids``, whose rows are ``parts`` end to end (the first ``blank`` tokens
+        have none)."""
+        k = self.req.logprobs or 0
+        rows = [(t, v, lp) for part in parts for t, v, lp in zip(part.ids, part.logprobs, part.token_logprobs,
+                                                                   strict=True)]
+        tops = [None] * blank + [{self.name(int(t)): float(v) for t, v in zip(ids_[:k], lps[:k], strict=True)}
+                                 for ids_, lps, _ in rows]
+        lengths = [len(self.decode([t])) for t in ids]
+        return {"tokens": [self.name(t) for t in ids],
+                "token_logprobs": [None] * blank + [float(lp) for _, _, lp in rows], "top_logprobs": tops,
+                "text_offset": [offset + int(o) for o in np.cumsum([0] + lengths[:-1])] if ids else []}
+
+    def _prompt(self, prompt: list[int], scored: TopK) -> list:
+        """vLLM's ``prompt_logprobs``: None for the first token, then for each token its top alternatives and
+        itself, keyed by id, with their ranks."""
+        k = self.req.prompt_logprobs or 0
+        out: list = [None]
+        for n, token in enumerate(prompt[1:]):
+            entry = {str(int(t)): {"logprob": float(v), "rank": r + 1, "decoded_token": self.decode([int(t)])}
+                     for r, (t, v) in enumerate(zip(scored.ids[n, :k], scored.logprobs[n, :k], strict=True))}
+            entry[str(token)] = {"logprob": float(scored.token_logprobs[n]),
+                                 "rank": int(scored.token_ranks[n]), "decoded_token": self.decode([token])}
+            out.append(entry)
+        return out
 
 
 def model_id(model: str) -> str:
@@ -121,7 +203,7 @@ def model_id(model: str) -> str:
 
 
 def create_app(teacher: LocalTeacher, model_name: str, api_key: str | None,
-               max_body_bytes: int = 8 * 2**20) -> FastAPI:
+               max_body_bytes: int = 8 * 2**20, max_logprobs: int = 20) -> FastAPI:
     app = FastAPI(title="scratchlm serve-model", description=__doc__)
 
     @app.get("/health")
@@ -135,39 +217,56 @@ def create_app(teacher: LocalTeacher, model_name: str, api_key: str | None,
 
     @app.post("/v1/completions")
     def completions(req: CompletionRequest):
-        _refuse_unsupported(req)
+        _refuse_unsupported(req, max_logprobs)
         prompts = _fitting(teacher, teacher.token_ids(_prompt_list(req, teacher.tokenizer.vocab_size)),
                            req.max_tokens)
         params = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature,
-                                top_p=req.top_p if req.top_p < 1.0 else None, top_k=req.top_k)
-        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+                                top_p=req.top_p if req.top_p < 1.0 else None, top_k=req.top_k,
+                                logprobs=max(1, req.logprobs) if req.logprobs is not None else 0)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
+        answer = Answer(teacher, req)
         try:
-            teacher.check(params)
+            if req.max_tokens:
+                teacher.check(params)
+            # The prompts scored (a prefill in the same batch as everyone's generation), where asked.
+            k = max(req.logprobs or 0, req.prompt_logprobs or 0, 1)
+            scoring = (req.echo and req.logprobs is not None) or req.prompt_logprobs is not None
+            scored = teacher.submit_score(prompts, k) if scoring else None
             if req.stream:
-                return StreamingResponse(_stream(teacher, prompts, params, req.seed, stops, head),
+                return StreamingResponse(_stream(teacher, prompts, params, req.seed, answer, scored, head),
                                          media_type="text/event-stream")
-            outs = teacher.submit(prompts, params, req.seed).result()
+            outs = (teacher.submit(prompts, params, req.seed).result() if req.max_tokens
+                    else [Completion([], "", False) for _ in prompts])
         except ValueError as err:  # e.g. more new tokens than the model's context leaves room for
             raise HTTPException(400, str(err)) from None
+        rows = scored.result() if scored is not None else [None] * len(prompts)
         completion_tokens = sum(c.tokens for c in outs)
         prompt_tokens = sum(len(ids) for ids in prompts)
-        return {**head, "choices": [_choice(i, c, stops) for i, c in enumerate(outs)],
+        return {**head, "choices": [answer.choice(i, p, r, c) for i, (p, r, c) in
+                                    enumerate(zip(prompts, rows, outs, strict=True))],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
     return harden(app, api_key, max_body_bytes)
 
 
-def _stream(teacher: LocalTeacher, prompts: list, params: SamplingParams, seed: int | None, stops: list[str],
-            head: dict):
+def _stream(teacher: LocalTeacher, prompts: list, params: SamplingParams, seed: int | None, answer: Answer,
+            scored, head: dict):
     """Server-sent events: each choice as soon as it is finished, then ``[DONE]`` (OpenAI's stream format).
     Prompt i samples with seed + i, as in one request."""
-    futures = {teacher.submit([p], params, None if seed is None else seed + i): i
-               for i, p in enumerate(prompts)}
+    rows = scored.result() if scored is not None else [None] * len(prompts)
+    if not params.max_new_tokens:
+        futures = {}
+        for i, p in enumerate(prompts):
+            choice = answer.choice(i, p, rows[i], Completion([], "", False))
+            yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+    else:
+        futures = {teacher.submit([p], params, None if seed is None else seed + i): i
+                   for i, p in enumerate(prompts)}
     for future in as_completed(futures):
-        choice = _choice(futures[future], future.result()[0], stops)
+        i = futures[future]
+        choice = answer.choice(i, prompts[i], rows[i], future.result()[0])
         yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
     yield "data: [DONE]\n\n"
 
@@ -179,7 +278,8 @@ def serve_model(cfg: ServeModelConfig, background: bool = False):
 
     api_key = cfg.checked_key("model")
     teacher = LocalTeacher(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
-    app = create_app(teacher, cfg.served_model_name or model_id(cfg.model), api_key, cfg.max_body_bytes)
+    app = create_app(teacher, cfg.served_model_name or model_id(cfg.model), api_key, cfg.max_body_bytes,
+                     cfg.max_logprobs)
     if background:
         return BackgroundServer(app, cfg, on_stop=teacher.close).start()
     run_server(app, cfg)

@@ -115,6 +115,13 @@ class TrainConfig(ConfigBase):
     """Processes that tokenize a corpus the first time it is used (default: every core)."""
     chunk_chars: Count = 8000
     """Text files are cut into documents of at most this many characters at paragraph breaks."""
+    soft_labels: NonNegativeInt = 0
+    """The teacher's top-k log-probabilities to read beside every token (0: none): from a feed started with
+    --soft-labels K (corpus text too with --score-corpus), or a corpus prepared with `scratchlm prepare
+    --soft-labels K`. At most the K they were made with."""
+    soft_label_teacher: str | None = None
+    """A corpus run: whose prepared soft labels to read, as its spec was given to prepare (default: the only
+    set prepared for the corpus)."""
     verify_cache: bool = False
     """Read every token shard of the corpus's cache and check it against the checksum written with it (sizes
     are checked at every start); a damaged shard is tokenized again, with a warning naming it."""
@@ -169,7 +176,9 @@ class TrainConfig(ConfigBase):
                            text_field=self.text_field, num_proc=self.num_proc,
                            feed_api_key_file=self.feed_api_key_file,
                            feed_texts_per_request=self.feed_texts_per_request,
-                           feed_shuffle_blocks=self.feed_shuffle_blocks, verify_cache=self.verify_cache,
+                           feed_shuffle_blocks=self.feed_shuffle_blocks, soft_labels=self.soft_labels,
+                           soft_label_teacher=self.soft_label_teacher,
+                           verify_cache=self.verify_cache,
                            progress=progress)
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:

@@ -1,0 +1,98 @@
+"""The teacher contract: what every backend (a local model, an OpenAI-compatible server, a Python function)
+gives its callers, in types rather than prose.
+
+A teacher writes text (``complete``) and scores given text (``score``). Either way it can hand over what it
+knew at each position: its **raw** distribution (before temperature, top-k and top-p, what distillation wants;
+vLLM calls it ``raw_logprobs``) truncated to the k most likely tokens, as ``TopK``. A ``Completion`` carries
+the teacher's own token ids; its text is derived from them, so nothing downstream tokenizes a teacher's text
+again.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .sampling import SamplingParams
+
+
+@dataclass
+class TopK:
+    """A teacher's distribution at n positions: its k most likely next tokens and their log-probabilities, and
+    the log-probability of the token that is actually next (sampled, or given when scoring)."""
+
+    ids: np.ndarray
+    """(n, k) int32, most likely first."""
+    logprobs: np.ndarray
+    """(n, k) float32."""
+    token_logprobs: np.ndarray
+    """(n,) float32."""
+    token_ranks: np.ndarray | None = None
+    """(n,) int: where that token ranks (1: most likely), where known."""
+
+    def __len__(self) -> int:
+        return len(self.token_logprobs)
+
+    @staticmethod
+    def empty(k: int) -> TopK:
+        return TopK(np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), np.zeros(0, np.float32))
+
+    @staticmethod
+    def concat(parts: list[TopK], k: int) -> TopK:
+        if not parts:
+            return TopK.empty(k)
+        ranks = [p.token_ranks for p in parts]
+        return TopK(np.concatenate([p.ids for p in parts]), np.concatenate([p.logprobs for p in parts]),
+                    np.concatenate([p.token_logprobs for p in parts]),
+                    None if any(r is None for r in ranks) else np.concatenate(ranks))
+
+
+@dataclass
+class Completion:
+    """What a teacher wrote for one prompt."""
+
+    token_ids: list[int] | None
+    """The teacher's own tokens (its stop token excluded); None from a backend that only has text (a
+    function)."""
+    text: str
+    """``token_ids`` decoded."""
+    finished: bool
+    """Stopped at <|endoftext|> rather than at max tokens."""
+    logprobs: TopK | None = None
+    """With ``SamplingParams.logprobs`` = k: the distribution each token was drawn from, one row per token."""
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids) if self.token_ids is not None else 0
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """Every teacher backend. ``submit``/``submit_score`` return futures (callers keep work in flight);
+    ``complete``/``score`` wait for them."""
+
+    name: str
+    prompts_per_request: int
+    """What a feed sends per request: few, so finished texts come back early."""
+    max_in_flight: int
+    """Sequences a feed keeps submitted to saturate it."""
+    in_flight: int
+
+    def submit(self, prompts: list, params: SamplingParams, seed: int | None = None) -> Future:
+        """Future of ``list[Completion]``, one per prompt (a string, or token ids)."""
+
+    def complete(self, prompts: list, params: SamplingParams, seed: int | None = None) -> list[Completion]:
+        ...
+
+    def submit_score(self, sequences: list[list[int]], k: int) -> Future:
+        """Future of ``list[TopK]``: for each token sequence, the distribution at every token but the first
+        (n − 1 rows for n tokens), in one forward pass and no decoding."""
+
+    def score(self, sequences: list[list[int]], k: int) -> list[TopK]:
+        ...
+
+    def close(self) -> None:
+        ...

@@ -1,0 +1,103 @@
+"""``scratchlm prepare``: a corpus tokenized and scored by a teacher before training, resumably, as a user
+runs it; and a training run that reads the soft labels with no teacher running."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scratchlm.data.soft_labels import FAULT_PIECE_SLEEP_ENV
+from scratchlm.model.config import ModelConfig
+from scratchlm.model.hf import save_hf
+from scratchlm.model.model import Phi
+
+# A one-layer teacher with Phi-2's vocabulary: quick to score with, a real distribution all the same.
+SMALL = ModelConfig(name="small-teacher", n_layer=1, n_embd=64, n_head=2, intermediate_size=128,
+                    block_size=128)
+
+
+@pytest.fixture(scope="module")
+def small_teacher(tmp_path_factory, tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp("teacher") / "small-teacher"
+    torch.manual_seed(0)
+    save_hf(Phi(SMALL), folder)
+    tokenizer.save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_files(corpus_dir, tmp_path_factory) -> Path:
+    """Two real texts, two token shards: two pieces of work."""
+    out = tmp_path_factory.mktemp("two-files")
+    for name in ("pg11_alices_adventures_in_wonderland.txt", "pg84_frankenstein.txt"):
+        (out / name).write_text((corpus_dir / "books" / name).read_text()[:60_000])
+    return out
+
+
+def _prepare(corpus: Path, teacher: Path, cache: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "scratchlm", "prepare", "--data", str(corpus), "--teacher",
+                             f"local:{teacher}", "--soft-labels", "8", "--device", "cpu", "--num-proc", "1"],
+                            env={**os.environ, "SCRATCHLM_CACHE": str(cache), **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _soft_files(cache: Path) -> dict[str, bytes]:
+    (folder,) = (cache / "tokens").glob("*/soft/*-k8")
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix == ".bin"}
+
+
+def test_prepare_killed_midway_and_run_again_gives_the_bytes_of_one_run(two_files, small_teacher, tmp_path):
+    first = _prepare(two_files, small_teacher, tmp_path / "killed", **{FAULT_PIECE_SLEEP_ENV: "30"})
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "killed" / "tokens").glob("*/soft/*-k8/*.json")):
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+        time.sleep(0.2)
+    first.kill()  # after its first piece, before the second
+    first.wait()
+    done = list((tmp_path / "killed" / "tokens").glob("*/soft/*-k8/*.json"))
+    assert len(done) == 1 and not list((tmp_path / "killed" / "tokens").glob("*/soft/*-k8/meta.json"))
+    again = _prepare(two_files, small_teacher, tmp_path / "killed")
+    whole = _prepare(two_files, small_teacher, tmp_path / "whole")
+    outputs = [again.communicate(timeout=300)[0], whole.communicate(timeout=300)[0]]
+    assert again.returncode == whole.returncode == 0, outputs
+    assert '"soft_labels"' in outputs[0] and '"train_tokens"' in outputs[0]
+    killed, straight = _soft_files(tmp_path / "killed"), _soft_files(tmp_path / "whole")
+    assert len(straight) == 4 and killed == straight  # two pieces, ids and log-probabilities each
+
+
+def test_a_run_reads_prepared_soft_labels_with_no_teacher_running(two_files, small_teacher, tmp_path,
+                                                                  tokenizer, monkeypatch):
+    from scratchlm.data import DataRequest, build_data, tokenize_corpus
+    from scratchlm.teacher.backends import LocalTeacher
+
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
+    assert _prepare(two_files, small_teacher, tmp_path / "cache").wait(timeout=300) == 0
+    request = DataRequest(str(two_files), block_size=64, batch_size=4, eval_blocks=1, soft_labels=5)
+    data = build_data(request, tokenizer)
+    batch = next(data.batches)
+    data.close()
+    assert batch.soft.ids.shape == (4, 64, 5) and batch.soft.mask.float().mean() > 0.95
+    # Each target's row is the teacher's distribution at that token of the stream: the same as scoring the
+    # stream again (here in float32; prepare scored in the teacher's own precision).
+    train = np.asarray(tokenize_corpus(two_files, tokenizer, progress=False).train).astype(np.int64)
+    blocks = train[: len(train) // 65 * 65].reshape(-1, 65)
+    row = np.concatenate([batch.inputs[0].numpy(), batch.targets[0, -1:].numpy()])
+    (b,) = np.flatnonzero((blocks == row).all(axis=1))
+    teacher = LocalTeacher(str(small_teacher), device="cpu", dtype=torch.float32)
+    arrays = tokenize_corpus(two_files, tokenizer, progress=False).train.arrays
+    scored = teacher.score([a.astype(np.int64).tolist() for a in arrays], 5)  # each shard, as prepare did
+    teacher.close()
+    # The row of token j of the stream at index j (a shard's first token has none: a row of zeros here).
+    ids = np.concatenate([np.concatenate([np.zeros((1, 5), np.int32), s.ids]) for s in scored])
+    lps = np.concatenate([np.concatenate([np.zeros((1, 5), np.float32), s.logprobs]) for s in scored])
+    targets = slice(b * 65 + 1, b * 65 + 65)
+    assert (batch.soft.ids[0].numpy() == ids[targets]).mean() > 0.9
+    assert np.allclose(batch.soft.logprobs[0].numpy()[batch.soft.mask[0].numpy()],
+                       lps[targets][batch.soft.mask[0].numpy()], atol=0.05)
