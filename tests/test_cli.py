@@ -35,3 +35,53 @@ def test_init_writes_a_folder_transformers_loads_strictly(tmp_path):
     assert not any(info.values()), info
     assert sum(p.numel() for p in model.parameters()) == 13_950_720
     assert (out / "tokenizer.json").exists()
+
+
+def test_every_flag_of_a_command_is_a_keyword_of_its_python_function():
+    import importlib
+    import inspect
+
+    import scratchlm
+    from scratchlm.cli import COMMANDS
+    from scratchlm.config import ConfigError
+
+    for function, command in scratchlm.API.items():
+        spec = COMMANDS[command]
+        cls = getattr(importlib.import_module(spec.module), spec.config)
+        fn = getattr(scratchlm, function)
+        params = inspect.signature(fn).parameters
+        assert any(p.kind is p.VAR_KEYWORD for p in params.values()), function  # every setting is accepted
+        named = [n for n, p in params.items() if p.kind is not p.VAR_KEYWORD]
+        assert set(named) <= set(cls.model_fields), (function, named)  # positional ones are settings too
+        args = ["x"] * len(named)
+        try:
+            fn(*args, no_such_setting=1)
+        except ConfigError as err:  # refused by the command's own config, by name, before anything runs
+            assert "no_such_setting" in str(err), function
+        else:
+            raise AssertionError(f"{function} accepted an unknown setting")
+
+
+def test_export_writes_any_checkpoint_as_a_folder_transformers_loads(small_corpus, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from scratchlm.model.config import PRESETS
+    from scratchlm.model.hf import phi_from_weights
+    from scratchlm.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    train(TrainConfig(model="phi-tiny", data=str(small_corpus), out=str(run), max_steps=2, block_size=32,
+                      micro_batch_size=2, eval_batches=1, eval_fraction=0.05, checkpoint_interval=1,
+                      device="cpu"))
+    checkpoint = run / "checkpoints" / "step-00000001"  # not the final weights: a preempted run's
+    r = run_cli("export", str(checkpoint), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    theirs = PhiForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = phi_from_weights(PRESETS["phi-tiny"], load_file(str(checkpoint / "model.safetensors"))).eval()
+    idx = torch.randint(0, 50000, (1, 24))
+    with torch.no_grad():
+        assert torch.allclose(theirs(idx).logits, ours(idx), atol=1e-5)
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+    r = run_cli("export", str(tmp_path), "--out", str(tmp_path / "none"))
+    assert r.returncode == 2 and "neither a checkpoint" in r.stderr

@@ -43,16 +43,52 @@ def run(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
+def soft_book(book, tmp_path_factory, tokenizer) -> Path:
+    """``book``'s soft labels, prepared as a user prepares them (a one-layer teacher: quick to score with)."""
+    import torch
+
+    from scratchlm.model.config import ModelConfig
+    from scratchlm.model.hf import save_hf
+    from scratchlm.model.model import Phi
+
+    teacher = tmp_path_factory.mktemp("teacher") / "small"
+    torch.manual_seed(0)
+    save_hf(Phi(ModelConfig(name="small", n_layer=1, n_embd=64, n_head=2, intermediate_size=128,
+                            block_size=128)), teacher)
+    tokenizer.save(teacher)
+    r = subprocess.run([sys.executable, "-m", "scratchlm", "prepare", "--data", str(book), "--eval-fraction",
+                        "0.05", "--teacher", f"local:{teacher}", "--soft-labels", "5", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return book
+
+
+DISTILL = {"soft-labels": "5", "distill-weight": "0.5"}
+
+
+@pytest.fixture(scope="module")
 def single(book, tmp_path_factory) -> list[float]:
     out = tmp_path_factory.mktemp("single")
     run(1, common(book, 5, out=str(out), **{"micro-batch-size": "8"}))
     return losses(out)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one_with_the_same_global_batch(strategy, single, book, tmp_path):
+@pytest.fixture(scope="module")
+def single_distilled(soft_book, tmp_path_factory) -> list[float]:
+    out = tmp_path_factory.mktemp("single-distilled")
+    run(1, common(soft_book, 5, out=str(out), **{"micro-batch-size": "8"}, **DISTILL))
+    return losses(out)
+
+
+@pytest.mark.parametrize("strategy,distilled", [("ddp", False), ("fsdp", True)],
+                         ids=["ddp", "fsdp, distilling"])
+def test_two_processes_match_one_with_the_same_global_batch(strategy, distilled, request, book, tmp_path):
     # FSDP2 runs on CPU with gloo in this PyTorch, so it is checked here rather than only on a GPU.
-    r = run(2, common(book, 5, out=str(tmp_path), strategy=strategy, **{"micro-batch-size": "4"}))
+    single = request.getfixturevalue("single_distilled" if distilled else "single")
+    # DDP accumulating gradients (reduced once a step: test_parallel_sync.py): the same global batch.
+    extra = DISTILL if distilled else {"grad-accum-steps": "2"}
+    micro = "4" if distilled else "2"
+    r = run(2, common(book, 5, out=str(tmp_path), strategy=strategy, **{"micro-batch-size": micro}, **extra))
     two = losses(tmp_path)
     assert len(two) == len(single) == 5
     assert max(abs(a - b) for a, b in zip(single, two, strict=True)) <= 1e-5, (single, two)
@@ -60,7 +96,7 @@ def test_two_processes_match_one_with_the_same_global_batch(strategy, single, bo
     assert r.stdout.count('"reason"') == 1  # rank 0 alone reports
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     step = next(m for m in metrics if "loss" in m)
-    assert step["tokens"] == 2 * 4 * 64
+    assert step["tokens"] == 8 * 64
     assert step["tokens_per_s_per_device"] == pytest.approx(step["tokens_per_s"] / 2)
     from transformers import PhiForCausalLM
 
@@ -68,13 +104,16 @@ def test_two_processes_match_one_with_the_same_global_batch(strategy, single, bo
     assert not any(info.values())
 
 
-def test_two_process_run_resumes_exactly(book, tmp_path):
+def test_two_process_distilled_run_from_prepared_soft_labels_resumes_exactly(soft_book, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(2, common(book, 8, out=str(straight), strategy="ddp", **{"micro-batch-size": "4"}))
-    run(2, common(book, 4, out=str(resumed), strategy="ddp", **{"micro-batch-size": "4"}))
-    run(2, common(book, 8, out=str(resumed), strategy="ddp", resume="auto", **{"micro-batch-size": "4"}))
+    flags = {"micro-batch-size": "4", **DISTILL}
+    run(2, common(soft_book, 8, out=str(straight), strategy="ddp", **flags))
+    run(2, common(soft_book, 4, out=str(resumed), strategy="ddp", **flags))
+    run(2, common(soft_book, 8, out=str(resumed), strategy="ddp", resume="auto", **flags))
     a, b = losses(straight), losses(resumed)
     assert len(a) == len(b) == 8
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-6, (a, b)
+    kd = [json.loads(line).get("kd_loss") for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert all(v > 0 for v in kd if v is not None) and sum(v is not None for v in kd) == 8
     state = json.loads(sorted((resumed / "checkpoints").iterdir())[-1].joinpath("state.json").read_text())
     assert len(state["data_positions"]) == 2

@@ -152,3 +152,26 @@ def test_report_skips_damaged_metrics_lines_with_a_warning_each(tmp_path):
     assert len(warnings) == 3 and all("metrics.jsonl line" in w for w in warnings)
     assert [w.split("line ")[1].split()[0] for w in warnings] == ["4", "5", "10"]
     assert (tmp_path / "out" / "report.md").exists()
+
+
+def test_the_held_out_split_written_out_evaluates_the_same(tmp_path, tokenizer, small_corpus):
+    # The README's two eval lines: a corpus's held-out documents (what a run on it holds out), written out
+    # as held_out.jsonl, then that file evaluated whole: the same text, the same loss.
+    torch.manual_seed(0)
+    save_hf(Phi(PRESETS["phi-tiny"]), tmp_path / "m")
+    tokenizer.save(tmp_path / "m")
+    common = ["--model", str(tmp_path / "m"), "--block-size", "64", "--json"]
+    first = subprocess.run([sys.executable, "-m", "scratchlm", "eval", *common, "--data", str(small_corpus),
+                            "--eval-fraction", "0.05", "--write-documents", str(tmp_path / "held_out.jsonl")],
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    lines = (tmp_path / "held_out.jsonl").read_text().splitlines()
+    from scratchlm.data import held_out_documents
+
+    expected = held_out_documents(small_corpus, eval_fraction=0.05)
+    assert [json.loads(line)["text"] for line in lines] == expected
+    again = subprocess.run([sys.executable, "-m", "scratchlm", "eval", *common, "--data",
+                            str(tmp_path / "held_out.jsonl"), "--split", "all"],
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["loss"] == pytest.approx(json.loads(first.stdout)["loss"], rel=1e-6)

@@ -238,8 +238,8 @@ def test_ranks_draw_from_disjoint_streams_and_batches_mix_documents(open_server)
     served: dict[int, list] = {0: [], 1: []}
     batch = open_server.feed.batch
 
-    def recording(n, cursor, rank=0, world_size=1, tokens=False):
-        served[rank].append(batch(n, cursor, rank, world_size, tokens))
+    def recording(n, cursor, rank=0, *args, **kwargs):
+        served[rank].append(batch(n, cursor, rank, *args, **kwargs))
         return served[rank][-1]
 
     open_server.feed.batch = recording

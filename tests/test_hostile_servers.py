@@ -96,8 +96,9 @@ def test_the_key_comes_before_the_body_and_bodies_are_capped(model_server):
     ('{"prompt": "x", "seed": 18446744073709551616}', 422, "seed"),
     ('{"prompt": "x", "seed": -9223372036854775809}', 422, "seed"),
     ('{"prompt": "a lone surrogate \\ud800"}', 422, "surrogate"),
-    ('{"prompt": "x", "logprobs": 2}', 400, "logprobs"),
-    ('{"prompt": "x", "echo": true}', 400, "echo"),
+    ('{"prompt": "x", "logprobs": 99}', 400, "logprobs"),  # over --max-logprobs
+    ('{"prompt": "x", "suffix": "y"}', 400, "suffix"),  # a field this server does not implement
+    ('{"prompt": "x", "max_tokens": 0}', 422, "echo"),  # asks for nothing
     ('{"prompt": [[15496, 999999]]}', 400, "token ids"),
 ])
 def test_bad_completion_requests_get_a_4xx_with_a_message(model_server, body, status, words):

@@ -208,3 +208,23 @@ def test_a_mix_with_a_source_too_small_to_evaluate_names_it(small_corpus, tmp_pa
     tiny.write_text("Only a line of text, far less than a block.\n")
     with pytest.raises(DataError, match="tiny.txt"):
         train(TrainConfig(**FAST, data=f"{small_corpus}:1,{tiny}:1", out=str(tmp_path / "run"), max_steps=1))
+
+
+def test_fp16_skips_overflowing_steps_counts_them_and_resumes_with_its_loss_scale(small_corpus, tmp_path):
+    # The scaler runs on the CPU too. A loss scale of 2^20 overflows float16 at once: the first steps are
+    # skipped (counted, logged) while the scale halves, then training goes on; a resume keeps the scale.
+    common = dict(FAST, data=str(small_corpus), block_size=16, micro_batch_size=2, lr_decay_steps=8,
+                  eval_interval=100, eval_batches=1, checkpoint_interval=4, precision="fp16",
+                  loss_scale=2.0**20)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    summary = train(TrainConfig(**common, out=str(straight), max_steps=8))
+    train(TrainConfig(**common, out=str(resumed), max_steps=4))
+    saved = json.loads((resumed / "checkpoints" / "step-00000004" / "state.json").read_text())
+    train(TrainConfig(**common, out=str(resumed), max_steps=8, resume="auto"))
+    overflows = [r for r in read_metrics(straight) if r.get("event") == "fp16_overflow"]
+    assert summary["overflow_steps"] == len(overflows) >= 3
+    assert overflows[-1]["loss_scale"] < 2.0**20 and saved["loss_scaler"]["scale"] < 2.0**20
+    assert "gradients overflowed in fp16" in (straight / "train.log").read_text()
+    a, b = step_losses(straight), step_losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert all(abs(a[s] - b[s]) <= 1e-6 for s in a), (a, b)

@@ -7,11 +7,15 @@ The Python API, for notebooks and scripts (the CLI is ``scratchlm --help``)::
     summary = scratchlm.train(model="phi-tiny", data=feed.url, out="runs/a", max_steps=100)
     feed.stop()
 
-Each function takes the same settings as its command's flags (``scratchlm train --help``), as keyword
-arguments.
+Each function takes its command's settings, every flag, as keyword arguments (``max_steps`` for
+``--max-steps``), checked by the same config class (``scratchlm train --help`` lists them): a wrong name or
+value is the same one-line ``ConfigError``.
 """
 
 from __future__ import annotations
+
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -51,29 +55,58 @@ def serve_model(model: str, **settings):
                         background=True)
 
 
-def evaluate(model: str, data: str, block_size: int = 2048, max_tokens: int | None = None) -> dict:
-    """Loss, perplexity and bits per byte of a model on text (see ``scratchlm eval``)."""
-    from .devices import pick_device
-    from .evaluation import evaluate_model, whole_documents
-    from .tokenizer import load_tokenizer
+def evaluate(model: str, data: str, **settings) -> dict:
+    """Loss, perplexity and bits per byte of a model on text (by default the documents a run on ``data``
+    holds out); settings are ``EvalConfig`` fields (``scratchlm eval``)."""
+    from .config import validate
+    from .evaluation import EvalConfig, evaluate_config
 
-    return evaluate_model(model, whole_documents(data), load_tokenizer(), block_size, pick_device(),
-                          max_tokens=max_tokens).to_dict()
-
-
-def report(runs: list[str], out: str | None, reference_loss: float | None = None,
-           reference_name: str = "reference", predict_tokens: float | None = None,
-           predict_model: str | None = None, predict_schedule: str | None = None) -> dict:
-    """Plots, table and forecast for run folders (see ``scratchlm report``); ``out`` None: only the
-    forecasts."""
-    from pathlib import Path
-
-    from .reporting import build_report
-
-    reference = (reference_name, reference_loss) if reference_loss is not None else None
-    return build_report([Path(r) for r in runs], Path(out) if out else None, reference,
-                        predict_tokens=predict_tokens, predict_model=predict_model,
-                        predict_schedule=predict_schedule)
+    cfg = validate(EvalConfig, {"model": model, "data": data, **settings}, "scratchlm.evaluate")
+    return evaluate_config(cfg).to_dict()
 
 
-__all__ = ["evaluate", "report", "serve", "serve_model", "train"]
+def report(runs: list[str], **settings) -> dict:
+    """Plots, table and forecast for run folders; settings are ``ReportConfig`` fields (``scratchlm
+    report``); without ``out``, only the report's contents are returned."""
+    from .config import validate
+    from .reporting import ReportConfig, report_config
+
+    return report_config(validate(ReportConfig, {"runs": list(runs), **settings}, "scratchlm.report"))
+
+
+def prepare(**settings) -> dict:
+    """Tokenize a corpus into the cache (and score it with a teacher); settings are ``PrepareConfig`` fields
+    (``scratchlm prepare``)."""
+    from .config import validate
+    from .data.prepare import PrepareConfig, run_prepare
+
+    return run_prepare(validate(PrepareConfig, settings, "scratchlm.prepare"))
+
+
+def export(checkpoint: str, **settings):
+    """Write a training checkpoint as a Hugging Face folder; settings are ``ExportConfig`` fields."""
+    from .config import validate
+    from .train.export import ExportConfig, run_export
+
+    return run_export(validate(ExportConfig, {"checkpoint": checkpoint, **settings}, "scratchlm.export"))
+
+
+API = {"train": "train", "serve": "serve", "serve_model": "serve-model", "evaluate": "eval",
+       "report": "report", "prepare": "prepare", "export": "export"}
+"""Each API function and the command whose config it takes (tests check every flag is a keyword)."""
+
+__all__ = ["evaluate", "export", "prepare", "report", "serve", "serve_model", "train"]
+
+
+class _Package(types.ModuleType):
+    """This package, whose ``train`` function shares its name with the ``train`` subpackage: importing the
+    subpackage (as ``train()`` itself does) would otherwise rebind ``scratchlm.train`` to the module, and the
+    next ``scratchlm.train(...)`` would fail. The subpackage stays importable by its full name."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

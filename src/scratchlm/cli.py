@@ -37,6 +37,8 @@ COMMANDS: dict[str, Command] = {
                      "scratchlm.train.trainer", "TrainConfig", "run_train"),
     "prepare": Command("tokenize a corpus into the cache (and score it with a teacher) before training",
                        "scratchlm.data.prepare", "PrepareConfig", "run_prepare"),
+    "export": Command("write any training checkpoint as a Hugging Face folder",
+                      "scratchlm.train.export", "ExportConfig", "run_export"),
     "serve": Command("serve corpus texts over HTTP (the data feed)",
                      "scratchlm.feed.server", "ServeConfig", "run_serve"),
     "serve-model": Command("serve a model through an OpenAI-compatible /v1/completions",

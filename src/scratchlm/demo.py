@@ -5,7 +5,8 @@
 3. run "feed": the same corpus through the feed (no teacher): the path alone, the control that separates what
    the teacher does from what the feed's loader does;
 4. the clean model served as a teacher (OpenAI-compatible, loopback);
-5. run "stream": from a feed that mixes the teacher's texts in, at a share of the tokens;
+5. run "stream": from a feed that mixes the teacher's texts in, at a share of the tokens, learning from the
+   teacher's distribution at those tokens (distillation) as well as from the tokens themselves;
 6. the three evaluated on the same held-out documents;
 7. the report: curves, table, the teacher's effect apart from the path, the gap to Phi-2 and how much more
    training it would take.
@@ -40,10 +41,15 @@ class DemoPlan:
     warmup_steps: int = 10
     teacher_ratio: float = 0.3
     """Share of the stream run's tokens that the teacher writes."""
+    distill_weight: float = 0.5
+    """The stream run learns from the teacher's distribution at the tokens it wrote (its top 20 kept)."""
     teacher_max_new_tokens: int = 128
     feed_shuffle_blocks: int = 1024
     eval_tokens: int = 20_000
 
+
+SOFT_LABELS = 20
+"""The teacher's top-k the stream run learns from (what vLLM and OpenAI give by default)."""
 
 QUICK = DemoPlan(block_size=64, micro_batch_size=4, max_steps=24, eval_interval=2, eval_batches=2, lr=3e-3,
                  warmup_steps=3, teacher_max_new_tokens=16, feed_shuffle_blocks=64, eval_tokens=4_000)
@@ -133,15 +139,17 @@ def _stream_run(corpus: str, runs: dict[str, Path], common: dict, plan: DemoPlan
     print(f"teacher: {teacher.url}")
     try:
         feed = serve(corpus=corpus, teacher=f"openai:{teacher.url}", teacher_ratio=plan.teacher_ratio,
-                     teacher_max_new_tokens=plan.teacher_max_new_tokens)
+                     teacher_max_new_tokens=plan.teacher_max_new_tokens, soft_labels=SOFT_LABELS)
         try:
             # Without this, a short run on a slow machine can end before the teacher's first texts exist.
             print("waiting for the teacher's first texts...", flush=True)
             if not feed.feed.teachers.wait_ready(timeout_s=300):
                 raise RuntimeError(f"the teacher at {teacher.url} produced no text in 300 s")
             _banner(f"5/7 run 'stream': {plan.model} from the feed, {plan.teacher_ratio:.0%} of its tokens "
-                    "written by the teacher")
-            train(TrainConfig(**common, data=feed.url, out=str(runs["stream"])))
+                    f"written by the teacher, distilling from its distribution there (weight "
+                    f"{plan.distill_weight})")
+            train(TrainConfig(**common, data=feed.url, out=str(runs["stream"]), soft_labels=SOFT_LABELS,
+                              distill_weight=plan.distill_weight))
             return feed.feed.health()["teacher_token_share_realised"]
         finally:
             feed.stop()

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .config import ConfigBase, Count, DeviceSpec, OpenShare
 from .data import DataError, held_out_documents, iter_documents
 from .devices import pick_device
+from .files import atomic_write
 from .tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("scratchlm.eval")
@@ -139,6 +140,9 @@ class EvalConfig(ConfigBase):
     """The held-out share, as in training."""
     chunk_chars: Count = 8000
     """Documents are cut at this many characters before the held-out split, as in training."""
+    write_documents: str | None = None
+    """Also write the documents evaluated on to this .jsonl file (one {"text": ...} a line): the held-out
+    split as a file, to evaluate other models on (--split all) or to share."""
     block_size: Annotated[int, Field(ge=2)] = 2048
     """Window length in tokens."""
     batch_size: Count = 4
@@ -153,15 +157,22 @@ class EvalConfig(ConfigBase):
     """Print {"loss", "perplexity", "bits_per_byte", "tokens"} as JSON."""
 
 
-def run_eval(cfg: EvalConfig) -> None:
+def evaluate_config(cfg: EvalConfig) -> EvalResult:
+    """What ``scratchlm eval`` measures (the Python API's ``evaluate``)."""
     texts = (held_out_documents(cfg.data, cfg.chunk_chars, cfg.eval_fraction) if cfg.split == "held-out"
              else whole_documents(cfg.data))
     if not texts:
         raise DataError(f"{cfg.data} has no held-out documents at --eval-fraction {cfg.eval_fraction}: use "
                         "--split all to evaluate on all of it")
-    result = evaluate_model(cfg.model, texts, load_tokenizer(cfg.tokenizer),
-                            cfg.block_size, pick_device(cfg.device), cfg.batch_size, cfg.max_tokens,
-                            progress=sys.stderr.isatty())
+    if cfg.write_documents:
+        atomic_write(cfg.write_documents, "".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return evaluate_model(cfg.model, texts, load_tokenizer(cfg.tokenizer), cfg.block_size,
+                          pick_device(cfg.device), cfg.batch_size, cfg.max_tokens,
+                          progress=sys.stderr.isatty())
+
+
+def run_eval(cfg: EvalConfig) -> None:
+    result = evaluate_config(cfg)
     if cfg.as_json:
         print(json.dumps(result.to_dict()))
     else:

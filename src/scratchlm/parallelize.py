@@ -7,6 +7,7 @@ block, then the root) with bf16 parameters and an fp32 gradient reduction if ask
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -28,6 +29,18 @@ def resolve_strategy(strategy: Strategy, world_size: int, num_parameters: int) -
     if strategy == "single" and world_size > 1:
         raise ValueError("--strategy single with several processes: use ddp or fsdp")
     return strategy
+
+
+def gradient_sync(model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """Around a micro-batch's backward: gradients are reduced across ranks only after the last micro-batch of
+    an optimizer step (DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``), not after every one."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext() if last else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+        model.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
 
 
 def parallelize(model: Phi, activation_checkpointing: bool = False, compile: bool = False,

@@ -213,41 +213,43 @@ def run_label(run: dict) -> str:
     return run["name"] if share is None else f"{run['name']} (teacher {share:.1%} of tokens)"
 
 
+AXES = ("step", "tokens", "elapsed_s")
+"""What the curves are drawn against: steps, tokens, and wall time (the teacher's included where it ran on the
+same machine: a distilled run is compared on what it cost)."""
+
+
 def _plot(runs: list[dict], reference: tuple[str, float] | None, out: Path) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharey="row")
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8), sharey="row")
     data: dict = {}
     for run in runs:
         tr, ev = run["train"], run["eval"]
-        data[run["name"]] = {"train": {"step": [r["step"] for r in tr], "tokens": [r["tokens"] for r in tr],
-                                       "loss": [r["loss"] for r in tr]},
-                             "eval": {"step": [r["step"] for r in ev], "tokens": [r["tokens"] for r in ev],
-                                      "loss": [r["eval_loss"] for r in ev]}}
+        data[run["name"]] = {
+            "train": {**{x: [r.get(x) for r in tr] for x in AXES}, "loss": [r["loss"] for r in tr]},
+            "eval": {**{x: [r.get(x) for r in ev] for x in AXES}, "loss": [r["eval_loss"] for r in ev]}}
         d = data[run["name"]]
         label = run_label(run)
-        axes[0][0].plot(d["train"]["step"], d["train"]["loss"], label=label, alpha=0.8)
-        axes[0][1].plot(d["train"]["tokens"], d["train"]["loss"], label=label, alpha=0.8)
-        axes[1][0].plot(d["eval"]["step"], d["eval"]["loss"], "o-", label=label)
-        axes[1][1].plot(d["eval"]["tokens"], d["eval"]["loss"], "o-", label=label)
+        for j, x in enumerate(AXES):
+            axes[0][j].plot(d["train"][x], d["train"]["loss"], label=label, alpha=0.8)
+            axes[1][j].plot(d["eval"][x], d["eval"]["loss"], "o-", label=label)
         # a mix of corpora: each one, dotted
         for source in ev[0].get("eval_loss_by_source", {}) if ev else ():
             losses = [r["eval_loss_by_source"][source] for r in ev]
             d["eval"][f"loss[{source}]"] = losses
-            for j, x in enumerate(("step", "tokens")):
+            for j, x in enumerate(AXES):
                 axes[1][j].plot(d["eval"][x], losses, ".:", label=f"{run['name']}: {source}", alpha=0.8)
     for ax in axes[1]:
         if reference:
             ax.axhline(reference[1], color="k", ls="--", lw=1, label=reference[0])
-    titles = [["training loss vs steps", "training loss vs tokens"], ["evaluation loss vs steps",
-                                                                      "evaluation loss vs tokens"]]
-    for i in range(2):
-        for j in range(2):
-            axes[i][j].set_title(titles[i][j])
-            axes[i][j].set_xlabel("tokens" if j else "step")
+    names = {"step": "steps", "tokens": "tokens", "elapsed_s": "wall time (s)"}
+    for i, kind in enumerate(("training", "evaluation")):
+        for j, x in enumerate(AXES):
+            axes[i][j].set_title(f"{kind} loss vs {names[x]}")
+            axes[i][j].set_xlabel(names[x])
             axes[i][j].set_ylabel("loss (nats/token)")
             axes[i][j].grid(alpha=0.3)
             axes[i][j].legend(fontsize=8)
@@ -258,6 +260,40 @@ def _plot(runs: list[dict], reference: tuple[str, float] | None, out: Path) -> d
     return data
 
 
+def reach(evals: list[dict], target: float) -> tuple[float | None, float | None]:
+    """Tokens and wall seconds at which a run's evaluations first reach ``target`` (interpolated between
+    evaluations, in log tokens), or None."""
+    evals = [r for r in evals if r["tokens"] > 0]
+    if evals and evals[0]["eval_loss"] <= target:
+        return float(evals[0]["tokens"]), float(evals[0]["elapsed_s"])
+    for before, after in zip(evals, evals[1:], strict=False):
+        if after["eval_loss"] <= target < before["eval_loss"]:
+            f = (before["eval_loss"] - target) / (before["eval_loss"] - after["eval_loss"])
+            log_tokens = np.log(before["tokens"]) + f * (np.log(after["tokens"]) - np.log(before["tokens"]))
+            seconds = before["elapsed_s"] + f * (after["elapsed_s"] - before["elapsed_s"])
+            return float(np.exp(log_tokens)), seconds
+    return None, None
+
+
+def distillation(runs: list[dict]) -> dict | None:
+    """What a teacher's distribution bought: the tokens and wall time each run took to reach the final
+    held-out loss of the first run that does not distil (from the runs' own evaluations), against that run's
+    own. None unless some run distils."""
+    distils = [r for r in runs if r["config"] is not None and r["config"].distill_weight > 0]
+    plain = next((r for r in runs if r["config"] is not None and r["config"].distill_weight == 0
+                  and r["eval"]), None)
+    if not distils or plain is None:
+        return None
+    target = plain["eval"][-1]["eval_loss"]
+    base_tokens, base_s = reach(plain["eval"], target)
+    rows = {}
+    for run in runs:
+        tokens, seconds = reach(run["eval"], target)
+        rows[run["name"]] = {"distill_weight": run["config"].distill_weight if run["config"] else None,
+                             "tokens": tokens, "token_ratio": tokens / base_tokens if tokens else None,
+                             "seconds": seconds,
+                             "time_ratio": seconds / base_s if seconds and base_s else None}
+    return {"plain_run": plain["name"], "target": target, "runs": rows}
 def _plot_forecast(runs: list[dict], outlook: dict, reference: tuple[str, float] | None, path: Path) -> None:
     """Each run's evaluations with the law along its own schedule; the final loss of a run of every length
     (the base run's schedule) with its 90% band; the power law; the reference."""
@@ -368,7 +404,8 @@ def build_report(run_dirs: list[Path], out: Path | None, reference: tuple[str, f
             outlook["plot"] = f"forecast{i or ''}.png"
             _plot_forecast(_by_data(runs)[data], outlook, reference, out / outlook["plot"])
     report = {"runs": rows, "reference": {"name": reference[0], "loss": reference[1]} if reference else None,
-              "effects": effects(rows), "forecasts": outlooks, "extrapolation": fits,
+              "effects": effects(rows), "distillation": distillation(runs), "forecasts": outlooks,
+              "extrapolation": fits,
               "phi2_budget": PHI2_BUDGET}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_markdown(report))
@@ -398,6 +435,8 @@ def _markdown(report: dict) -> str:
                      + f" {r['tokens_per_s'] or 0:,.0f} | {r['wall_s'] or 0:.0f} s |")
     if report["effects"]:
         lines += _effects_lines(report["effects"])
+    if report["distillation"]:
+        lines += _distillation_lines(report["distillation"])
     for data, outlook in report["forecasts"].items():
         lines += _forecast_lines(outlook, ref, data if len(report["forecasts"]) > 1 else None)
     if ref:
@@ -418,12 +457,28 @@ def _effects_lines(e: dict) -> list[str]:
     lines += [f"| {names[k]} | {v:.3f} |" for k, v in e["means"].items()]
     said = {"path": "**The path** (the feed against the corpus, no teacher in either): what the feed's "
                     "loader changes, and nothing else",
-            "teacher": "**The teacher** (the stream against the feed with no teacher): what its text "
-                       "changes, the path being the same",
+            "teacher": "**The teacher** (the stream against the feed with no teacher): what it changes, its "
+                       "text and, distilling, its distribution, the path being the same",
             "total": "**Clean against stream** as the seed compared them: both together"}
     lines.append("")
     lines += [f"- {said[k]}: {e[k]:+.3f} nats/token." for k in ("path", "teacher", "total") if k in e]
     return lines
+
+
+def _distillation_lines(d: dict) -> list[str]:
+    lines = ["", f"## What the teacher's distribution bought: tokens to reach {d['plain_run']}'s final "
+                 f"evaluation loss ({d['target']:.3f})", "",
+             "| run | distillation weight | tokens | × the plain run's | wall time | × the plain run's |",
+             "|---|---|---|---|---|---|"]
+    for name, r in d["runs"].items():
+        ratio = f"{r['token_ratio']:.2f}" if r["token_ratio"] else "not reached"
+        time_ratio = f"{r['time_ratio']:.2f}" if r["time_ratio"] else "—"
+        seconds = f"{r['seconds']:.0f} s" if r["seconds"] else "—"
+        lines.append(f"| {name} | {r['distill_weight'] if r['distill_weight'] is not None else '—'} | "
+                     f"{_fmt_tokens(r['tokens'])} | {ratio} | {seconds} | {time_ratio} |")
+    return lines + ["", "Wall time counts the teacher's where it ran on the same machine (a live feed "
+                    "scoring or writing beside the trainer); the curves against wall time are in "
+                    "loss_curves.png."]
 
 
 def _loss(value: float | None) -> str:
@@ -546,15 +601,16 @@ class ReportConfig(ConfigBase):
     reference_model: str | None = None
     """Measure the reference instead: a model folder or hub id (e.g. microsoft/phi-2); needs --eval-data."""
     eval_data: str | None = None
-    """Text on which the reference model and every run's final model are evaluated."""
+    """Text on which every run's final model (and the --reference-model) is evaluated: like with like."""
     block_size: Annotated[int, Field(ge=2)] = 2048
     """Window length of the --reference-model evaluation."""
     max_eval_tokens: Annotated[int, Field(ge=2)] | None = None
     """Cap on evaluated tokens."""
 
 
-def _measured_reference(cfg: ReportConfig) -> tuple[tuple[str, float], dict[str, float]]:
-    """The reference model's loss on --eval-data, and each run's final model's on the same text."""
+def _measured(cfg: ReportConfig) -> tuple[tuple[str, float] | None, dict[str, float]]:
+    """Every run's final model's loss on --eval-data (one text for all: like with like) and, with
+    --reference-model, the reference model's on the same text."""
     from .devices import pick_device
     from .evaluation import evaluate_model, whole_documents
     from .tokenizer import load_tokenizer
@@ -567,20 +623,27 @@ def _measured_reference(cfg: ReportConfig) -> tuple[tuple[str, float], dict[str,
         return evaluate_model(model, texts, tokenizer, cfg.block_size, device,
                               max_tokens=cfg.max_eval_tokens).loss
 
-    reference = (cfg.reference_name or cfg.reference_model, loss_of(cfg.reference_model))
+    reference = ((cfg.reference_name or cfg.reference_model, loss_of(cfg.reference_model))
+                 if cfg.reference_model else None)
     return reference, {Path(d).name: loss_of(str(Path(d) / "final")) for d in cfg.runs}
 
 
-def run_report(cfg: ReportConfig) -> None:
+def report_config(cfg: ReportConfig) -> dict:
+    """What ``scratchlm report`` makes (the Python API's ``report``): the report, written to --out if
+    given."""
     reference, extra = None, None
-    if cfg.reference_model:
-        reference, extra = _measured_reference(cfg)
-    elif cfg.reference_loss is not None:
+    if cfg.reference_model or cfg.eval_data:
+        reference, extra = _measured(cfg)
+    if reference is None and cfg.reference_loss is not None:
         reference = (cfg.reference_name or "reference", cfg.reference_loss)
     if cfg.out is None and not cfg.as_json:
         raise ConfigError("give --out (a folder for the report) or --json (the forecast on standard output)")
-    report = build_report([Path(d) for d in cfg.runs], Path(cfg.out) if cfg.out else None, reference, extra,
-                          cfg.predict_tokens, cfg.predict_model, cfg.annealing_momentum, cfg.predict_schedule)
+    return build_report([Path(d) for d in cfg.runs], Path(cfg.out) if cfg.out else None, reference, extra,
+                        cfg.predict_tokens, cfg.predict_model, cfg.annealing_momentum, cfg.predict_schedule)
+
+
+def run_report(cfg: ReportConfig) -> None:
+    report = report_config(cfg)
     if cfg.as_json:
         # the runs that trained on what the first run given trained on
         outlook = next(iter(report["forecasts"].values()))

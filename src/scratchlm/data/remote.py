@@ -38,8 +38,10 @@ class FeedError(DataError):
 class FeedClient:
     """GET the feed's routes with the API key; retry connection errors and 5xx with backoff and jitter."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 30.0,
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 300.0,
                  max_wait_s: float = 600.0, backoff_s: float = 0.5, max_backoff_s: float = 15.0) -> None:
+        """``timeout_s``: how long an answer may take (a feed that scores its corpus answers when its teacher
+        has: asking again sooner would only make it score twice)."""
         self.url = url.rstrip("/")
         self.max_wait_s, self.backoff_s, self.max_backoff_s = max_wait_s, backoff_s, max_backoff_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

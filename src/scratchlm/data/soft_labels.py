@@ -13,7 +13,7 @@ first token of each shard has no row (its log-probabilities are -inf). Builds of
 ``files.build_lock``, as the token cache's are.
 
 Layout: ``CACHE/tokens/KEY/soft/NAME-kK/`` (NAME from the teacher spec), with ``meta.json`` (the teacher spec,
-k, pieces) written when every piece is done.
+k, pieces, the seconds the teacher spent) written when every piece is done.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def _start_worker(teacher: str, device: str, threads: int | None) -> None:
 def _score_piece(tokens: np.ndarray, piece: _Piece, k: int, out: Path, teacher=None) -> int:
     """Score one piece (with the token before it as context) and write its files; returns its tokens."""
     teacher = teacher or _worker["teacher"]
+    started = time.perf_counter()
     first = max(piece.start - 1, 0)
     sequence = tokens[first : piece.stop].astype(np.int64).tolist()
     (rows,) = teacher.score([sequence], k)
@@ -95,7 +96,8 @@ def _score_piece(tokens: np.ndarray, piece: _Piece, k: int, out: Path, teacher=N
     for suffix, array in (("ids", ids), ("logprobs", logprobs)):
         with atomic_file(out / f"{piece.name}.{suffix}.bin", fsync=False) as tmp:
             array.tofile(tmp)
-    atomic_write(out / f"{piece.name}.json", json.dumps({"tokens": n}), fsync=False)  # last: done
+    done = {"tokens": n, "seconds": time.perf_counter() - started}
+    atomic_write(out / f"{piece.name}.json", json.dumps(done), fsync=False)  # last: the piece is done
     if os.environ.get(FAULT_PIECE_SLEEP_ENV):
         time.sleep(float(os.environ[FAULT_PIECE_SLEEP_ENV]))
     return n
@@ -134,8 +136,9 @@ def build_soft_labels(corpus: TokenizedCorpus, teacher: str, k: int, num_proc: i
                 for future in futures:
                     bar.update(future.result())
         bar.close()
+        seconds = sum(json.loads((folder / f"{p.name}.json").read_text())["seconds"] for p in pieces)
         meta = {"format": SOFT_FORMAT, "teacher": teacher, "k": k, "tokens": len(corpus.train),
-                "pieces": [p.name for p in pieces]}
+                "seconds": seconds, "pieces": [p.name for p in pieces]}
         atomic_write(folder / "meta.json", json.dumps(meta, indent=1))
     _worker.clear()
     return folder

@@ -130,7 +130,8 @@ def _teachers(cfg: ServeConfig, corpus: CorpusSource, tokenizer: Tokenizer, extr
         prompts = PromptSource(cfg.prompts, corpus.texts, seed=cfg.seed + i, decode=tokenizer.decode)
         strategies = prompts.strategies
         settings = WorkerSettings(params, backend.max_in_flight, backend.prompts_per_request,
-                                  cfg.teacher_stall_s, diversity, tokenizer.encode_batch)
+                                  cfg.teacher_stall_s, diversity, tokenizer.encode_batch,
+                                  generate=cfg.teacher_ratio > 0)
         owns = owned or backend is not extra
         workers.append(TeacherWorker(backend, prompts, settings, texts, owns_backend=owns))
         log.info("teacher %s: %d sequences in flight, %d prompts per request, prompts %s", workers[-1].name,

@@ -109,6 +109,9 @@ class WorkerSettings:
     diversity: DiversityMeter = field(default_factory=DiversityMeter)
     tokenize: Callable[[list[str]], list[list[int]]] | None = None
     """The feed's tokenizer (batch encode), when it counts or serves tokens."""
+    generate: bool = True
+    """False when the feed serves no teacher text (a teacher kept only to score the corpus): nothing is asked
+    of the teacher in the background."""
 
 
 class TeacherWorker:
@@ -130,7 +133,8 @@ class TeacherWorker:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"scratchlm-teacher-{self.name}")
-        self._thread.start()
+        if settings.generate:
+            self._thread.start()
 
     @property
     def up(self) -> bool:

@@ -42,12 +42,15 @@ class KVCache:
 
     def forward(self, model: Phi, idx: torch.Tensor, positions: torch.Tensor,
                 rows: torch.Tensor | None = None,
-                kv_len: int | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+                kv_len: int | None = None, keep: torch.Tensor | None = None,
+                fresh: bool = False) -> torch.Tensor:
         """idx (B, T) at ``positions`` → final hidden states (B, T, n_embd), or (B, 1, n_embd) at ``keep``.
 
         ``rows`` (B,): the cache rows of idx's rows (default: all, in order). ``kv_len``, if given, must
         exceed every position: attention then reads only that many cached positions instead of the whole cache
-        (decoding cost grows with the text, not with the cache size).
+        (decoding cost grows with the text, not with the cache size). ``fresh``: idx's rows are whole
+        sequences from position 0 (a prefill), so attention is causal over them alone: the fused kernel, no
+        mask (a shorter row's padding comes after its tokens, which never see it).
         """
         if positions.dim() == 1:  # the same positions in every row
             cos, sin = model.rope_cos[positions], model.rope_sin[positions]  # (T, rotary_dim)
@@ -56,11 +59,12 @@ class KVCache:
             # (B, 1, T, r)
             cos, sin = model.rope_cos[positions].unsqueeze(1), model.rope_sin[positions].unsqueeze(1)
             mask = self.causal[positions, :kv_len].unsqueeze(1)  # (B, 1, T, L)
-        attend = [partial(self._attend, layer, positions, rows, mask) for layer in range(len(self.k))]
+        attend = [partial(self._attend, layer, positions, rows, None if fresh else mask)
+                  for layer in range(len(self.k))]
         return model.trunk(idx, cos, sin, attend, keep)
 
-    def _attend(self, layer: int, positions: torch.Tensor, rows: torch.Tensor | None, mask: torch.Tensor,
-                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(self, layer: int, positions: torch.Tensor, rows: torch.Tensor | None,
+                mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k, v (B, nh, T, hs) of ``layer`` and attend q over the first L cached positions."""
         cache_k, cache_v = self.k[layer], self.v[layer]
         if positions.dim() == 1 and rows is None:
@@ -74,5 +78,7 @@ class KVCache:
             cache_v[b, :, pos] = v.transpose(1, 2).to(cache_v.dtype)
             if rows is not None:
                 cache_k, cache_v = cache_k[rows], cache_v[rows]
+        if mask is None:  # a prefill from position 0: causal over the new keys alone
+            return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True)
         L = mask.shape[-1]
         return self.attention(q, cache_k[:, :, :L], cache_v[:, :, :L], mask)

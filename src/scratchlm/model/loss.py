@@ -1,17 +1,29 @@
-"""The LM head and the cross-entropy loss in one pass over row chunks, never holding the whole logits tensor.
+"""The LM head and the loss in one pass over row chunks, never holding the whole logits tensor.
 
 For a Phi model the logits are the largest activation by far: Phi-2 at 4 × 2048 tokens has 8192 × 51200 of
 them, 3.4 GB in float32 plus as much again for their gradient and the log-softmax autograd keeps. Here each
 chunk of rows gets its logits, its loss and, at once, the gradients for the head's input, weight and bias (d
-loss / d logits = (softmax − one-hot) / N); only those gradients are kept for backward, so peak memory holds
-one chunk of logits. The same idea as Liger-Kernel's fused linear cross-entropy, in plain PyTorch so it runs
-on every device.
+loss / d logits, formed on the spot); only those gradients are kept for backward, so peak memory holds one
+chunk of logits. The same idea as Liger-Kernel's fused linear cross-entropy, in plain PyTorch so it runs on
+every device.
+
+The loss is the cross-entropy of the next token or, where a teacher's distribution is given (``SoftLabels``),
+``(1 − A) · cross-entropy + A · T² · KL(teacher ‖ student)``, distillation's forward KL at temperature T. The
+teacher's distribution arrives truncated to its top k; it is made whole with one more bucket, "every other
+token", holding the rest of its mass (1 − Σ top-k), matched against the student's own mass outside those k
+ids. Top-k alone, renormalised, would tell the student that everything else has probability 0 and push it to
+be over-confident (Anshumann et al. 2025). The gradient at the logits is ``p − t``: the student's distribution
+less a target that is the teacher's top-k where it has them and, elsewhere, the rest mass spread as the
+student spreads its own. At T ≠ 1 the rest bucket is tempered as one token would be (exact at T = 1, the
+default that Busbridge et al. 2025 recommend).
 
 The matmuls are the same three as with autograd; what goes is the full-size log-softmax, its saved output and
 the passes over the logits in backward (timings in ``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +35,47 @@ def default_chunk_rows(device: torch.device) -> int:
     return 128 if device.type == "cpu" else 1024
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
+@dataclass(frozen=True)
+class Distill:
+    """How a batch's soft labels enter the loss."""
+
+    weight: float
+    """A: the share of the loss that is the KL, where a position has a teacher's distribution."""
+    temperature: float = 1.0
+
+
+def _kd_rows(logits: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor,
+             temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows of student ``logits`` (n, V) and the teacher's top-k (``ids``, ``teacher_lp``: (n, k)): the KL
+    of each row (n,) over the k ids and the rest bucket, and its gradient at the tempered logits (n, V)."""
+    t = temperature
+    z = logits / t if t != 1.0 else logits
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    p = (z - lse).exp()  # the student's tempered distribution
+    log_p_k = z.gather(1, ids) - lse  # (n, k)
+    # log of the student's mass outside the k ids: log(1 − exp(logsumexp(log_p_k))), stably
+    log_p_rest = torch.log(-torch.expm1(torch.logsumexp(log_p_k, dim=-1).clamp(max=-1e-7)))
+    q_k = teacher_lp.exp()
+    q_rest = (1.0 - q_k.sum(dim=-1)).clamp(min=0.0)
+    if t != 1.0:  # the k + 1 buckets tempered together (the rest as if one token)
+        buckets = torch.cat([teacher_lp, torch.log(q_rest.clamp(min=1e-30)).unsqueeze(1)], dim=1) / t
+        q = buckets.softmax(dim=-1)
+        q_k, q_rest = q[:, :-1], q[:, -1]
+    log_q_k = torch.where(q_k > 0, q_k.clamp(min=1e-30).log(), torch.zeros_like(q_k))
+    kl = (q_k * (log_q_k - log_p_k)).sum(dim=-1) + torch.where(
+        q_rest > 0, q_rest * (q_rest.clamp(min=1e-30).log() - log_p_rest), torch.zeros_like(q_rest))
+    # The target: the teacher's top-k where it has them, the rest mass spread as the student spreads its own.
+    target = p * (q_rest / log_p_rest.exp()).unsqueeze(1)
+    target.scatter_(1, ids, q_k)
+    return kl, p.sub_(target)
+
+
+class _LinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor,
-                chunk_rows: int, grad_enabled: bool) -> torch.Tensor:
+                targets: torch.Tensor, soft_ids: torch.Tensor | None, soft_lp: torch.Tensor | None,
+                soft_weight: torch.Tensor | None, distill: Distill | None, chunk_rows: int,
+                grad_enabled: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # needs_input_grad follows requires_grad even under no_grad: evaluation would pay for gradients
         want_hidden, want_weight, want_bias = (grad_enabled and w for w in ctx.needs_input_grad[:3])
         n = hidden.shape[0]
@@ -37,25 +85,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        ce_sum, kd_sum = torch.zeros_like(total), torch.zeros_like(total)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias else None
         weight_c = weight.to(dtype)  # cast once, not per chunk
         for start in range(0, n, chunk_rows):
-            h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+            rows = slice(start, start + chunk_rows)
+            h, t = hidden[rows], targets[rows]
             logits = F.linear(h, weight, bias).float()
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            ce = lse - logits.gather(1, t[:, None]).squeeze(1)
+            ce_sum += ce.sum()
+            a = soft_weight[rows] if soft_weight is not None else None  # A where a row has soft labels
+            kd = grad_kd = None
+            if a is not None and bool((a > 0).any()):
+                kd, grad_kd = _kd_rows(logits, soft_ids[rows], soft_lp[rows], distill.temperature)
+                kd = kd * distill.temperature ** 2
+                kd_sum += (kd * (a > 0)).sum()
+                total += ((1.0 - a) * ce + a * kd).sum()
+            else:
+                total += ce.sum()
             if not (want_hidden or want_weight or want_bias):
                 continue
             grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             grad[torch.arange(len(t), device=grad.device), t] -= 1.0
+            if grad_kd is not None:
+                grad.mul_((1.0 - a)[:, None]).add_(grad_kd.mul_((a * distill.temperature)[:, None]))
             grad /= n
             if want_bias:
                 grad_bias += grad.sum(0)
             grad = grad.to(dtype)
             if want_hidden:
-                grad_hidden[start : start + chunk_rows] = grad @ weight_c
+                grad_hidden[rows] = grad @ weight_c
             if want_weight:
                 if grad_weight.dtype == dtype == h.dtype:
                     grad_weight.addmm_(grad.t(), h)
@@ -63,23 +125,51 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_weight += grad.t() @ h.to(dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        return total / n
+        labelled = (soft_weight > 0).sum() if soft_weight is not None else None
+        kd_mean = kd_sum / labelled.clamp(min=1) if labelled is not None else torch.zeros_like(total)
+        ce_mean, kd_mean = ce_sum / n, kd_mean
+        ctx.mark_non_differentiable(ce_mean, kd_mean)
+        return total / n, ce_mean, kd_mean
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
+    def backward(ctx, grad_loss: torch.Tensor, *_):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
         scale = grad_loss  # d(final loss) / d(this mean loss): e.g. 1 / grad_accum_steps
         return (grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None,
                 (grad_weight * scale).to(weight_dtype) if grad_weight is not None else None,
                 (grad_bias * scale).to(bias_dtype) if grad_bias is not None else None,
-                None, None, None)
+                None, None, None, None, None, None, None)
+
+
+@dataclass
+class LossTerms:
+    """A distilled step's loss and its parts (the parts detached: for logs)."""
+
+    loss: torch.Tensor
+    """(1 − A)·CE + A·T²·KL where soft labels are, CE elsewhere: what is minimised."""
+    ce: torch.Tensor
+    """The plain cross-entropy of the next token, over every position."""
+    kd: torch.Tensor
+    """The KL (times T²), over the positions with soft labels."""
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
+                         targets: torch.Tensor, chunk_rows: int | None = None, soft=None,
+                         distill: Distill | None = None):
     """Mean of ``F.cross_entropy(F.linear(hidden, weight, bias), targets)`` over all rows, and its gradients,
-    without materialising the logits. hidden (..., d), targets (...) of token ids."""
+    without materialising the logits. hidden (..., d), targets (...) of token ids. With ``soft`` (a batch's
+    ``SoftLabels``, shaped like ``targets`` plus k) and ``distill``: the distillation loss (module docstring),
+    returned with its parts as ``LossTerms``."""
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     rows = chunk_rows or default_chunk_rows(hidden.device)
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows, torch.is_grad_enabled())
+    if soft is None or distill is None:
+        loss, _, _ = _LinearLoss.apply(hidden, weight, bias, targets, None, None, None, None, rows,
+                                       torch.is_grad_enabled())
+        return loss
+    k = soft.ids.shape[-1]
+    weights = soft.mask.reshape(-1).to(torch.float32) * distill.weight
+    loss, ce, kd = _LinearLoss.apply(hidden, weight, bias, targets, soft.ids.reshape(-1, k),
+                                     soft.logprobs.reshape(-1, k).float(), weights, distill, rows,
+                                     torch.is_grad_enabled())
+    return LossTerms(loss, ce, kd)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .loss import linear_cross_entropy
+from .loss import Distill, linear_cross_entropy
 
 
 def rope_cache(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,19 +139,23 @@ class Phi(nn.Module):
         cos, sin = rope_cache(self.config, device=self.embed.weight.device)
         self.rope_cos, self.rope_sin = cos, sin
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, soft=None,
+                distill: Distill | None = None):
         """idx (B, T) token ids → logits (B, T, padded_vocab_size).
 
         With ``targets`` (B, T), the mean cross-entropy loss instead, through the chunked head + loss of
-        ``loss.linear_cross_entropy`` (the logits are never held whole). Training calls it this way, through
-        the model's own forward, so that DDP and FSDP wrappers see the head's parameters used as usual.
+        ``loss.linear_cross_entropy`` (the logits are never held whole); with a teacher's ``soft`` labels (a
+        batch's ``SoftLabels``) and ``distill``, the distillation loss and its parts (``LossTerms``). Training
+        calls it this way, through the model's own forward, so that DDP and FSDP wrappers see the head's
+        parameters used as usual.
         """
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         hidden = self.trunk(idx, self.rope_cos[:T], self.rope_sin[:T])  # (B, T, n_embd)
         if targets is not None:
-            return linear_cross_entropy(hidden, self.lm_head.weight, self.lm_head.bias, targets)
+            return linear_cross_entropy(hidden, self.lm_head.weight, self.lm_head.bias, targets, soft=soft,
+                                        distill=distill)
         return self.lm_head(hidden)
 
     def trunk(self, idx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -147,10 +147,10 @@ class LocalTeacher:
     def complete(self, prompts: list, params: SamplingParams, seed: int | None = None) -> list[Completion]:
         return self.submit(prompts, params, seed).result()
 
-    def submit_score(self, sequences: list[list[int]], k: int) -> Future:
+    def submit_score(self, sequences: list[list[int]], k: int, ranks: bool = False) -> Future:
         if self.engine is not None:
-            return self.engine.submit_score(sequences, k)
-        return self.hf_pool.submit(self._hf_score, sequences, k)
+            return self.engine.submit_score(sequences, k, ranks)
+        return self.hf_pool.submit(self._hf_score, sequences, k, ranks)
 
     def score(self, sequences: list[list[int]], k: int) -> list[TopK]:
         return self.submit_score(sequences, k).result()
@@ -191,7 +191,7 @@ class LocalTeacher:
         return out
 
     @torch.inference_mode()
-    def _hf_score(self, sequences: list[list[int]], k: int) -> list[TopK]:
+    def _hf_score(self, sequences: list[list[int]], k: int, ranks: bool = False) -> list[TopK]:
         """Scoring through transformers, a sequence at a time, in windows of the model's context."""
         window = self.context_length
         out = []
@@ -201,7 +201,7 @@ class LocalTeacher:
                 ids = torch.tensor([seq[start : start + window]], device=self.device)
                 logits = self.hf_model(input_ids=ids, use_cache=False).logits[0]
                 targets = torch.tensor(seq[start + 1 : start + window + 1], device=self.device)
-                parts.append(raw_top_k(logits[: len(targets)], targets, k))
+                parts.append(raw_top_k(logits[: len(targets)], targets, k, ranks))
             out.append(TopK.concat(parts, k))
         return out
 

@@ -45,18 +45,29 @@ def _close_engines() -> None:
 
 SCORE_ROWS = 256
 """Positions of a scoring window whose logits exist at once (256 × 50k floats: 51 MB)."""
+SCORE_TOKENS_PER_STEP = 4096
+"""Scoring work done between two decoding steps (the rest waits for the next): generation keeps moving."""
 
 
-def raw_top_k(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> TopK:
+def raw_top_k(logits: torch.Tensor, tokens: torch.Tensor, k: int, ranks: bool = False,
+              scratch: torch.Tensor | None = None) -> TopK:
     """The raw distribution of each row of ``logits`` (n, V): its k most likely tokens and their
-    log-probabilities (``torch.topk``: a partial selection), and the log-probability of ``tokens`` (n,)."""
+    log-probabilities (``torch.topk``: a partial selection), the log-probability of ``tokens`` (n,) and, with
+    ``ranks``, where each of those ranks.
+
+    The normaliser is spelt out (max from the top-k, then subtract, exp and sum in ``scratch``, a float32
+    buffer of at least the logits' shape): on the CPU several times faster than ``torch.logsumexp`` over a
+    50k-wide row, which allocates as it goes (bench/RESULTS.md).
+    """
     logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     values, ids = torch.topk(logits, k, dim=-1)
+    top = values[:, :1]
+    out = scratch[: len(logits), : logits.shape[1]] if scratch is not None else None
+    lse = torch.sub(logits, top, out=out).exp_().sum(dim=-1, keepdim=True).log_().add_(top)
     chosen = logits.gather(1, tokens.view(-1, 1).long())
-    ranks = (logits > chosen).sum(dim=-1) + 1
+    rank = (logits > chosen).sum(dim=-1) + 1 if ranks else None
     return TopK(ids.to(torch.int32).cpu().numpy(), (values - lse).cpu().numpy(),
-                (chosen - lse).squeeze(1).cpu().numpy(), ranks.cpu().numpy())
+                (chosen - lse).squeeze(1).cpu().numpy(), rank.cpu().numpy() if ranks else None)
 
 
 def _scores(request: _Request) -> list[TopK]:
@@ -95,6 +106,8 @@ class _Request:
     """Scoring: which sequence each window is of."""
     sequences: int = 0
     """Scoring: how many sequences."""
+    ranks: bool = False
+    """Scoring: also where each given token ranks (vLLM's prompt_logprobs report it)."""
 
 
 @dataclass
@@ -147,9 +160,18 @@ class GenerationEngine:
         self._closed = False
         self._seeds = random.Random()
         self._thread: threading.Thread | None = None
-        self._scored_now = 0  # scoring windows finished since the last decoding step
+        self._scored_now: set[int] = set()  # the scoring requests served since the last decoding step
         self._admitting: list[_Sequence] = []  # the sequences being prefilled now
+        self._scratch_buffer: torch.Tensor | None = None
         _ENGINES.add(self)
+
+    @property
+    def _scratch(self) -> torch.Tensor:
+        """A float32 buffer of rows of logits for the top-k (made when first needed)."""
+        if self._scratch_buffer is None:
+            rows = max(SCORE_ROWS, self.batch_size)
+            self._scratch_buffer = torch.empty(rows, self.vocab_size, device=self.device)
+        return self._scratch_buffer
 
     # --- callers' side -------------------------------------------------------------------------------------
 
@@ -186,7 +208,7 @@ class GenerationEngine:
                 self._thread.start()
             self._cond.notify()
 
-    def submit_score(self, sequences: list[list[int]], k: int) -> Future:
+    def submit_score(self, sequences: list[list[int]], k: int, ranks: bool = False) -> Future:
         """Queue a scoring request: for each sequence of n tokens, the raw distribution at each of its last
         n − 1 tokens (a ``TopK`` of n − 1 rows). A sequence longer than this engine's context is scored in
         consecutive windows, the first token of each predicted from the window before."""
@@ -196,7 +218,8 @@ class GenerationEngine:
         windows = [(i, start) for i, seq in enumerate(sequences) if len(seq) > 1
                    for start in range(0, len(seq) - 1, self.max_seq_len)]
         request = _Request(SamplingParams(max_new_tokens=1, temperature=0), future, [None] * len(windows),
-                           len(windows), score_k=k, owners=[i for i, _ in windows], sequences=len(sequences))
+                           len(windows), score_k=k, owners=[i for i, _ in windows], sequences=len(sequences),
+                           ranks=ranks)
         if not windows:
             future.set_result(_scores(request))
             return future
@@ -247,6 +270,7 @@ class GenerationEngine:
                     return
             try:
                 with torch.inference_mode():
+                    self._score_waiting()
                     self._admit()
                     self._decode()
             except Exception as err:  # fail the requests in flight, keep serving new ones
@@ -279,12 +303,15 @@ class GenerationEngine:
         wanting = [j for j, s in enumerate(rows) if s.request.params.logprobs > 0]
         if wanting:  # the raw distribution's top k, where asked: a partial selection, never a sort of the row
             k = max(rows[j].request.params.logprobs for j in wanting)
-            picked = torch.tensor(wanting, device=self.device)
-            found = raw_top_k(logits[picked], tokens[picked], k)
+            if len(wanting) == len(rows):  # the usual case: no copy of the rows
+                found = raw_top_k(logits, tokens, k, scratch=self._scratch)
+            else:
+                picked = torch.tensor(wanting, device=self.device)
+                found = raw_top_k(logits[picked], tokens[picked], k, scratch=self._scratch)
             for n, j in enumerate(wanting):
                 want = rows[j].request.params.logprobs
                 rows[j].rows.append(TopK(found.ids[n : n + 1, :want], found.logprobs[n : n + 1, :want],
-                                         found.token_logprobs[n : n + 1], found.token_ranks[n : n + 1]))
+                                         found.token_logprobs[n : n + 1]))
         return tokens.tolist()
 
     def _score(self, hidden: torch.Tensor, seq: _Sequence) -> None:
@@ -293,20 +320,45 @@ class GenerationEngine:
         n, k = len(seq.targets), seq.request.score_k
         targets = torch.tensor(seq.targets, device=self.device)
         parts = [raw_top_k(self.head(hidden[start : min(n, start + SCORE_ROWS)]),
-                           targets[start : start + SCORE_ROWS], k) for start in range(0, n, SCORE_ROWS)]
+                           targets[start : start + SCORE_ROWS], k, seq.request.ranks, self._scratch)
+                 for start in range(0, n, SCORE_ROWS)]
         seq.rows = [TopK.concat(parts, k)]
 
-    def _waiting(self, n: int) -> list[_Sequence]:
-        """Up to n waiting sequences, one request at a time in turn: a small request is not queued behind
-        every sequence of a large one that came first."""
+    def _waiting(self, n: int, scoring: bool = False, budget: int | None = None) -> list[_Sequence]:
+        """Up to n waiting sequences of one kind (generation, or scoring windows up to ``budget`` tokens), one
+        request at a time in turn: a small request is not queued behind every sequence of a large one that
+        came first."""
         group: list[_Sequence] = []
         with self._cond:
-            while self._pending and len(group) < n:
-                request = self._pending.popleft()
+            turn = [r for r in self._pending if bool(r.score_k) == scoring]
+            while turn and len(group) < n:
+                request = turn.pop(0)
+                if budget is not None and group and sum(len(s.prompt) for s in group) + len(
+                        request.waiting[0].prompt) > budget:
+                    break
                 group.append(request.waiting.popleft())
+                self._pending.remove(request)
                 if request.waiting:
                     self._pending.append(request)
+                    turn.append(request)
         return group
+
+    def _score_waiting(self) -> None:
+        """Scoring windows, a forward pass each over the window alone (no cache slot: they decode nothing), up
+        to ``SCORE_TOKENS_PER_STEP`` tokens between two decoding steps, so that generation keeps moving."""
+        group = self._admitting = self._waiting(self.batch_size, scoring=True, budget=SCORE_TOKENS_PER_STEP)
+        if not group:
+            return
+        width = max(len(s.prompt) for s in group)
+        idx = torch.full((len(group), width), self.eot_id, dtype=torch.long, device=self.device)
+        for j, s in enumerate(group):  # padding after each window's tokens, which never attend to it
+            idx[j, : len(s.prompt)] = torch.tensor(s.prompt, device=self.device)
+        hidden = self.model.trunk(idx, self.model.rope_cos[:width], self.model.rope_sin[:width])
+        self.stats.scored += sum(len(s.targets) for s in group)
+        for j, seq in enumerate(group):
+            self._score(hidden[j], seq)
+            self._done(seq)
+        self._admitting = []
 
     def _admit(self) -> None:
         """Prefill waiting prompts into the free slots and take each one's first token."""
@@ -321,26 +373,14 @@ class GenerationEngine:
         for j, s in enumerate(group):
             idx[j, : len(s.prompt)] = torch.tensor(s.prompt, device=self.device)
         pos = torch.arange(width, device=self.device).expand(len(group), width)
-        scoring = [j for j, s in enumerate(group) if s.request.score_k]
-        # Scoring windows need every position's hidden state; generation only each prompt's last.
         hidden = self.cache.forward(self.model, idx, pos, torch.tensor(free, device=self.device),
-                                    kv_len=width, keep=None if scoring else lengths - 1)
-        if scoring:
-            self.stats.scored += sum(len(group[j].targets) for j in scoring)
-            for j in scoring:
-                self._score(hidden[j], group[j])
-                self._done(group[j])
-            hidden = hidden[torch.arange(len(group), device=self.device), lengths - 1].unsqueeze(1)
-        generating = [j for j in range(len(group)) if j not in scoring]
-        if not generating:
-            return
-        rows = [group[j] for j in generating]
-        tokens = self._next_tokens(hidden[generating], rows)
-        for row, seq, token in zip([free[j] for j in generating], rows, tokens, strict=True):
+                                    kv_len=width, keep=lengths - 1, fresh=True)
+        for row, seq, token in zip(free, group, self._next_tokens(hidden, group), strict=True):
             seq.pos = len(seq.prompt)
             self.slots[row] = seq
             self.stats.sequences += 1
             self._accept(row, token)
+        self._admitting = []
 
     def _decode(self) -> None:
         """One step for every active sequence."""
@@ -360,8 +400,8 @@ class GenerationEngine:
         hidden = self.cache.forward(self.model, idx, pos, cache_rows, kv_len=kv_len)
         self.stats.steps += 1
         self.stats.most_requests_in_a_step = max(self.stats.most_requests_in_a_step,
-                                                 len({id(s.request) for s in rows}) + self._scored_now)
-        self._scored_now = 0
+                                                 len({id(s.request) for s in rows} | self._scored_now))
+        self._scored_now = set()
         for row, seq, token in zip(active, rows, self._next_tokens(hidden, rows), strict=True):
             seq.pos += 1
             self._accept(row, token)
@@ -388,7 +428,7 @@ class GenerationEngine:
         request = seq.request
         if request.score_k:
             request.results[seq.index] = seq.rows[0]
-            self._scored_now += 1
+            self._scored_now.add(id(request))
         else:
             k = request.params.logprobs
             request.results[seq.index] = Generated(seq.out, TopK.concat(seq.rows, k) if k else None)

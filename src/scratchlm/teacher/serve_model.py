@@ -232,7 +232,8 @@ def create_app(teacher: LocalTeacher, model_name: str, api_key: str | None,
             # The prompts scored (a prefill in the same batch as everyone's generation), where asked.
             k = max(req.logprobs or 0, req.prompt_logprobs or 0, 1)
             scoring = (req.echo and req.logprobs is not None) or req.prompt_logprobs is not None
-            scored = teacher.submit_score(prompts, k) if scoring else None
+            ranks = req.prompt_logprobs is not None  # vLLM's form reports where each given token ranks
+            scored = teacher.submit_score(prompts, k, ranks) if scoring else None
             if req.stream:
                 return StreamingResponse(_stream(teacher, prompts, params, req.seed, answer, scored, head),
                                          media_type="text/event-stream")

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
 
-from ..config import ConfigBase, ConfigError, Count, NonNegative, NonNegativeInt, OpenShare, Positive
+from ..config import ConfigBase, ConfigError, Count, NonNegative, NonNegativeInt, OpenShare, Positive, Share
 from ..model.config import ModelConfig, get_preset
 
 if TYPE_CHECKING:  # the config stays light to import: the CLI reads it before anything runs
@@ -92,8 +92,12 @@ class TrainConfig(ConfigBase):
     """Seed for weight init and data order."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; 'auto' = cuda if available."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16' = bf16 autocast with fp32 weights; 'auto' = bf16 on a GPU that supports it, fp32 on CPU."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """'bf16' = bf16 autocast with fp32 weights; 'fp16' = float16 autocast with dynamic loss scaling (GPUs
+    without bf16: T4, P100, V100); 'auto' = bf16 on a GPU that has it, else fp16 on a GPU, fp32 on a CPU."""
+    loss_scale: Positive = 65536.0
+    """fp16: the initial dynamic loss scale (halved at each overflow, the step skipped; doubled after 2,000
+    steps without one)."""
     compile: bool = False
     """torch.compile each block."""
     activation_checkpointing: bool = False
@@ -119,6 +123,12 @@ class TrainConfig(ConfigBase):
     """The teacher's top-k log-probabilities to read beside every token (0: none): from a feed started with
     --soft-labels K (corpus text too with --score-corpus), or a corpus prepared with `scratchlm prepare
     --soft-labels K`. At most the K they were made with."""
+    distill_weight: Share = 0.0
+    """Distillation: loss = (1 − A)·cross-entropy + A·T²·KL(teacher ‖ student) at every position with the
+    teacher's top-k (--soft-labels K), plain cross-entropy elsewhere; A = this (0: off). The top-k is made a
+    whole distribution with one "every other token" bucket (README, "Distillation")."""
+    distill_temperature: Positive = 1.0
+    """T of the distillation loss (1, as Busbridge et al. 2025 recommend)."""
     soft_label_teacher: str | None = None
     """A corpus run: whose prepared soft labels to read, as its spec was given to prepare (default: the only
     set prepared for the corpus)."""
@@ -145,6 +155,10 @@ class TrainConfig(ConfigBase):
         if not any(x is not None for x in (self.max_steps, self.max_tokens, self.max_time, self.target_loss,
                                            branch_decay)):
             raise ConfigError("no stop rule: give --max-steps, --max-tokens, --max-time or --target-loss")
+        if self.distill_weight > 0 and not self.soft_labels:
+            raise ConfigError("--distill-weight learns from the teacher's top-k: give --soft-labels K (a "
+                              "feed started with --soft-labels, or a corpus prepared with prepare "
+                              "--soft-labels)")
         if self.resume_from is not None and self.resume not in (None, "auto"):
             raise ConfigError("--resume-from starts a new run off another run's checkpoint; --resume "
                               "continues this one: give one of them (--resume auto continues a branch)")
@@ -182,13 +196,12 @@ class TrainConfig(ConfigBase):
                            progress=progress)
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        """bf16 when asked, or on 'auto' on a GPU that has it; None = fp32."""
+        """bf16 or fp16 when asked; on 'auto', bf16 on a GPU that has it, else fp16 on a GPU; None = fp32."""
         import torch
 
-        if self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"
-                                        and torch.cuda.is_bf16_supported()):
-            return torch.bfloat16
-        return None
+        if self.precision == "auto" and device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
 
 # Settings that only say when to stop or how to log may change on resume; the rest would change the run.

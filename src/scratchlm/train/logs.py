@@ -63,6 +63,9 @@ def format_line(fmt: str, rec: dict) -> str:
     total = f"/{rec['max_steps']}" if rec.get("max_steps") else ""
     teacher = (f" | teacher {rec['teacher_token_share'] * 100:.1f}% of tokens"
                if rec.get("teacher_token_share") is not None else "")
+    if rec.get("kd_loss") is not None:  # distilling: the loss's two parts, and how much of it had soft labels
+        teacher += (f" | ce {rec['ce_loss']:.4f} kd {rec['kd_loss']:.4f} on "
+                    f"{rec['soft_label_share'] * 100:.0f}% of targets")
     return (f"step {rec['step']}{total} | epoch {rec['epoch']} | loss {rec['loss']:.4f} (smoothed "
             f"{rec['loss_smooth']:.4f}) | lr {rec['lr']:.2e} | grad norm {rec['grad_norm']:.3f} | tokens "
             f"{rec['tokens']:,} | {rec['tokens_per_s']:,.0f} tok/s | {mfu_text} | data wait "

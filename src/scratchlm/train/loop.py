@@ -29,6 +29,8 @@ from ..config import ConfigError
 from ..data import TrainData
 from ..errors import UserError
 from ..metrics import Window, memory_gib, mfu
+from ..model.loss import Distill, LossTerms
+from ..parallelize import gradient_sync
 from .config import TrainConfig
 from .logs import MetricsLog, format_line
 from .optim import LRSchedule
@@ -116,6 +118,8 @@ class Run:
     tokens_per_step: int
     schedule: LRSchedule
     amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    """fp16: the dynamic loss scaler (the same under DDP and FSDP2, whose gradients it takes as DTensors)."""
     env: distributed.DistEnv = field(default_factory=distributed.DistEnv)
     flops_per_token: float = 0.0
     peak: tuple[str, float] | None = None
@@ -133,6 +137,8 @@ class StepResult:
     epoch: int
     teacher_share: float | None = None
     """Share of the step's tokens a teacher wrote (training from a feed)."""
+    distilled: dict | None = None
+    """Distilling: the step's ``ce_loss``, ``kd_loss`` and ``soft_label_share`` (of its targets)."""
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -215,20 +221,36 @@ def train_step(run: Run) -> StepResult | None:
     t0 = time.perf_counter()
     data_s, shares = 0.0, []
     loss_sum = torch.zeros((), device=run.device)
-    for _ in range(cfg.grad_accum_steps):
+    parts = torch.zeros(3, device=run.device)  # distilling: ce, kd, share of targets with soft labels
+    distill = Distill(cfg.distill_weight, cfg.distill_temperature) if cfg.distill_weight > 0 else None
+    for micro in range(cfg.grad_accum_steps):
         td = time.perf_counter()
         batch = next(run.data.batches)
         inputs = batch.inputs.to(run.device, non_blocking=True)
         targets = batch.targets.to(run.device, non_blocking=True)
+        soft = batch.soft.to(run.device) if distill is not None and batch.soft is not None else None
         data_s += time.perf_counter() - td
         shares.append(batch.teacher_share)
         with autocast(run.device, run.amp_dtype):
-            loss = run.model(inputs, targets=targets)  # head + loss in chunks: no full logits tensor
-        (loss / cfg.grad_accum_steps).backward()
+            # head + loss in chunks: no full logits tensor
+            out = run.model(inputs, targets=targets, soft=soft, distill=distill)
+        loss = out.loss if isinstance(out, LossTerms) else out
+        # Gradients are reduced across ranks after the last micro-batch only.
+        with gradient_sync(run.model, last=micro == cfg.grad_accum_steps - 1):
+            scaled = loss / cfg.grad_accum_steps
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
         loss_sum += loss.detach()
+        if distill is not None:
+            # a batch without soft labels (a source that has none): plain cross-entropy, no KL
+            terms = (out if isinstance(out, LossTerms)
+                     else LossTerms(loss, loss.detach(), torch.zeros_like(loss)))
+            labelled = soft.mask.float().mean() if soft is not None else torch.zeros_like(terms.ce)
+            parts += torch.stack([terms.ce, terms.kd, labelled])
     lr = run.schedule.at(state.step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)  # the true gradients, for clipping and the norm
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
                                                cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the shards
@@ -237,11 +259,16 @@ def train_step(run: Run) -> StepResult | None:
     # collective and one device sync, here.
     from_feed = None not in shares
     share = sum(shares) / len(shares) if from_feed else 0.0
-    means = distributed.mean(torch.stack([loss_sum / cfg.grad_accum_steps,
-                                          torch.tensor(share, device=run.device)]), run.env).tolist()
+    sums = torch.cat([torch.stack([loss_sum, torch.tensor(share * cfg.grad_accum_steps, device=run.device)]),
+                      parts])
+    means = distributed.mean(sums / cfg.grad_accum_steps, run.env).tolist()
     step_loss, teacher_share = means[0], means[1] if from_feed else None
+    distilled = (dict(zip(("ce_loss", "kd_loss", "soft_label_share"), means[2:], strict=True))
+                 if distill is not None else None)
     norm = grad_norm.item()
     state.data_positions[run.env.rank] = batch.position
+    if run.scaler is not None and math.isfinite(step_loss) and not math.isfinite(norm):
+        return _overflowed(run)
     if not (math.isfinite(step_loss) and math.isfinite(norm)):
         run.optimizer.zero_grad(set_to_none=True)
         if cfg.on_nonfinite_loss == "stop":
@@ -251,12 +278,35 @@ def train_step(run: Run) -> StepResult | None:
         state.skipped_steps += 1
         log.warning("skipped step %d: non-finite loss or gradient", state.step + 1)
         return None
-    run.optimizer.step()
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        state.loss_scaler = run.scaler.state_dict()
+    else:
+        run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.tokens += run.tokens_per_step
     state.loss_smooth = step_loss if state.loss_smooth is None else 0.9 * state.loss_smooth + 0.1 * step_loss
-    return StepResult(step_loss, lr, norm, time.perf_counter() - t0, data_s, batch.epoch, teacher_share)
+    return StepResult(step_loss, lr, norm, time.perf_counter() - t0, data_s, batch.epoch, teacher_share,
+                      distilled)
+
+
+def _overflowed(run: Run) -> StepResult | None:
+    """fp16: gradients that overflowed at this loss scale. The scaler skips the update and halves the scale;
+    the data of the step is spent (as a skipped step's is), the step counted and logged."""
+    run.scaler.step(run.optimizer)  # finds the infinities and does not step
+    scale = run.scaler.get_scale()
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    state = run.state
+    state.overflow_steps += 1
+    state.loss_scaler = run.scaler.state_dict()
+    log.warning("step %d skipped: gradients overflowed in fp16 at loss scale %g (now %g; %d overflows so "
+                "far)", state.step + 1, scale, run.scaler.get_scale(), state.overflow_steps)
+    run.metrics.write({"step": state.step, "event": "fp16_overflow", "loss_scale": scale,
+                       "overflow_steps": state.overflow_steps})
+    return None
 
 
 class StepLog:
@@ -280,6 +330,7 @@ class StepLog:
             rec["mfu"] = mfu(run.flops_per_token, tps, run.peak[1], run.env.world_size)
         if step.teacher_share is not None:
             rec["teacher_token_share"] = step.teacher_share
+        rec.update(step.distilled or {})
         run.metrics.write(rec)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{step.loss:.3f}", tok_s=f"{tps:,.0f}")

@@ -27,6 +27,10 @@ class TrainState:
     """Steps skipped for a non-finite loss or gradient (``--on-nonfinite-loss skip``)."""
     branch: dict | None = None
     """A run branched off another (``--resume-from``): the checkpoint, its step, the parent's rate there."""
+    overflow_steps: int = 0
+    """fp16: steps whose gradients overflowed, skipped by the loss scaler (which then lowered the scale)."""
+    loss_scaler: dict | None = None
+    """fp16: the dynamic loss scaler's state (scale, growth tracker), so that a resumed run scales alike."""
 
     @classmethod
     def start(cls, world_size: int) -> TrainState:

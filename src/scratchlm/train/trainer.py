@@ -156,7 +156,7 @@ def _build_model(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
     peak = gpu_peak_flops(device)
     log.info("model %s: %s parameters on %s, %s, %s%s", model_cfg.name, f"{model_cfg.num_parameters:,}",
              device,
-             "bf16 autocast" if amp_dtype else "fp32",
+             f"{str(amp_dtype).removeprefix('torch.')} autocast" if amp_dtype else "fp32",
              f"{strategy} over {env.world_size} processes" if env.enabled else "one process",
              f" (MFU per device against {peak[0]} peak {peak[1] / 1e12:.0f} TFLOP/s)" if peak else "")
     return parallelize(model, cfg.activation_checkpointing, cfg.compile, strategy, device,
@@ -207,8 +207,9 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, env: distributed.D
     run = Run(cfg, model, optimizer, data, state, MetricsLog(out, env.is_main, cfg.tensorboard),
               Checkpointer(out, model, optimizer, config_yaml, cfg.keep_checkpoints, env,
                            saved=state if resume_from is not None else None),
-              device, tokens_per_step, _schedule(cfg, branch, tokens_per_step), amp_dtype, env,
-              cfg.preset().flops_per_token(block_size), gpu_peak_flops(device))
+              device, tokens_per_step, _schedule(cfg, branch, tokens_per_step), amp_dtype,
+              _loss_scaler(cfg, amp_dtype, device, state), env, cfg.preset().flops_per_token(block_size),
+              gpu_peak_flops(device))
     try:
         with run.stop_requests:
             reason = fit(run)
@@ -222,6 +223,17 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, env: distributed.D
         raise Interrupted(f"{reason} at step {state.step}: checkpoint written to {out / 'checkpoints'}; "
                           "continue with --resume auto")
     return _export(run, out, tokenizer, reason, final_eval)
+
+
+def _loss_scaler(cfg: TrainConfig, amp_dtype: torch.dtype | None, device: torch.device,
+                 state: TrainState) -> torch.amp.GradScaler | None:
+    """fp16's dynamic loss scaler, as it stood at the checkpoint when resuming; None in bf16 and fp32."""
+    if amp_dtype != torch.float16:
+        return None
+    scaler = torch.amp.GradScaler(device.type, init_scale=cfg.loss_scale)
+    if state.loss_scaler:
+        scaler.load_state_dict(state.loss_scaler)
+    return scaler
 
 
 def _export(run: Run, out: Path, tokenizer: Tokenizer, reason: str, final_eval: float | None) -> dict:
@@ -240,7 +252,8 @@ def _export(run: Run, out: Path, tokenizer: Tokenizer, reason: str, final_eval: 
                "initial_eval_loss": state.initial_eval_loss, "target_loss": state.target_loss,
                "target_reached": state.target_reached,
                "final_eval_loss": final_eval if final_eval is not None else last_eval(out / METRICS_FILE),
-               "skipped_steps": state.skipped_steps, "lr_schedule": asdict(run.schedule),
+               "skipped_steps": state.skipped_steps, "overflow_steps": state.overflow_steps,
+               "lr_schedule": asdict(run.schedule),
                "branch": state.branch,
                "tokens_per_s": state.tokens / state.elapsed_s if state.elapsed_s else 0.0,
                "final": str(final_dir)}
