@@ -330,8 +330,10 @@ def test_serve_model_scores_a_text_as_lm_eval_asks_and_as_the_openai_client_read
     positions = vllm["choices"][0]["prompt_logprobs"]
     assert positions[0] is None and len(positions) == len(ids)
     assert positions[1][str(ids[1])]["logprob"] == pytest.approx(float(ours.token_logprobs[0]), abs=1e-5)
-    assert all(c["logprobs"]["tokens"][0].startswith("token_id:") for e in events for c in e["choices"])
-    assert sorted(c["index"] for e in events for c in e["choices"]) == [0, 1]
+    chunks = [c for e in events for c in e["choices"]]
+    tokens = [c for c in chunks if c["finish_reason"] is None]
+    assert tokens and all(c["logprobs"]["tokens"][0].startswith("token_id:") for c in tokens)
+    assert sorted(c["index"] for c in chunks if c["finish_reason"]) == [0, 1]
     assert refused == [400, 422, 400]
 
 
@@ -411,3 +413,35 @@ def _corpus_pieces(batch) -> list:
     return [(doc_id, batch.token_ids[sizes[n] : sizes[n + 1]], batch.soft_logprobs[sizes[n] : sizes[n + 1]])
             for n, (source, doc_id) in enumerate(zip(batch.meta.sources, batch.meta.ids, strict=True))
             if source == "corpus"]
+
+
+def test_serve_model_streams_token_by_token_and_exports_prometheus_metrics(fp32_teacher, tmp_path):
+    import shutil
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with UvicornThread(create_app(fp32_teacher, "phi-tiny-test", None)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        arrivals = []
+        for event in client.completions.create(model="phi-tiny-test", prompt="Once upon a time",
+                                               max_tokens=12, temperature=0.8, seed=2, stream=True,
+                                               logprobs=2):
+            arrivals.append((time.monotonic(), event.choices[0]))
+        whole = client.completions.create(model="phi-tiny-test", prompt="Once upon a time", max_tokens=12,
+                                          temperature=0.8, seed=2)
+        text = httpx.get(server.url + "/metrics").text
+    tokens = [c for _, c in arrivals if c.finish_reason is None]
+    assert len(tokens) >= 8 and arrivals[-1][1].finish_reason == "length"  # a chunk a token, then the end
+    assert all(c.logprobs and len(c.logprobs.tokens) == 1 for c in tokens)
+    assert "".join(c.text for _, c in arrivals) == whole.choices[0].text  # the same seed: the same text
+    assert arrivals[-1][0] > arrivals[0][0]
+    metrics = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert metrics["scratchlm_model_generated_tokens_total"] == 24
+    assert metrics["scratchlm_model_time_to_first_token_seconds_count"] == 1
+    for gauge in ("queue_depth", "batch_occupancy", "tokens_per_second"):
+        assert f"scratchlm_model_{gauge}" in metrics
+    promtool = shutil.which("promtool")  # .ci/run fetches Prometheus's own checker
+    if promtool:
+        (tmp_path / "metrics.txt").write_text(text)
+        check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr

@@ -135,11 +135,12 @@ class LocalTeacher:
         if self.engine is not None:
             self.engine.check(params)
 
-    def submit(self, prompts: list, params: SamplingParams, seed: int | None = None) -> Future:
-        """Prompts are strings or lists of token ids."""
+    def submit(self, prompts: list, params: SamplingParams, seed: int | None = None, on_token=None) -> Future:
+        """Prompts are strings or lists of token ids; ``on_token(prompt, token, distribution)``, for a local
+        Phi model, is called as each token is accepted (streaming)."""
         ids = self.token_ids(prompts)
         if self.engine is not None:
-            outs = self.engine.submit(ids, params, seed)
+            outs = self.engine.submit(ids, params, seed, on_token)
         else:
             outs = self.hf_pool.submit(self._hf_generate, ids, params, seed)
         return chain(outs, lambda generated: self._completions(generated, params))

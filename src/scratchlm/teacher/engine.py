@@ -19,6 +19,7 @@ import random
 import threading
 import weakref
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -106,6 +107,8 @@ class _Request:
     """Scoring: which sequence each window is of."""
     sequences: int = 0
     """Scoring: how many sequences."""
+    on_token: Callable[[int, int, TopK | None], None] | None = None
+    """Called from the engine's thread with (prompt, token, its distribution) as each token is accepted."""
     ranks: bool = False
     """Scoring: also where each given token ranks (vLLM's prompt_logprobs report it)."""
 
@@ -175,14 +178,16 @@ class GenerationEngine:
 
     # --- callers' side -------------------------------------------------------------------------------------
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None) -> Future:
+    def submit(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None,
+               on_token: Callable[[int, int, TopK | None], None] | None = None) -> Future:
         """Queue a request; the future's result is a ``Generated`` per prompt (its new token ids, the stop
         token excluded, and with ``params.logprobs`` their distributions), in order. Prompt i samples with
-        seed ``seed + i`` (a random seed when None)."""
+        seed ``seed + i`` (a random seed when None). ``on_token(prompt, token, distribution)`` is called as
+        each new token is accepted (streaming)."""
         self.check(params)
         room = self.max_seq_len - params.max_new_tokens
         future: Future = Future()
-        request = _Request(params, future, [None] * len(prompts), len(prompts))
+        request = _Request(params, future, [None] * len(prompts), len(prompts), on_token=on_token)
         if not prompts:
             future.set_result([])
             return future
@@ -410,11 +415,14 @@ class GenerationEngine:
         seq = self.slots[row]
         params = seq.request.params
         if params.stop_at_eot and token == self.eot_id:
+            del seq.rows[len(seq.out) :]  # the stop token's distribution: not one of the text's tokens
             self._finish(row)
             return
         seq.out.append(token)
         seq.last = token
         self.stats.tokens += 1
+        if seq.request.on_token is not None:  # a streamed request: each token as it comes
+            seq.request.on_token(seq.index, token, seq.rows[-1] if seq.rows else None)
         if len(seq.out) >= params.max_new_tokens:
             self._finish(row)
 

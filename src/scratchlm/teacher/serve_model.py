@@ -17,20 +17,23 @@ with no log-probability. ``echo`` with ``max_tokens`` 0 or 1 and ``logprobs`` is
 from __future__ import annotations
 
 import json
+import queue
 import time
 import uuid
-from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 from fastapi import FastAPI, HTTPException
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..serving import harden
 from .backends import Completion, LocalTeacher
 from .commands import ServeModelConfig
+from .model_metrics import ModelMetrics
 from .protocol import TopK
 from .sampling import SamplingParams
 
@@ -162,14 +165,14 @@ class Answer:
             own = c.logprobs or TopK.empty(1)
             own = TopK(own.ids[:kept], own.logprobs[:kept], own.token_logprobs[:kept])
             if self.req.echo:  # the prompt's tokens first; the very first has no log-probability
-                out["logprobs"] = self._block(prompt + c.token_ids[:kept], [scored, own], 1)
+                out["logprobs"] = self.block_of(prompt + c.token_ids[:kept], [scored, own], 1)
             else:
-                out["logprobs"] = self._block(c.token_ids[:kept], [own], 0, len(echoed))
+                out["logprobs"] = self.block_of(c.token_ids[:kept], [own], 0, len(echoed))
         if self.req.prompt_logprobs is not None:
             out["prompt_logprobs"] = self._prompt(prompt, scored)
         return out
 
-    def _block(self, ids: list[int], parts: list[TopK], blank: int, offset: int = 0) -> dict:
+    def block_of(self, ids: list[int], parts: list[TopK], blank: int, offset: int = 0) -> dict:
         """``logprobs`` for tokens ``ids``, whose rows are ``parts`` end to end (the first ``blank`` tokens
         have none)."""
         k = self.req.logprobs or 0
@@ -205,6 +208,11 @@ def model_id(model: str) -> str:
 def create_app(teacher: LocalTeacher, model_name: str, api_key: str | None,
                max_body_bytes: int = 8 * 2**20, max_logprobs: int = 20) -> FastAPI:
     app = FastAPI(title="scratchlm serve-model", description=__doc__)
+    metrics = ModelMetrics(teacher.engine)
+
+    @app.get("/metrics")
+    def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     def health() -> dict:
@@ -234,41 +242,92 @@ def create_app(teacher: LocalTeacher, model_name: str, api_key: str | None,
             scoring = (req.echo and req.logprobs is not None) or req.prompt_logprobs is not None
             ranks = req.prompt_logprobs is not None  # vLLM's form reports where each given token ranks
             scored = teacher.submit_score(prompts, k, ranks) if scoring else None
+            metrics.prompt_tokens.inc(sum(len(ids) for ids in prompts))
             if req.stream:
-                return StreamingResponse(_stream(teacher, prompts, params, req.seed, answer, scored, head),
-                                         media_type="text/event-stream")
+                return StreamingResponse(_stream(teacher, prompts, params, req.seed, answer, scored, head,
+                                                 metrics), media_type="text/event-stream")
             outs = (teacher.submit(prompts, params, req.seed).result() if req.max_tokens
                     else [Completion([], "", False) for _ in prompts])
         except ValueError as err:  # e.g. more new tokens than the model's context leaves room for
             raise HTTPException(400, str(err)) from None
         rows = scored.result() if scored is not None else [None] * len(prompts)
         completion_tokens = sum(c.tokens for c in outs)
+        metrics.generated_tokens.inc(completion_tokens)
         prompt_tokens = sum(len(ids) for ids in prompts)
         return {**head, "choices": [answer.choice(i, p, r, c) for i, (p, r, c) in
                                     enumerate(zip(prompts, rows, outs, strict=True))],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
-    return harden(app, api_key, max_body_bytes)
+    return harden(app, api_key, max_body_bytes, lambda status: metrics.requests.labels(str(status)).inc())
+
+
+class TokenStream:
+    """One choice's text as its tokens arrive: each new piece once it is whole (a token can end inside a UTF-8
+    character), cut at the first stop string."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer, self.ids, self.sent, self.stopped = answer, [], "", False
+
+    def add(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        text = self.answer.decode(self.ids)
+        if text.endswith("\ufffd"):  # the rest of a character is still to come
+            return ""
+        for stop in self.answer.stops:
+            if stop and stop in text:
+                text, self.stopped = text[: text.index(stop)], True
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
 
 
 def _stream(teacher: LocalTeacher, prompts: list, params: SamplingParams, seed: int | None, answer: Answer,
-            scored, head: dict):
-    """Server-sent events: each choice as soon as it is finished, then ``[DONE]`` (OpenAI's stream format).
+            scored, head: dict, metrics: ModelMetrics):
+    """Server-sent events, OpenAI's stream format: a chunk per token of each choice as the engine accepts it
+    (with its log-probabilities when asked), a last chunk per choice with its finish reason, then ``[DONE]``.
     Prompt i samples with seed + i, as in one request."""
+    started = time.monotonic()
     rows = scored.result() if scored is not None else [None] * len(prompts)
-    if not params.max_new_tokens:
-        futures = {}
+
+    def chunk(i: int, text: str, logprobs=None, reason=None) -> str:
+        choice = {"text": text, "index": i, "logprobs": logprobs, "finish_reason": reason}
+        return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+
+    if answer.req.echo:  # the prompt first (scored, when log-probabilities are asked)
         for i, p in enumerate(prompts):
-            choice = answer.choice(i, p, rows[i], Completion([], "", False))
-            yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-    else:
-        futures = {teacher.submit([p], params, None if seed is None else seed + i): i
-                   for i, p in enumerate(prompts)}
-    for future in as_completed(futures):
-        i = futures[future]
-        choice = answer.choice(i, prompts[i], rows[i], future.result()[0])
-        yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+            echoed = answer.choice(i, p, rows[i], Completion([], "", False))
+            yield chunk(i, echoed["text"], echoed["logprobs"])
+    if not params.max_new_tokens:
+        yield from (chunk(i, "", reason="length") for i in range(len(prompts)))
+        yield "data: [DONE]\n\n"
+        return
+    events: queue.Queue = queue.Queue()
+    futures = [teacher.submit([p], params, None if seed is None else seed + i,
+                              on_token=lambda _, token, row, i=i: events.put((i, token, row)))
+               for i, p in enumerate(prompts)]
+    for i, future in enumerate(futures):
+        future.add_done_callback(lambda f, i=i: events.put((i, None, f)))
+    streams, first, done = [TokenStream(answer) for _ in prompts], True, 0
+    while done < len(prompts):
+        i, token, row = events.get()
+        if token is None:  # the choice is complete
+            completion = row.result()[0]
+            metrics.generated_tokens.inc(completion.tokens)
+            reason = "stop" if completion.finished or streams[i].stopped else "length"
+            yield chunk(i, "", reason=reason)
+            done += 1
+            continue
+        if first:
+            metrics.first_token.observe(time.monotonic() - started)
+            first = False
+        text = streams[i].add(token)
+        logprobs = None
+        if answer.req.logprobs is not None and not streams[i].stopped:
+            logprobs = answer.block_of([token], [row or TopK.empty(1)], 0)
+        if text or logprobs:
+            yield chunk(i, text, logprobs)
     yield "data: [DONE]\n\n"
 
 
