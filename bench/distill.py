@@ -138,7 +138,7 @@ def main() -> None:
     p.add_argument("--corpus", default=os.environ.get("SCRATCHLM_DATA"))
     p.add_argument("--out", default="runs/distill")
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--teacher-steps", type=int, default=1200)
+    p.add_argument("--teacher-steps", type=int, default=600)
     p.add_argument("--subset-files", nargs="+", default=SUBSET)
     p.add_argument("--weights", type=float, nargs="+", default=[0.5, 0.9])
     p.add_argument("--top-k", type=int, nargs="+", default=[8, 20])

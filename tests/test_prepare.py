@@ -79,10 +79,13 @@ def test_a_run_reads_prepared_soft_labels_with_no_teacher_running(two_files, sma
 
     monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
     assert _prepare(two_files, small_teacher, tmp_path / "cache").wait(timeout=300) == 0
+    prepared = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
     request = DataRequest(str(two_files), block_size=64, batch_size=4, eval_blocks=1, soft_labels=5)
     data = build_data(request, tokenizer)
     batch = next(data.batches)
     data.close()
+    # The run read the cache as prepare left it: nothing tokenized, written or rewritten.
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()} == prepared
     assert batch.soft.ids.shape == (4, 64, 5) and batch.soft.mask.float().mean() > 0.95
     # Each target's row is the teacher's distribution at that token of the stream: the same as scoring the
     # stream again (here in float32; prepare scored in the teacher's own precision).

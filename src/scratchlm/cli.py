@@ -139,6 +139,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def config_of(argv: Sequence[str]) -> ConfigBase:
+    """The validated config a command line (``train --max-steps 10 ...``, without ``scratchlm``) gives its
+    command, without running it: how the tests check every command the README documents."""
+    args = build_parser(argv[0]).parse_args(argv)
+    return args.config_of(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -1,13 +1,15 @@
 """Typed configuration: pydantic models whose field docstrings become ``--help``.
 
 One mechanism serves every command: a config class lists its fields with a docstring under each, values come
-from the class defaults, then a YAML file (``--config``), then command-line flags (``--max-steps 10``), and
+from the class defaults, then the command's section of ``$SCRATCHLM_CONFIG`` (a machine's own defaults), then
+a YAML file (``--config``), then command-line flags (``--max-steps 10``), and
 pydantic checks the result. Unknown keys and wrong types are refused with a message naming the key.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -142,15 +144,35 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load(cls: type[C], yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
-    """Defaults < YAML file < overrides (e.g. parsed flags), validated together."""
-    values: dict[str, Any] = {}
+MACHINE_CONFIG_ENV = "SCRATCHLM_CONFIG"
+
+
+def machine_defaults(command: str) -> tuple[dict[str, Any], str | None]:
+    """``command``'s section of the YAML file named by ``$SCRATCHLM_CONFIG`` (one section per command:
+    ``train:``, ``eval:``, ...), and the file's name; ({}, None) when the variable is unset.
+
+    A machine's or a course's own defaults (a device, a small block size, a time limit) under every command
+    typed on it, below ``--config`` and flags: how the README's commands are run at toy size by the tests."""
+    path = os.environ.get(MACHINE_CONFIG_ENV)
+    if not path:
+        return {}, None
+    section = read_yaml(path).get(command) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{MACHINE_CONFIG_ENV}={path}: the '{command}' section must be a mapping of keys")
+    return section, path
+
+
+def load(cls: type[C], yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+         command: str | None = None) -> C:
+    """Defaults < ``$SCRATCHLM_CONFIG``'s section for ``command`` < YAML file < overrides (e.g. parsed flags),
+    validated together."""
+    values, machine = machine_defaults(command) if command else ({}, None)
     if yaml_path is not None:
         values.update(read_yaml(yaml_path))
-    source = str(yaml_path) if yaml_path is not None else "config"
+    source = " + ".join(str(p) for p in (machine, yaml_path) if p is not None) or "config"
     if overrides:
         values.update(overrides)
-        source = f"{source} + command line" if yaml_path is not None else "command line"
+        source = f"{source} + command line" if source != "config" else "command line"
     return validate(cls, values, source)
 
 
@@ -225,13 +247,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[ConfigBase], skip: 
 def add_command(sub: argparse._SubParsersAction, name: str, cls: type[C], run: Callable[[C], object],
                 help: str) -> argparse.ArgumentParser:
     """The one way to declare a command: its flags are the fields of ``cls`` (see ``add_arguments``) plus
-    ``--config YAML``; ``run`` gets the validated config (defaults < YAML < command line)."""
+    ``--config YAML``; ``run`` gets the validated config (defaults < $SCRATCHLM_CONFIG < YAML < command
+    line), which ``args.config_of(args)`` also gives without running."""
     parser = sub.add_parser(name, help=help,
                             description=f"{(cls.__doc__ or help).strip()} Values: defaults < "
                             "--config YAML < command line.")
     parser.add_argument("--config", help=f"YAML file of {cls.__name__} keys")
     add_arguments(parser, cls)
-    parser.set_defaults(func=lambda args: run(load(cls, args.config, overrides_from_args(args, cls))))
+    parser.set_defaults(config_of=lambda args: load(cls, args.config, overrides_from_args(args, cls), name))
+    parser.set_defaults(func=lambda args: run(args.config_of(args)))
     return parser
 
 

@@ -134,14 +134,14 @@ def _feed_data(request: DataRequest, tokenizer: Tokenizer, env: distributed.Dist
 def _tokenize_all(request: DataRequest, tokenizer: Tokenizer, env: distributed.DistEnv,
                   sources: list[DataSource]) -> list[TokenizedCorpus]:
     if not env.is_main:
-        distributed.barrier(env)  # rank 0 tokenizes into the cache first; the others then read it
+        distributed.wait_for_all(env)  # rank 0 tokenizes into the cache first (as long as it takes)
     corpora = [tokenize_corpus(s.path, tokenizer, chunk_chars=request.chunk_chars,
                                eval_fraction=request.eval_fraction, progress=request.progress and env.is_main,
                                num_proc=request.num_proc, text_field=request.text_field,
                                verify=request.verify_cache)
                for s in sources]
     if env.is_main:
-        distributed.barrier(env)
+        distributed.wait_for_all(env)
     return corpora
 
 

@@ -148,6 +148,10 @@ class TrainConfig(ConfigBase):
     step."""
     tensorboard: bool = False
     """Also write TensorBoard event files to the run folder (needs the tensorboard package)."""
+    wandb: str | None = None
+    """Mirror every metrics.jsonl record to Weights & Biases: PROJECT or PROJECT/RUN (needs the wandb extra;
+    WANDB_MODE=offline writes OUT/wandb for a later ``wandb sync``). A resumed run continues the same W&B
+    run."""
 
     def check(self) -> None:
         """Settings that are each valid but make no run together: no stop rule, conflicting resumes."""
@@ -208,6 +212,6 @@ class TrainConfig(ConfigBase):
 RESUMABLE_CHANGES = {"max_steps", "max_tokens", "max_time", "target_loss", "continue_after_target", "resume",
                      "resume_from",
                      "log_interval", "log_format", "eval_interval", "checkpoint_interval", "keep_checkpoints",
-                     "tensorboard", "compile", "activation_checkpointing", "device", "out", "data",
+                     "tensorboard", "wandb", "compile", "activation_checkpointing", "device", "out", "data",
                      "num_proc", "verify_cache",
                      "tokenizer"}

