@@ -15,10 +15,23 @@ os.environ.setdefault("SCRATCHLM_TOKENIZER", str(SHARED / "tokenizers" / "phi-2"
 os.environ.setdefault("SCRATCHLM_DATA", str(SHARED / "data" / "clean"))
 
 
+# Under pytest-xdist (``-n 2``: the README's test command), each worker's torch takes one core: two workers
+# whose OpenMP teams wanted both cores would each wait on threads the other has descheduled, many times
+# slower. Set before the tests import torch, and inherited by the processes they start.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def token_cache(tmp_path_factory) -> Path:
-    """One token cache for the whole session, so each corpus is tokenized once."""
-    path = tmp_path_factory.mktemp("token-cache")
+    """One token cache for the whole session, so each corpus is tokenized once (shared by xdist's workers:
+    the cache's build lock lets one tokenize while the other waits)."""
+    if XDIST_WORKER:
+        path = tmp_path_factory.getbasetemp().parent / "token-cache"
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("token-cache")
     os.environ["SCRATCHLM_CACHE"] = str(path)
     return path
 

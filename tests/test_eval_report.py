@@ -78,7 +78,6 @@ def test_fit_recovers_a_known_power_law(E, B, beta):
     assert not extrapolate(tokens, losses, E - 0.5, samples=20)["reachable"]  # below the floor: out of reach
 
 
-@pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "-m", "scratchlm", "demo", "--quick", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=900)

@@ -65,12 +65,14 @@ def evaluate(model: str, data: str, **settings) -> dict:
     return evaluate_config(cfg).to_dict()
 
 
-def report(runs: list[str], **settings) -> dict:
-    """Plots, table and forecast for run folders; settings are ``ReportConfig`` fields (``scratchlm
-    report``); without ``out``, only the report's contents are returned."""
+def report(runs: list[str], out: str | None = None, **settings) -> dict:
+    """Plots, table and forecast for run folders, written to ``out``; settings are ``ReportConfig`` fields
+    (``scratchlm report``); without ``out``, only the report's contents are returned."""
     from .config import validate
     from .reporting import ReportConfig, report_config
 
+    if out is not None:
+        settings["out"] = out
     return report_config(validate(ReportConfig, {"runs": list(runs), **settings}, "scratchlm.report"))
 
 
