@@ -14,7 +14,8 @@ loss every run is compared on.
    - `stream`: the seed's stream from a feed over the same text, 30% of tokens from the teacher, plain CE;
    - `stream-distill`: the same stream distilling at every token (the teacher's text from its generation,
      corpus text scored as it is served), with the first of --weights and the last of --top-k.
-3. Every final model evaluated by `scratchlm eval` on the text's held-out documents; from each run's own
+3. Every final model evaluated by `scratchlm eval` on the text's held-out documents and on the first 50k
+   tokens of a corpus file outside the subset (--unseen: no student read it); from each run's own
    evaluations (every 10 steps, the same held-out blocks for all), the tokens and the wall time it took to
    reach the plain run's final loss. Wall time counts the teacher's: for prepared labels, the scoring time of
    the tokens the run read; for a stream, the teacher ran beside the trainer on the same machine.
@@ -27,12 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from servers import spawn  # noqa: E402  (the launcher of a feed process, as the tests use it)
+from stream_fairness import held_out_loss, scratchlm  # noqa: E402  (the same runs of the CLI and evaluation)
 
 from scratchlm.files import read_jsonl  # noqa: E402
 from scratchlm.reporting import reach  # noqa: E402  (the report's own reading of a run)
@@ -41,20 +42,6 @@ from scratchlm.serving import free_port  # noqa: E402
 STUDENT = ["--model", "phi-tiny", "--block-size", "256", "--micro-batch-size", "8", "--lr", "2e-3",
            "--warmup-steps", "10", "--lr-schedule", "wsd", "--eval-interval", "10", "--eval-batches", "4",
            "--checkpoint-interval", "1000", "--device", "cpu", "--seed", "1"]
-
-
-def scratchlm(*args: str, capture: bool = False) -> str:
-    r = subprocess.run([sys.executable, "-m", "scratchlm", *args], check=True, text=True,
-                       stdout=subprocess.PIPE if capture else None)
-    return r.stdout if capture else ""
-
-
-def held_out_loss(run: Path, corpus: str) -> float:
-    cached = run / "held_out_eval.json"
-    if not cached.exists():
-        cached.write_text(scratchlm("eval", "--model", str(run / "final"), "--data", corpus, "--block-size",
-                                    "256", "--device", "cpu", "--json", capture=True))
-    return json.loads(cached.read_text())["loss"]
 
 
 def teacher(out: Path, corpus: str, steps: int) -> Path:
@@ -99,6 +86,11 @@ def subset(corpus: str, out: Path, files: list[str]) -> str:
     return str(root)
 
 
+def evaluations(run: Path) -> list[dict]:
+    """A run's own evaluations, from its metrics.jsonl."""
+    return [r for r in read_jsonl(run / "metrics.jsonl") if "eval_loss" in r]
+
+
 def prepared_seconds(run: Path, soft_meta: dict) -> float:
     """The teacher's share of a run's wall time when it read prepared labels: the scoring time of the tokens
     it read."""
@@ -114,7 +106,7 @@ def plot(runs: dict[str, Path], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for name, run in runs.items():
-        ev = [r for r in read_jsonl(run / "metrics.jsonl") if "eval_loss" in r and r["tokens"] > 0]
+        ev = [r for r in evaluations(run) if r["tokens"] > 0]
         axes[0].plot([r["tokens"] for r in ev], [r["eval_loss"] for r in ev], "-", label=name)
         axes[1].plot([r["elapsed_s"] for r in ev], [r["eval_loss"] for r in ev], "-", label=name)
     for ax, label in zip(axes, ("training tokens", "wall time, s (the teacher's included)"), strict=True):
@@ -142,6 +134,8 @@ def main() -> None:
     p.add_argument("--subset-files", nargs="+", default=SUBSET)
     p.add_argument("--weights", type=float, nargs="+", default=[0.5, 0.9])
     p.add_argument("--top-k", type=int, nargs="+", default=[8, 20])
+    p.add_argument("--unseen", default="wikipedia/enwiki2015_AA_wiki_03.txt",
+                   help="a corpus file outside the subset: its first 50k tokens evaluated on as well")
     args = p.parse_args()
     out = Path(args.out)
     spec = f"local:{teacher(out, args.corpus, args.teacher_steps)}"
@@ -160,8 +154,8 @@ def main() -> None:
     runs["stream-distill"] = student(out, "stream-distill", text, args.steps,
                                      ["--soft-labels", str(k), "--distill-weight", str(a)],
                                      [*stream, "--soft-labels", str(k), "--score-corpus"])
-    target = [r for r in read_jsonl(runs["plain"] / "metrics.jsonl") if "eval_loss" in r][-1]["eval_loss"]
-    plain_tokens, plain_seconds = reach(read_jsonl(runs["plain"] / "metrics.jsonl"), target)
+    target = evaluations(runs["plain"])[-1]["eval_loss"]
+    plain_tokens, plain_seconds = reach(evaluations(runs["plain"]), target)
     teacher_summary = json.loads((out / "teacher-phi-20m" / "summary.json").read_text())
     table = {"teacher": {"held_out_loss": held_out_loss(out / "teacher-phi-20m", text),
                          "tokens": teacher_summary["tokens"],
@@ -171,18 +165,22 @@ def main() -> None:
              "target": target, "runs": {}}
     print(f"teacher phi-20m: held-out {table['teacher']['held_out_loss']:.4f} after "
           f"{table['teacher']['tokens']:,} tokens; scoring the text took {soft_meta['seconds']:.0f} s")
-    print(f"\n{'run':<18} {'held-out':>9} {'tokens to reach plain':>22} {'x plain':>8} {'wall s':>8} "
-          f"{'x plain':>8}")
+    unseen = str(Path(args.corpus) / args.unseen)
+    print(f"\n{'run':<18} {'held-out':>9} {'unseen':>8} {'tokens to reach plain':>22} {'x plain':>8} "
+          f"{'wall s':>8} {'x plain':>8}")
     for name, run in runs.items():
-        tokens, seconds = reach(read_jsonl(run / "metrics.jsonl"), target)
+        tokens, seconds = reach(evaluations(run), target)
         offline = name.startswith("distill")
         extra = prepared_seconds(run, soft_meta) if offline and seconds is not None else 0.0
         seconds = seconds + extra if seconds is not None else None
-        row = {"held_out_loss": held_out_loss(run, text), "tokens_to_reach": tokens,
+        row = {"held_out_loss": held_out_loss(run, text), "unseen_loss": held_out_loss(
+                   run, unseen, "--split", "all", "--max-tokens", "50000", cache="unseen_eval.json"),
+               "tokens_to_reach": tokens,
                "token_ratio": tokens / plain_tokens if tokens else None, "seconds_to_reach": seconds,
                "time_ratio": seconds / plain_seconds if seconds else None, "teacher_seconds": extra}
         table["runs"][name] = row
-        print(f"{name:<18} {row['held_out_loss']:>9.4f} {tokens or float('nan'):>22,.0f} "
+        print(f"{name:<18} {row['held_out_loss']:>9.4f} {row['unseen_loss']:>8.4f} "
+              f"{tokens or float('nan'):>22,.0f} "
               f"{row['token_ratio'] or float('nan'):>8.2f} {seconds or float('nan'):>8.0f} "
               f"{row['time_ratio'] or float('nan'):>8.2f}")
     (out / "distill.json").write_text(json.dumps(table, indent=1))

@@ -44,12 +44,12 @@ def train(out: Path, data: str, seed: int, steps: int, *extra: str) -> None:
               "--resume", "auto", *TRAIN, *extra)
 
 
-def held_out_loss(run: Path, corpus: str) -> float:
-    """`scratchlm eval` on the corpus's held-out documents (cached beside the run)."""
-    cached = run / "held_out_eval.json"
+def held_out_loss(run: Path, corpus: str, *flags: str, cache: str = "held_out_eval.json") -> float:
+    """`scratchlm eval` on the corpus's held-out documents, or as ``flags`` say (cached beside the run)."""
+    cached = run / cache
     if not cached.exists():
         cached.write_text(scratchlm("eval", "--model", str(run / "final"), "--data", corpus, "--block-size",
-                                    "256", "--device", "cpu", "--json", capture=True))
+                                    "256", "--device", "cpu", "--json", *flags, capture=True))
     return json.loads(cached.read_text())["loss"]
 
 

@@ -18,6 +18,20 @@ from scratchlm.serving import BackgroundServer, free_port
 UvicornThread = BackgroundServer
 
 
+def random_model_folder(folder, config, tokenizer):
+    """A model folder (weights from seed 0 and Phi-2's tokenizer) for serve-model or a ``local:`` teacher: a
+    real distribution over the real vocabulary, quick to compute."""
+    import torch
+
+    from scratchlm.model.hf import save_hf
+    from scratchlm.model.model import Phi
+
+    torch.manual_seed(0)
+    save_hf(Phi(config), folder)
+    tokenizer.save(folder)
+    return folder
+
+
 class FeedThread(BackgroundServer):
     """The real feed app, built from a ServeConfig, served on a loopback port; its teachers stop with it."""
 

@@ -18,13 +18,11 @@ import schemathesis
 import torch
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
-from servers import FeedThread, UvicornThread, free_port
+from servers import FeedThread, UvicornThread, free_port, random_model_folder
 
 from scratchlm.config import ConfigError
 from scratchlm.feed.server import ServeConfig, build
 from scratchlm.model.config import ModelConfig
-from scratchlm.model.hf import save_hf
-from scratchlm.model.model import Phi
 from scratchlm.serving import ServerConfig
 from scratchlm.teacher.backends import LocalTeacher
 from scratchlm.teacher.serve_model import create_app
@@ -36,11 +34,7 @@ SMALL = ModelConfig(name="small-context", n_layer=1, n_embd=32, n_head=2, interm
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory, tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("models") / "small-context"
-    torch.manual_seed(0)
-    save_hf(Phi(SMALL), folder)
-    tokenizer.save(folder)
-    return folder
+    return random_model_folder(tmp_path_factory.mktemp("models") / "small-context", SMALL, tokenizer)
 
 
 @pytest.fixture(scope="module")

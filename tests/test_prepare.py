@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from servers import random_model_folder
 
 from scratchlm.data.soft_labels import FAULT_PIECE_SLEEP_ENV
 from scratchlm.model.config import ModelConfig
-from scratchlm.model.hf import save_hf
-from scratchlm.model.model import Phi
 
 # A one-layer teacher with Phi-2's vocabulary: quick to score with, a real distribution all the same.
 SMALL = ModelConfig(name="small-teacher", n_layer=1, n_embd=64, n_head=2, intermediate_size=128,
@@ -25,11 +24,7 @@ SMALL = ModelConfig(name="small-teacher", n_layer=1, n_embd=64, n_head=2, interm
 
 @pytest.fixture(scope="module")
 def small_teacher(tmp_path_factory, tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("teacher") / "small-teacher"
-    torch.manual_seed(0)
-    save_hf(Phi(SMALL), folder)
-    tokenizer.save(folder)
-    return folder
+    return random_model_folder(tmp_path_factory.mktemp("teacher") / "small-teacher", SMALL, tokenizer)
 
 
 @pytest.fixture(scope="module")

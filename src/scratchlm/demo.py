@@ -29,7 +29,8 @@ log = logging.getLogger("scratchlm.demo")
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of the three runs; the full plan stays under 15 minutes on 2 cores, ``--quick`` under 2."""
+    """Sizes of the three runs; the full plan takes about 30 minutes on 2 cores (the stream run's teacher
+    shares them), ``--quick`` two or three."""
 
     model: str = "phi-tiny"
     block_size: int = 256
