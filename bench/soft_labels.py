@@ -39,6 +39,7 @@ from scratchlm.teacher.sampling import SamplingParams  # noqa: E402
 from scratchlm.tokenizer import load_tokenizer  # noqa: E402
 
 K = 20
+HELD_OUT = 0.05
 
 
 def teacher_folder(model: str, root: Path) -> Path:
@@ -122,12 +123,15 @@ def loader_rows(corpus: str, repeats: int, seconds: float) -> dict:
     from scratchlm.data.prepare import PrepareConfig, run_prepare
 
     small = teacher_folder("phi-tiny", Path(os.environ["SOFT_BENCH_ROOT"]))
-    run_prepare(PrepareConfig(data=corpus, teacher=f"local:{small}", soft_labels=K, device="cpu"))
+    # a larger held-out share than the default, so that a small corpus keeps a held-out block (same in both)
+    run_prepare(PrepareConfig(data=corpus, teacher=f"local:{small}", soft_labels=K, device="cpu",
+                              eval_fraction=HELD_OUT))
     tokenizer = load_tokenizer()
     rates: dict[str, list[float]] = {"without": [], "with soft labels": []}
     for _ in range(repeats):
         for name, k in (("without", 0), ("with soft labels", K)):
-            data = build_data(DataRequest(corpus, block_size=512, batch_size=8, eval_blocks=1, soft_labels=k),
+            data = build_data(DataRequest(corpus, block_size=512, batch_size=8, eval_blocks=1, soft_labels=k,
+                                          eval_fraction=HELD_OUT),
                               tokenizer)
             next(data.batches)
             tokens, t0 = 0, time.perf_counter()
