@@ -1,10 +1,14 @@
 """Generation throughput: our engine against transformers' ``generate``, same weights, batch, prompt length,
 new tokens, precision and sampling settings, in the same run. A teacher samples, so the sampled case is the
 one that counts; greedy is measured beside it. Every sequence writes exactly ``--new-tokens`` (no early stop).
-Each side is warmed up at full size first; medians of ``--repeats``.
+Each side is warmed up at full size first; medians of ``--repeats``. A teacher that hands out soft labels
+also pays for its top-k log-probabilities: ``--logprobs K`` times our sampled case with them (against ours
+without, in the same turns), and ``--score-len N`` our scoring (a prefill, no decoding, top ``K``) of
+``--score-batch`` sequences of N tokens, as ``prepare --soft-labels`` and a feed's ``--score-corpus`` ask.
 
     python bench/gen_throughput.py --model phi-tiny --batch 16 32 --new-tokens 256     # CPU, sampled + greedy
-    python bench/gen_throughput.py --model phi-2 --batch 64 256 --device cuda --hf-static-compile
+    python bench/gen_throughput.py --model phi-2 --batch 64 256 --device cuda --hf-static-compile \
+        --logprobs 20 --score-len 512
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -49,6 +54,11 @@ def main() -> None:
                    help="both models' precision (auto: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--hf-static-compile", action="store_true",
                    help="transformers with static cache + compile")
+    p.add_argument("--logprobs", type=int, default=0, metavar="K",
+                   help="also time our sampled case with the top K log-probabilities at every new token")
+    p.add_argument("--score-len", type=int, default=0, metavar="N",
+                   help="also time our scoring of sequences of N tokens (top K, --logprobs or 20)")
+    p.add_argument("--score-batch", type=int, default=32)
     args = p.parse_args()
 
     from transformers import PhiConfig, PhiForCausalLM
@@ -98,11 +108,19 @@ def main() -> None:
                 return (out.shape[1] - args.prompt_len) * out.shape[0]
 
             runs[(case, "ours")], runs[(case, "transformers")] = run_ours, run_theirs
+        if args.logprobs:
+            with_logprobs = SamplingParams(max_new_tokens=new, temperature=args.temperature, top_p=args.top_p,
+                                           stop_at_eot=False, logprobs=args.logprobs)
+            runs["sampled", "ours + logprobs"] = partial(run_ours, params=with_logprobs)
         rates = measure(runs, sync, args.repeats, batch * new)
         med = {key: statistics.median(r) for key, r in rates.items()}
         for (case, name), r in rates.items():
             print(f"{case:>8} b{batch} {name:>13}: {med[case, name]:>10,.0f} new tokens/s   "
                   f"(runs: {', '.join(f'{x:,.0f}' for x in r)})", flush=True)
+        if args.logprobs:
+            print(f"RESULT gen {args.model} b{batch} {dtype_name} {new} new sampled with logprobs "
+                  f"{args.logprobs}: ours {med['sampled', 'ours + logprobs']:,.0f} tok/s, "
+                  f"{med['sampled', 'ours + logprobs'] / med['sampled', 'ours']:.2f}x ours without")
         for case, settings in (("sampled", f"T={args.temperature} top-p={args.top_p}"), ("greedy", "greedy")):
             ratio = med[case, "ours"] / med[case, "transformers"]
             print(f"RESULT gen {args.model} b{batch} {dtype_name} {new} new {settings}"
@@ -114,6 +132,27 @@ def main() -> None:
         print(f"RESULT gen {args.model} b{batch} {dtype_name} sampled vs greedy, ours: greedy/sampled speed "
               f"{cost:.2f}", flush=True)
         engine.close()
+    if args.score_len:
+        score_rate(ours, args, sync, dtype_name)
+
+
+def score_rate(model, args: argparse.Namespace, sync, dtype_name: str) -> None:
+    """Our engine scoring ``--score-batch`` random sequences of ``--score-len`` tokens at top k: scored
+    positions a second, median of ``--repeats`` after two full-size warm-ups."""
+    from scratchlm.teacher.engine import GenerationEngine
+
+    k = args.logprobs or 20
+    engine = GenerationEngine(model, eot_id=50256, batch_size=args.score_batch, max_seq_len=args.score_len)
+    sequences = torch.randint(0, model.config.vocab_size, (args.score_batch, args.score_len)).tolist()
+
+    def run() -> int:
+        return sum(len(rows) for rows in engine.submit_score(sequences, k).result())
+
+    rates = measure({"score": run}, sync, args.repeats, args.score_batch * (args.score_len - 1))["score"]
+    engine.close()
+    print(f"RESULT score {args.model} {args.score_batch}x{args.score_len} {dtype_name} top {k}: ours "
+          f"{statistics.median(rates):,.0f} scored tok/s (runs: {', '.join(f'{x:,.0f}' for x in rates)})",
+          flush=True)
 
 
 if __name__ == "__main__":

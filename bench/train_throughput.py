@@ -4,9 +4,12 @@ Each measurement runs in its own subprocess (so peak memory is that model's alon
 then times ``--steps`` optimizer steps (forward, cross-entropy, backward, AdamW). Implementations alternate
 (ours, transformers, ours, ...) ``--repeats`` times; the table reports medians and the ratio ours /
 transformers.
+With ``--distill K`` our side also times a distilled step (A 0.5, a teacher's top K at every position) on the
+same model, after its plain steps: the KL's cost as a ratio in the same process. On a known GPU, MFU is
+printed beside tokens/s.
 
     python bench/train_throughput.py --model phi-tiny --batch 8 --block 256              # CPU
-    python bench/train_throughput.py --model phi-2 --batch 4 --block 2048 --device cuda --compile
+    python bench/train_throughput.py --model phi-2 --batch 4 --block 2048 --device cuda --compile --distill 20
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import subprocess
 import sys
 import time
 
+import torch
+
 
 def worker(args: argparse.Namespace) -> None:
-    import torch
     import torch.nn.functional as F
 
-    from scratchlm.metrics import memory_gib
+    from scratchlm.metrics import gpu_peak_flops, memory_gib, mfu
     from scratchlm.model.config import get_preset
+    from scratchlm.model.loss import Distill
     from scratchlm.model.model import Phi
     from scratchlm.parallelize import parallelize
 
@@ -33,10 +38,13 @@ def worker(args: argparse.Namespace) -> None:
     amp = torch.bfloat16 if args.precision == "bf16" else None
     torch.manual_seed(0)
     if args.impl == "ours":
-        model = parallelize(Phi(cfg).to(device), compile=args.compile)
+        with device:  # weights made where they live: a 2.7B model's init on the CPU costs tens of seconds
+            model = parallelize(Phi(cfg), compile=args.compile)
 
-        def loss_of(x, y):
-            return model(x, targets=y)  # as the trainer does: the chunked head + loss
+        def loss_of(x, y, soft=None):  # as the trainer does: the chunked head + loss
+            if soft is None:
+                return model(x, targets=y)
+            return model(x, targets=y, soft=soft, distill=Distill(weight=0.5)).loss
     else:
         from transformers import PhiConfig, PhiForCausalLM
 
@@ -44,11 +52,12 @@ def worker(args: argparse.Namespace) -> None:
 
         hf_cfg = PhiConfig(**{k: v for k,
                               v in hf_config(cfg).items() if k not in ("architectures", "torch_dtype")})
-        model = PhiForCausalLM(hf_cfg).to(device)
+        with device:
+            model = PhiForCausalLM(hf_cfg)
         if args.compile:
             model = torch.compile(model)
 
-        def loss_of(x, y):
+        def loss_of(x, y, soft=None):  # soft: ours only
             logits = model(input_ids=x, use_cache=False).logits
             return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
@@ -56,9 +65,9 @@ def worker(args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     data = torch.randint(0, cfg.vocab_size, (args.batch, args.block + 1), device=device)
 
-    def step() -> None:
+    def step(soft=None) -> None:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = loss_of(data[:, :-1], data[:, 1:])
+            loss = loss_of(data[:, :-1], data[:, 1:], soft)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -67,18 +76,42 @@ def worker(args: argparse.Namespace) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup):  # full-size warm-up: compilation, allocator, kernels
-        step()
-    sync()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
+    def timed_steps(soft=None) -> float:
+        """Median seconds a step, after a full-size warm-up (compilation, allocator, kernels)."""
+        for _ in range(args.warmup):
+            step(soft)
         sync()
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    print(json.dumps({"impl": args.impl, "tokens_per_s": args.batch * args.block / step_s, "step_s": step_s,
-                      "peak_mem_gib": memory_gib(device)}))
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            step(soft)
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    step_s = timed_steps()
+    tokens_per_s = args.batch * args.block / step_s
+    result = {"impl": args.impl, "tokens_per_s": tokens_per_s, "step_s": step_s,
+              "peak_mem_gib": memory_gib(device)}
+    peak = gpu_peak_flops(device)
+    if peak:
+        result["mfu"] = mfu(cfg.flops_per_token(args.block), tokens_per_s, peak[1])
+    if args.impl == "ours" and args.distill:
+        result["distill_tokens_per_s"] = args.batch * args.block / timed_steps(random_soft_labels(
+            args.batch, args.block, args.distill, cfg.vocab_size, device))
+    print(json.dumps(result))
+
+
+def random_soft_labels(batch: int, block: int, k: int, vocab: int, device: torch.device):
+    """A teacher's top k at every target: distinct random ids, log-probabilities summing below 1 (the rest
+    bucket non-empty), as prepared shards hold them."""
+    from scratchlm.data.loaders import SoftLabels
+
+    stride = vocab // k  # k ids a row, spread so that they never collide
+    ids = (torch.randint(0, vocab, (batch, block, 1), device=device)
+           + stride * torch.arange(k, device=device)) % vocab
+    logprobs = torch.log_softmax(torch.randn(batch, block, k + 1, device=device), dim=-1)[..., :k]
+    return SoftLabels(ids, logprobs, torch.ones(batch, block, dtype=torch.bool, device=device))
 
 
 def main() -> None:
@@ -92,6 +125,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--distill", type=int, default=0, metavar="K",
+                   help="also time our distilled step with a teacher's top K at every position")
     p.add_argument("--impl", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.impl:
@@ -109,22 +144,29 @@ def main() -> None:
             print(f"run {r + 1} {impl:>12}: {res['tokens_per_s']:,.0f} tok/s, "
                   f"peak {res['peak_mem_gib']:.2f} GiB",
                   flush=True)
-    med = {k: {m: statistics.median(x[m] for x in v) for m in ("tokens_per_s", "peak_mem_gib")}
+    med = {k: {m: statistics.median(x[m] for x in v) for m in v[0] if m != "impl"}
            for k, v in results.items()}
     ratio = med["ours"]["tokens_per_s"] / med["transformers"]["tokens_per_s"]
-    print(f"\n{args.model} {args.device} {args.precision} batch {args.batch}x{args.block}"
-          f"{' compiled' if args.compile else ''}: median of {args.repeats} runs × {args.steps} steps")
-    print(f"{'':>14} {'tokens/s':>12} {'peak GiB':>9}")
-    for k, v in med.items():
-        print(f"{k:>14} {v['tokens_per_s']:>12,.0f} {v['peak_mem_gib']:>9.2f}")
-    print(f"ratio ours/transformers: {ratio:.3f}")
     compiled = " compiled" if args.compile else ""
-    print(f"RESULT train {args.model} {args.batch}x{args.block} {args.precision}{compiled}: "
-          f"ours {med['ours']['tokens_per_s']:,.0f} tok/s {med['ours']['peak_mem_gib']:.1f} GiB, "
-          "transformers "
-          f"{med['transformers']['tokens_per_s']:,.0f} tok/s {med['transformers']['peak_mem_gib']:.1f} GiB, "
-          f"ratio {ratio:.3f}")
+    print(f"\n{args.model} {args.device} {args.precision} batch {args.batch}x{args.block}{compiled}: "
+          f"median of {args.repeats} runs × {args.steps} steps")
+    print(f"{'':>14} {'tokens/s':>12} {'peak GiB':>9} {'MFU':>6}")
+    for k, v in med.items():
+        mfu_text = f"{v['mfu']:.1%}" if "mfu" in v else "-"
+        print(f"{k:>14} {v['tokens_per_s']:>12,.0f} {v['peak_mem_gib']:>9.2f} {mfu_text:>6}")
+    print(f"ratio ours/transformers: {ratio:.3f}")
 
+    def side(name: str) -> str:
+        v = med[name]
+        return (f"{name} {v['tokens_per_s']:,.0f} tok/s {v['peak_mem_gib']:.1f} GiB"
+                + (f" MFU {v['mfu']:.1%}" if "mfu" in v else ""))
+
+    print(f"RESULT train {args.model} {args.batch}x{args.block} {args.precision}{compiled}: "
+          f"{side('ours')}, {side('transformers')}, ratio {ratio:.3f}")
+    if args.distill:
+        d = med["ours"]["distill_tokens_per_s"]
+        print(f"RESULT distill step {args.model} {args.batch}x{args.block} {args.precision}{compiled} top "
+              f"{args.distill}: {d:,.0f} tok/s, {d / med['ours']['tokens_per_s']:.2f}x our plain step")
 
 if __name__ == "__main__":
     main()
