@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Literal
 
@@ -195,12 +195,16 @@ class Feed:
 
     def _count(self, pieces: list[Piece]) -> None:
         """Count an answer's texts (and the tokens of those already tokenized); called under the lock."""
+        texts, text_bytes = defaultdict(int), defaultdict(int)
         for p in pieces:
-            self._texts[p.source] += 1
+            texts[p.source] += 1
+            text_bytes[p.source] += len(p.text.encode("utf-8"))
             units = len(p.token_ids) + 1 if p.token_ids is not None else 0
             self._recent.append((p.source == "teacher", units if self.mix.unit == "tokens" else 1))
-            self.texts_served.labels(p.source).inc()
-            self.bytes_served.labels(p.source).inc(len(p.text.encode("utf-8")))
+        for source, n in texts.items():  # one metric update a source and answer, not one a text
+            self._texts[source] += n
+            self.texts_served.labels(source).inc(n)
+            self.bytes_served.labels(source).inc(text_bytes[source])
         self._count_tokens([p for p in pieces if p.token_ids is not None])
         if self.teachers is not None and self.mix.mode == "best-effort":
             self._watch_share()
