@@ -32,17 +32,19 @@ def block_span(block_size: int) -> int:
 @dataclass
 class SoftLabels:
     """A teacher's distribution at each target of a batch, truncated to its top k (raw log-probabilities),
-    where it has one."""
+    where it has one. Kept in the shards' and the wire's compact types (80 bytes a token at k 20, not 240)
+    until the loss widens them on the training device: the loader, its prefetch and the copy to a GPU move a
+    third of the bytes."""
 
-    ids: torch.Tensor  # (B, T, k) int64
-    logprobs: torch.Tensor  # (B, T, k) float32
+    ids: torch.Tensor  # (B, T, k) uint16 (the loss takes them as int64)
+    logprobs: torch.Tensor  # (B, T, k) float16 (the loss takes them as float32)
     mask: torch.Tensor  # (B, T) bool: which targets have a row
 
     @staticmethod
     def of_blocks(ids: np.ndarray, logprobs: np.ndarray, mask: np.ndarray) -> SoftLabels:
         """Rows of (B, T+1) blocks → the rows of their targets (every token but each block's first)."""
-        return SoftLabels(torch.from_numpy(ids[:, 1:].astype(np.int64)),
-                          torch.from_numpy(logprobs[:, 1:].astype(np.float32)),
+        return SoftLabels(torch.from_numpy(np.ascontiguousarray(ids[:, 1:], dtype=np.uint16)),
+                          torch.from_numpy(np.ascontiguousarray(logprobs[:, 1:], dtype=np.float16)),
                           torch.from_numpy(np.ascontiguousarray(mask[:, 1:], dtype=bool)))
 
     def to(self, device: torch.device) -> SoftLabels:
@@ -139,6 +141,17 @@ class BlockSoftLabels:
         rows = [self.shards.rows(int(i) * self.span, (int(i) + 1) * self.span, self.k) for i in ids]
         return tuple(np.stack(part) for part in zip(*rows, strict=True))
 
+    def targets(self, ids) -> SoftLabels:
+        """The soft labels at the targets of blocks ``ids`` (every token but each block's first), read
+        straight into the batch's arrays: ``SoftLabels.of_blocks(*self.stack(ids))`` without its three
+        copies (the loader's rate with soft labels is a benchmark target)."""
+        shape = (len(ids), self.span - 1, self.k)
+        soft_ids, logprobs = np.empty(shape, np.uint16), np.empty(shape, np.float16)
+        for row, i in enumerate(ids):
+            self.shards.read_into(int(i) * self.span + 1, soft_ids[row], logprobs[row])
+        return SoftLabels(torch.from_numpy(soft_ids), torch.from_numpy(logprobs),
+                          torch.from_numpy(np.isfinite(logprobs[..., 0])))
+
     def none(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows for n blocks of a source without soft labels: all masked."""
         return (np.zeros((n, self.span, self.k), np.uint16), np.zeros((n, self.span, self.k), np.float16),
@@ -172,7 +185,7 @@ class BlockLoader:
         start = index + self.rank * self.batch_size
         ids = self.order(epoch)[start : start + self.batch_size]
         self.position = DataPosition(epoch, index + self.per_step)
-        soft = SoftLabels.of_blocks(*self.soft.stack(ids)) if self.soft is not None else None
+        soft = self.soft.targets(ids) if self.soft is not None else None
         return Batch.from_blocks(self.blocks.stack(ids), self.position.to_dict(), epoch, soft=soft)
 
     def __iter__(self) -> Iterator[Batch]:

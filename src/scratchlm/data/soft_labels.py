@@ -155,24 +155,31 @@ class SoftLabelShards:
         if self.meta["pieces"] != [p.name for p in pieces]:
             raise DataError(f"soft labels {folder} were made for another tokenization of this corpus: "
                             "prepare them again")
-        self.ids = [np.memmap(folder / f"{p.name}.ids.bin", dtype=np.uint16, mode="r").reshape(-1, self.k)
-                    for p in pieces]
-        self.logprobs = [np.memmap(folder / f"{p.name}.logprobs.bin", dtype=np.float16,
-                                   mode="r").reshape(-1, self.k) for p in pieces]
+        # plain arrays over the maps: np.memmap's own slicing costs more than the copy of a block's rows
+        self.ids = [np.asarray(np.memmap(folder / f"{p.name}.ids.bin", dtype=np.uint16, mode="r"))
+                    .reshape(-1, self.k) for p in pieces]
+        self.logprobs = [np.asarray(np.memmap(folder / f"{p.name}.logprobs.bin", dtype=np.float16, mode="r"))
+                         .reshape(-1, self.k) for p in pieces]
         self.starts = np.cumsum([0] + [p.stop - p.start for p in pieces]).tolist()
 
     def rows(self, start: int, stop: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, log-probabilities, mask) of training tokens start..stop, the first k of each row."""
-        ids, logprobs = [], []
+        ids, logprobs = np.empty((stop - start, k), np.uint16), np.empty((stop - start, k), np.float16)
+        self.read_into(start, ids, logprobs)
+        return ids, logprobs, np.isfinite(logprobs[:, 0])
+
+    def read_into(self, start: int, ids: np.ndarray, logprobs: np.ndarray) -> None:
+        """Fill ``ids`` and ``logprobs`` (n, k) with the rows of training tokens start..start + n, copied once
+        from the shards (a loader's batch is written in place, not concatenated and stacked)."""
+        n, k = ids.shape
+        stop, done = start + n, 0
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
         while start < stop:
             take = min(stop, self.starts[i + 1]) - start
             at = start - self.starts[i]
-            ids.append(self.ids[i][at : at + take, :k])
-            logprobs.append(self.logprobs[i][at : at + take, :k])
-            start, i = start + take, i + 1
-        lps = np.concatenate(logprobs)
-        return np.concatenate(ids), lps, np.isfinite(lps[:, 0])
+            ids[done : done + take] = self.ids[i][at : at + take, :k]
+            logprobs[done : done + take] = self.logprobs[i][at : at + take, :k]
+            start, done, i = start + take, done + take, i + 1
 
 
 def open_soft_labels(corpus: TokenizedCorpus, k: int, teacher: str | None = None) -> SoftLabelShards:

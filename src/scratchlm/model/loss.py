@@ -169,7 +169,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
         return loss
     k = soft.ids.shape[-1]
     weights = soft.mask.reshape(-1).to(torch.float32) * distill.weight
-    loss, ce, kd = _LinearLoss.apply(hidden, weight, bias, targets, soft.ids.reshape(-1, k),
+    # widened here, on the training device: the batch travels in the shards' uint16 / float16
+    loss, ce, kd = _LinearLoss.apply(hidden, weight, bias, targets, soft.ids.reshape(-1, k).long(),
                                      soft.logprobs.reshape(-1, k).float(), weights, distill, rows,
                                      torch.is_grad_enabled())
     return LossTerms(loss, ce, kd)
