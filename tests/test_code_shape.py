@@ -1,6 +1,8 @@
-"""The shape the code keeps: short functions (ruff checks complexity and line length; this, length)."""
+"""The shape the code keeps: short functions (ruff checks complexity and line length; this, length), and
+imports that run one way: no cycle, and the layers below never reaching up."""
 
 import ast
+import graphlib
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -16,3 +18,44 @@ def test_no_function_in_src_is_longer_than_80_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, "functions over 80 lines: " + ", ".join(long)
+
+
+# a package may not import from the packages named here (model < data < train; teacher < feed)
+LAYERS_BELOW = {
+    "model": {"data", "train", "teacher", "feed"},
+    "data": {"train", "feed"},
+    "teacher": {"train", "feed"},
+    "train": {"feed"},
+}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module of ``scratchlm`` → the modules of ``scratchlm`` it imports, at the top or inside a
+    function (a deferred import is still a dependency)."""
+    root = SRC / "scratchlm"
+    modules = {".".join(f.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__"): f
+               for f in root.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                found |= {f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target
+                          for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        graph[name] = {m for m in found if m in modules} - {name}
+    return graph
+
+
+def test_imports_have_no_cycle_and_respect_the_layers():
+    graph = import_graph()
+    assert len(graph) > 50 and graph["scratchlm.train.trainer"], "the walk found the package's imports"
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
+    upward = [f"{m} -> {d}" for m, deps in graph.items() for d in deps
+              if d.split(".")[1:2] and m.split(".")[1:2]
+              and d.split(".")[1] in LAYERS_BELOW.get(m.split(".")[1], ())]
+    assert not upward, "imports against the layers: " + ", ".join(sorted(upward))

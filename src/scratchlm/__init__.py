@@ -47,7 +47,7 @@ def serve_model(model: str, **settings):
     ``ServeModelConfig`` fields (``port=0``, the default here, picks a free one). Returns the running server:
     ``.url``, ``.stop()``."""
     from .config import validate
-    from .teacher.commands import ServeModelConfig
+    from .teacher.serve_model import ServeModelConfig
     from .teacher.serve_model import serve_model as _serve_model
 
     settings.setdefault("port", 0)

@@ -42,7 +42,7 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("serve corpus texts over HTTP (the data feed)",
                      "scratchlm.feed.server", "ServeConfig", "run_serve"),
     "serve-model": Command("serve a model through an OpenAI-compatible /v1/completions",
-                           "scratchlm.teacher.commands", "ServeModelConfig", "run_serve_model"),
+                           "scratchlm.teacher.serve_model", "ServeModelConfig", "serve_model"),
     "generate": Command("sample text from a model (a quick look)",
                         "scratchlm.teacher.commands", "GenerateConfig", "run_generate"),
     "build-corpus": Command("generate a clean corpus with a teacher into a sample.zip",

@@ -1,5 +1,5 @@
-"""The teacher's commands: ``generate``, ``serve-model`` and ``build-corpus``, each a typed config and a run
-function (heavy imports wait until a command runs)."""
+"""The teacher's commands ``generate`` and ``build-corpus``, each a typed config and a run function (heavy
+imports wait until a command runs); ``serve-model``'s config lives beside its server, in ``serve_model``."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import itertools
 import json
 from pathlib import Path
 
-from ..config import ConfigBase, Count, DeviceSpec, Port, Temperature, TopP
-from ..serving import ServerConfig
+from ..config import ConfigBase, Count, DeviceSpec, Temperature, TopP
 from .prompts import PromptStrategy
 
 
@@ -55,31 +54,6 @@ def run_generate(cfg: GenerateConfig) -> None:
     for i, c in enumerate(outs):
         print(f"--- sample {i + 1} ({c.tokens} tokens{', stopped at <|endoftext|>' if c.finished else ''})")
         print(cfg.prompt + c.text)
-
-
-class ServeModelConfig(ServerConfig):
-    """Serve a model through an OpenAI-compatible /v1/completions (for a feed's teacher, or any client)."""
-
-    model: str
-    """Hugging Face folder or hub id."""
-    port: Port = 8001
-    """TCP port."""
-    batch_size: Count | None = None
-    """Sequences decoded together, across all clients (default: 256 on a GPU, 32 on a CPU)."""
-    served_model_name: str | None = None
-    """The model's id in /v1/models and in answers (default: its folder's name or hub id; never a path)."""
-    max_body_bytes: Count = 8 * 2**20
-    """Largest request body accepted (413 beyond it)."""
-    max_logprobs: Count = 20
-    """Most alternatives a request may ask per token (logprobs, prompt_logprobs), as vLLM's --max-logprobs."""
-    device: DeviceSpec = "auto"
-    """auto, cpu, cuda or cuda:N."""
-
-
-def run_serve_model(cfg: ServeModelConfig) -> None:
-    from .serve_model import serve_model
-
-    serve_model(cfg)
 
 
 class BuildCorpusConfig(SamplingConfig):

@@ -30,12 +30,32 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..serving import harden
+from ..config import Count, DeviceSpec, Port
+from ..serving import ServerConfig, harden
 from .backends import Completion, LocalTeacher
-from .commands import ServeModelConfig
 from .model_metrics import ModelMetrics
 from .protocol import TopK
 from .sampling import SamplingParams
+
+
+class ServeModelConfig(ServerConfig):
+    """Serve a model through an OpenAI-compatible /v1/completions (for a feed's teacher, or any client)."""
+
+    model: str
+    """Hugging Face folder or hub id."""
+    port: Port = 8001
+    """TCP port."""
+    batch_size: Count | None = None
+    """Sequences decoded together, across all clients (default: 256 on a GPU, 32 on a CPU)."""
+    served_model_name: str | None = None
+    """The model's id in /v1/models and in answers (default: its folder's name or hub id; never a path)."""
+    max_body_bytes: Count = 8 * 2**20
+    """Largest request body accepted (413 beyond it)."""
+    max_logprobs: Count = 20
+    """Most alternatives a request may ask per token (logprobs, prompt_logprobs), as vLLM's --max-logprobs."""
+    device: DeviceSpec = "auto"
+    """auto, cpu, cuda or cuda:N."""
+
 
 MAX_PROMPTS = 1024
 UNSUPPORTED = {"suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
