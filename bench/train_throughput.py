@@ -27,11 +27,11 @@ import torch
 def worker(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
 
-    from scratchlm.metrics import gpu_peak_flops, memory_gib, mfu
     from scratchlm.model.config import get_preset
     from scratchlm.model.loss import Distill
     from scratchlm.model.model import Phi
-    from scratchlm.parallelize import parallelize
+    from scratchlm.train.metrics import gpu_peak_flops, memory_gib, mfu
+    from scratchlm.train.parallelize import parallelize
 
     cfg = get_preset(args.model)
     device = torch.device(args.device)

@@ -4,10 +4,10 @@ import math
 
 import pytest
 
-from scratchlm.metrics import Window, mfu, tokens_per_second
 from scratchlm.model.config import PRESETS
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.logs import format_line
+from scratchlm.train.metrics import Window, mfu, tokens_per_second
 from scratchlm.train.optim import decay_branch, schedule_for
 
 

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.model import Phi
-from scratchlm.parallelize import gradient_sync, parallelize
+from scratchlm.train.parallelize import gradient_sync, parallelize
 
 pytestmark = pytest.mark.slow
 TINY = ModelConfig(name="sync-test", n_layer=2, n_embd=32, n_head=2, intermediate_size=64, block_size=16,

@@ -133,3 +133,28 @@ def test_the_dockerfile_lints_clean_and_installs_the_readme_way():
     installs = re.findall(r"pip install \"?([^\s\"]+)", dockerfile)
     assert installs == [torch_pin, "."], installs
     assert re.search(r'ENTRYPOINT \["scratchlm"\]', dockerfile) and "demo" in dockerfile
+
+
+def layout_modules() -> set[str]:
+    """The modules the README's Layout names under ``src/scratchlm/``, as paths: a line's own ``dir/name.py``,
+    or a ``name.py`` listed after a ``dir/`` heading on that line and the lines that continue it."""
+    block = README.split("## Layout", 1)[1].split("```")[1]
+    named, folder = set(), ""
+    for line in block.split("src/scratchlm/", 1)[1].splitlines():
+        if line and not line.startswith(" "):  # the next top-level folder (bench/, examples/, ...)
+            break
+        first = line.split()[0] if line.split() else ""
+        if line.startswith("  ") and not line.startswith("   "):  # an entry: resets the folder it lists in
+            folder = first if first.endswith("/") else ""
+        for word in re.findall(r"[\w/]+\.py", line):
+            named.add(word if "/" in word or not folder else folder + word)
+    return named
+
+
+def test_the_layout_names_every_module_where_it_is():
+    src = REPO / "src" / "scratchlm"
+    modules = {p.relative_to(src).as_posix() for p in src.rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py")}
+    named = layout_modules()
+    assert named - modules == set(), "the Layout names modules that are not there"
+    assert modules - named == set(), "modules the Layout leaves out"

@@ -23,17 +23,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import checkpoint as ckpt
 from .. import distributed
 from ..config import ConfigError
 from ..data import TrainData
 from ..errors import UserError
-from ..metrics import Window, memory_gib, mfu
 from ..model.loss import Distill, LossTerms
-from ..parallelize import gradient_sync
+from . import checkpoint as ckpt
 from .config import TrainConfig
 from .logs import MetricsLog, format_line
+from .metrics import Window, memory_gib, mfu
 from .optim import LRSchedule
+from .parallelize import gradient_sync
 from .state import TrainState
 
 log = logging.getLogger("scratchlm.trainer")

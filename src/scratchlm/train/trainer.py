@@ -16,17 +16,15 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint as ckpt
 from .. import distributed
 from ..config import ConfigError, read_yaml, to_yaml
 from ..data import build_data
 from ..devices import pick_device
 from ..errors import UserError
-from ..metrics import gpu_peak_flops
 from ..model.hf import phi_from_weights, save_hf
 from ..model.model import Phi
-from ..parallelize import parallelize, resolve_strategy
 from ..tokenizer import Tokenizer, load_tokenizer
+from . import checkpoint as ckpt
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .logs import (
     METRICS_FILE,
@@ -38,7 +36,9 @@ from .logs import (
     truncate_metrics,
 )
 from .loop import Checkpointer, NonFiniteLoss, Run, evaluate, fit
+from .metrics import gpu_peak_flops
 from .optim import LRSchedule, build_optimizer, decay_branch, run_length, schedule_for
+from .parallelize import parallelize, resolve_strategy
 from .state import TrainState
 
 log = logging.getLogger("scratchlm.trainer")

@@ -38,8 +38,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .errors import UserError
-from .files import atomic_dir
+from ..errors import UserError
+from ..files import atomic_dir
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 FAULT_SLEEP_ENV = "SCRATCHLM_FAULT_CHECKPOINT_SLEEP"

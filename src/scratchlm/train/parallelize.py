@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from .model.model import Phi
+from ..model.model import Phi
 
 Strategy = Literal["auto", "single", "ddp", "fsdp"]
 FSDP_AUTO_PARAMETERS = 1_000_000_000
