@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from scratchlm import checkpoint as ckpt
 from scratchlm.train import TrainConfig, train
+from scratchlm.train import checkpoint as ckpt
 
 FAST = dict(model="phi-tiny", block_size=64, micro_batch_size=4, eval_batches=1, eval_fraction=0.05,
             warmup_steps=2, lr=3e-3, device="cpu", eval_interval=1000)

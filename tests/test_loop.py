@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from scratchlm import checkpoint as ckpt
 from scratchlm.data import BlockLoader, TrainData, eval_blocks
 from scratchlm.distributed import DistEnv
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.model import Phi
 from scratchlm.train import NonFiniteLoss, TrainConfig, fit
+from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.logs import MetricsLog
 from scratchlm.train.loop import Checkpointer, Run
 from scratchlm.train.optim import build_optimizer, schedule_for

@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from servers import UvicornThread, spawn
 
-from scratchlm import checkpoint as ckpt
 from scratchlm.data import CorpusStats, iter_documents
 from scratchlm.data.remote import FeedClient
 from scratchlm.feed.server import ServeConfig, build
+from scratchlm.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import PhiForCausalLM
 
-from scratchlm import checkpoint as ckpt
 from scratchlm.config import ConfigError
 from scratchlm.data import DataError
 from scratchlm.model.config import PRESETS
 from scratchlm.model.model import Phi
 from scratchlm.train import NonFiniteLoss, TrainConfig, train
+from scratchlm.train import checkpoint as ckpt
 
 FAST = dict(model="phi-tiny", block_size=64, micro_batch_size=4, eval_batches=2, eval_fraction=0.05,
             warmup_steps=5, lr=3e-3, min_lr=3e-4, device="cpu")
