@@ -36,7 +36,7 @@ from servers import spawn  # noqa: E402  (the launcher of a feed process, as the
 from stream_fairness import held_out_loss, scratchlm  # noqa: E402  (the same runs of the CLI and evaluation)
 
 from scratchlm.files import read_jsonl  # noqa: E402
-from scratchlm.reporting import reach  # noqa: E402  (the report's own reading of a run)
+from scratchlm.report.runs import reach  # noqa: E402  (the report's own reading of a run)
 from scratchlm.serving import free_port  # noqa: E402
 
 STUDENT = ["--model", "phi-tiny", "--block-size", "256", "--micro-batch-size", "8", "--lr", "2e-3",

@@ -4,7 +4,8 @@
 
 Prints, for the short run alone, its forecast of the long run's final evaluation loss (the loss law and the
 plain power law, with the law's 90% interval and the short run's own backtest error), then every backtest
-(``scratchlm.scaling``) on every run given, for both models, as Markdown rows for bench/RESULTS.md.
+(``scratchlm.report.backtest``) on every run given, for both models, as Markdown rows for
+bench/RESULTS.md.
 No timing: this measures how right the answers are, not how fast.
 """
 
@@ -14,8 +15,10 @@ import argparse
 import json
 from pathlib import Path
 
-from scratchlm.reporting import build_report, read_run
-from scratchlm.scaling import backtest_end, backtest_runs, curve_from_records
+from scratchlm.report.backtest import backtest_end, backtest_runs
+from scratchlm.report.command import build_report
+from scratchlm.report.law import curve_from_records
+from scratchlm.report.runs import read_run
 
 
 def _row(b: dict) -> str:

@@ -137,7 +137,7 @@ def test_a_distilled_run_from_a_feed_resumes_exactly_and_its_kl_falls(small_corp
     assert np.mean(kd[-5:]) < 0.7 * np.mean(kd[:5])  # the loss is wired: the student moves to the teacher
     assert "kd " in (tmp_path / "straight" / "train.log").read_text()
     # The report: plain and distilled runs on one figure (against wall time too), and the tokens to reach.
-    from scratchlm.reporting import build_report
+    from scratchlm.report.command import build_report
 
     report = build_report([tmp_path / "teacher", tmp_path / "straight"], tmp_path / "report")
     table = report["distillation"]

@@ -16,8 +16,9 @@ from scratchlm.evaluation import evaluate_texts
 from scratchlm.model.config import PRESETS
 from scratchlm.model.hf import save_hf
 from scratchlm.model.model import Phi
-from scratchlm.reporting import extrapolate
-from scratchlm.scaling import TOKEN_UNIT, fit_power_law
+from scratchlm.report.backtest import fit_power_law
+from scratchlm.report.forecast import extrapolate
+from scratchlm.report.law import TOKEN_UNIT
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,17 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from scratchlm.reporting import ReportConfig, build_report, run_report
-from scratchlm.scaling import (
-    Curve,
-    LossLaw,
-    backtest_end,
-    backtest_runs,
-    final_areas,
-    fit_loss_law,
-    predict_end,
-    schedule_areas,
-)
+from scratchlm.report.backtest import backtest_end, backtest_runs
+from scratchlm.report.command import ReportConfig, build_report, run_report
+from scratchlm.report.law import Curve, LossLaw, final_areas, fit_loss_law, predict_end, schedule_areas
 from scratchlm.train import TrainConfig, train
 from scratchlm.train.optim import schedule_for
 

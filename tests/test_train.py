@@ -196,7 +196,7 @@ def test_weighted_mix_of_two_corpora_logs_per_source_losses_and_resumes_exactly(
     with pytest.raises(DataError, match="same --data list"):  # the data position belongs to the mix
         train(TrainConfig(**{**common, "data": str(small_corpus)}, out=str(resumed), max_steps=14,
                           resume="auto"))
-    from scratchlm.reporting import build_report
+    from scratchlm.report.command import build_report
 
     build_report([straight], tmp_path / "report")
     curves = json.loads((tmp_path / "report" / "loss_curves.json").read_text())["straight"]["eval"]

@@ -69,7 +69,7 @@ def report(runs: list[str], out: str | None = None, **settings) -> dict:
     """Plots, table and forecast for run folders, written to ``out``; settings are ``ReportConfig`` fields
     (``scratchlm report``); without ``out``, only the report's contents are returned."""
     from .config import validate
-    from .reporting import ReportConfig, report_config
+    from .report.command import ReportConfig, report_config
 
     if out is not None:
         settings["out"] = out

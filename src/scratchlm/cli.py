@@ -50,7 +50,7 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("loss, perplexity and bits per byte of a model on text",
                     "scratchlm.evaluation", "EvalConfig", "run_eval"),
     "report": Command("plots, tables and 'how much more training' for one or more runs",
-                      "scratchlm.reporting", "ReportConfig", "run_report"),
+                      "scratchlm.report.command", "ReportConfig", "run_report"),
     "init": Command("write a randomly initialised model in Hugging Face format",
                     "scratchlm.cli", "InitConfig", "run_init"),
     "model-info": Command("parameter counts and FLOPs per token of a preset",

@@ -66,7 +66,8 @@ def demo(out: Path, plan: DemoPlan) -> dict:
     from . import serve
     from .data import corpus_from_env, held_out_documents
     from .evaluation import evaluate_model
-    from .reporting import PHI2_WIKITEXT_LOSS, build_report
+    from .report.command import build_report
+    from .report.runs import PHI2_WIKITEXT_LOSS
     from .tokenizer import load_tokenizer
     from .train import TrainConfig, train
 

@@ -30,7 +30,7 @@ def run_export(cfg: ExportConfig) -> Path:
     import torch
     from safetensors.torch import load_file
 
-    from .. import checkpoint as ckpt
+    from . import checkpoint as ckpt
     from ..model.hf import phi_from_weights, save_hf
     from ..tokenizer import load_tokenizer
     from .config import TrainConfig

@@ -1,0 +1,157 @@
+"""``scratchlm report``: compare runs (clean against stream, distilled against plain), plot them, and say how
+much more training a reference loss would take, from the loss law fitted against the runs' learning-rate
+schedules (``report.law``), checked by backtests (``report.backtest``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field
+
+from ..config import ConfigBase, ConfigError, NonNegative, Positive
+from .forecast import extrapolate, forecast
+from .markdown import markdown
+from .plots import plot_forecast, plot_runs
+from .runs import PHI2_BUDGET, by_data, data_setting, distillation, effects, read_run
+
+
+def build_report(run_dirs: list[Path], out: Path | None, reference: tuple[str, float] | None = None,
+                 extra_eval: dict[str, float] | None = None, predict_tokens: float | None = None,
+                 predict_model: str | None = None, momentum: float | None = None,
+                 predict_schedule: str | None = None) -> dict:
+    """Write report.md, report.json and the PNG plots (with their data as JSON) to ``out`` (None: only
+    return the report)."""
+    runs = [read_run(Path(d)) for d in run_dirs]
+    outlooks = {}
+    for data, group in by_data(runs).items():
+        try:
+            outlooks[data] = forecast(group, predict_tokens, predict_model,
+                                      reference[1] if reference else None, momentum, predict_schedule)
+        except ValueError as err:
+            outlooks[data] = {"error": str(err)}
+    if out is None:
+        return {"forecasts": outlooks}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_runs(runs, reference, out)
+    rows, fits = [], {}
+    for run in runs:
+        s, ev = run["summary"], run["eval"]
+        final = s.get("final_eval_loss", ev[-1]["eval_loss"] if ev else None)
+        # A run stopped without its summary (killed, preempted): what its evaluations say.
+        first = ev[0]["eval_loss"] if ev else None
+        row = {"run": run["name"], "initial_loss": s.get("initial_eval_loss", first),
+               "target_loss": s.get("target_loss"),
+               "target_reached": s.get("target_reached"), "final_eval_loss": final, "steps": s.get("steps"),
+               "tokens": s.get("tokens"), "tokens_per_s": s.get("tokens_per_s"), "wall_s": s.get("elapsed_s"),
+               "teacher_token_share": run["teacher_token_share"], "data": data_setting(run)}
+        if extra_eval and run["name"] in extra_eval:
+            row["final_loss_on_eval_data"] = extra_eval[run["name"]]
+        if reference:
+            compare = row.get("final_loss_on_eval_data", final)
+            row["gap_to_reference"] = compare - reference[1] if compare is not None else None
+            points = [(r["tokens"], r["eval_loss"]) for r in ev if r["tokens"] > 0]
+            try:
+                f = extrapolate(np.array([p[0] for p in points]), np.array([p[1] for p in points]),
+                                reference[1])
+                tps = s.get("tokens_per_s") or 0
+                if f["tokens"] is not None and tps:
+                    f["more_tokens"] = max(0.0, f["tokens"] - (s.get("tokens") or 0))
+                    f["device_hours"] = f["more_tokens"] / tps / 3600
+                fits[run["name"]] = f
+            except ValueError as err:
+                fits[run["name"]] = {"error": str(err)}
+        rows.append(row)
+    for i, (data, outlook) in enumerate(outlooks.items()):
+        if "error" not in outlook:
+            outlook["plot"] = f"forecast{i or ''}.png"
+            plot_forecast(by_data(runs)[data], outlook, reference, out / outlook["plot"])
+    report = {"runs": rows, "reference": {"name": reference[0], "loss": reference[1]} if reference else None,
+              "effects": effects(rows), "distillation": distillation(runs), "forecasts": outlooks,
+              "extrapolation": fits,
+              "phi2_budget": PHI2_BUDGET}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
+class ReportConfig(ConfigBase):
+    """Plots, tables and "how much more training" for one or more runs, against a reference."""
+
+    positional: ClassVar[tuple[str, ...]] = ("runs",)
+    runs: list[str]
+    """Run folders (with metrics.jsonl and summary.json)."""
+    out: str | None = None
+    """Folder for report.md, report.json and the plots (optional with --json)."""
+    predict_tokens: Positive | None = None
+    """Predict the final evaluation loss of a run of this many tokens (the longest run's schedule)."""
+    predict_model: str | None = None
+    """... of this model preset (needs runs of two sizes or more; e.g. phi-2)."""
+    predict_schedule: Literal["cosine", "wsd", "constant"] | None = None
+    """... with this learning-rate schedule instead of the longest run's (same peak, warmup, minimum)."""
+    annealing_momentum: Annotated[float, Field(ge=0, lt=1)] | None = None
+    """λ of the loss law's annealing area (default: fitted when two runs or more decay, else 0.95)."""
+    as_json: bool = Field(False, alias="json")
+    """Print the forecast as JSON: predicted_loss, interval, backtest_error and the fitted parameters."""
+    reference_loss: NonNegative | None = None
+    """Reference loss in nats/token (Phi-2 on WikiText-2: 2.273)."""
+    reference_name: str | None = None
+    """Label of the reference."""
+    reference_model: str | None = None
+    """Measure the reference instead: a model folder or hub id (e.g. microsoft/phi-2); needs --eval-data."""
+    eval_data: str | None = None
+    """Text on which every run's final model (and the --reference-model) is evaluated: like with like."""
+    block_size: Annotated[int, Field(ge=2)] = 2048
+    """Window length of the --reference-model evaluation."""
+    max_eval_tokens: Annotated[int, Field(ge=2)] | None = None
+    """Cap on evaluated tokens."""
+
+
+def _measured(cfg: ReportConfig) -> tuple[tuple[str, float] | None, dict[str, float]]:
+    """Every run's final model's loss on --eval-data (one text for all: like with like) and, with
+    --reference-model, the reference model's on the same text."""
+    from ..devices import pick_device
+    from ..evaluation import evaluate_model, whole_documents
+    from ..tokenizer import load_tokenizer
+
+    if not cfg.eval_data:
+        raise ConfigError("--reference-model needs --eval-data: the text both are measured on")
+    device, tokenizer, texts = pick_device(), load_tokenizer(), whole_documents(cfg.eval_data)
+
+    def loss_of(model: str) -> float:
+        return evaluate_model(model, texts, tokenizer, cfg.block_size, device,
+                              max_tokens=cfg.max_eval_tokens).loss
+
+    reference = ((cfg.reference_name or cfg.reference_model, loss_of(cfg.reference_model))
+                 if cfg.reference_model else None)
+    return reference, {Path(d).name: loss_of(str(Path(d) / "final")) for d in cfg.runs}
+
+
+def report_config(cfg: ReportConfig) -> dict:
+    """What ``scratchlm report`` makes (the Python API's ``report``): the report, written to --out if
+    given."""
+    reference, extra = None, None
+    if cfg.reference_model or cfg.eval_data:
+        reference, extra = _measured(cfg)
+    if reference is None and cfg.reference_loss is not None:
+        reference = (cfg.reference_name or "reference", cfg.reference_loss)
+    if cfg.out is None and not cfg.as_json:
+        raise ConfigError("give --out (a folder for the report) or --json (the forecast on standard output)")
+    return build_report([Path(d) for d in cfg.runs], Path(cfg.out) if cfg.out else None, reference, extra,
+                        cfg.predict_tokens, cfg.predict_model, cfg.annealing_momentum, cfg.predict_schedule)
+
+
+def run_report(cfg: ReportConfig) -> None:
+    report = report_config(cfg)
+    if cfg.as_json:
+        # the runs that trained on what the first run given trained on
+        outlook = next(iter(report["forecasts"].values()))
+        if "error" in outlook:
+            raise ConfigError(f"no forecast: {outlook['error']}")
+        print(json.dumps(outlook, indent=2))
+    else:
+        print(f"wrote {Path(cfg.out) / 'report.md'} ({len(report['runs'])} runs)")

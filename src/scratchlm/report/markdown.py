@@ -1,0 +1,180 @@
+"""The report as Markdown: the runs' table, clean against stream, distillation, the forecast with its
+backtests, the gap to the reference.
+"""
+
+from __future__ import annotations
+
+from .forecast import REACH_LIMIT
+
+
+def _fmt_tokens(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def markdown(report: dict) -> str:
+    ref = report["reference"]
+    extra = any("final_loss_on_eval_data" in r for r in report["runs"])
+    shares = any(r.get("teacher_token_share") is not None for r in report["runs"])
+    lines = ["# scratchlm report", "", "![loss curves](loss_curves.png)", "",
+             "| run | initial eval loss | initial − 1 reached at | final eval loss |"
+             + (" final loss on the evaluation text |" if extra else "") + " tokens |"
+             + (" teacher share of tokens |" if shares else "") + " tokens/s | wall time |",
+             "|---|---|---|---|" + ("---|" if extra else "") + "---|" + ("---|" if shares else "")
+             + "---|---|"]
+    for r in report["runs"]:
+        t = r["target_reached"]
+        reached = (f"step {t['step']}, {_fmt_tokens(t['tokens'])} tokens, {t['elapsed_s']:.0f} s" if t
+                   else "not reached")
+        share = r.get("teacher_token_share")
+        lines.append(f"| {r['run']} | {_loss(r['initial_loss'])} | {reached} | "
+                     f"{_loss(r['final_eval_loss'])} |"
+                     + (f" {r['final_loss_on_eval_data']:.3f} |" if extra else "")
+                     + f" {_fmt_tokens(r['tokens'])} |"
+                     + ((f" {share:.1%} |" if share is not None else " — |") if shares else "")
+                     + f" {r['tokens_per_s'] or 0:,.0f} | {r['wall_s'] or 0:.0f} s |")
+    if report["effects"]:
+        lines += _effects_lines(report["effects"])
+    if report["distillation"]:
+        lines += _distillation_lines(report["distillation"])
+    for data, outlook in report["forecasts"].items():
+        lines += _forecast_lines(outlook, ref, data if len(report["forecasts"]) > 1 else None)
+    if ref:
+        lines += _baseline_lines(report, ref)
+    return "\n".join(lines) + "\n"
+
+
+def _effects_lines(e: dict) -> list[str]:
+    """The teacher's effect apart from the path (``effects``)."""
+    names = {"corpus": "the corpus, read directly", "feed": "the corpus through the feed, no teacher",
+             "stream": "the feed with teacher text"}
+    text = ("the same held-out documents" if e["same_text"] else
+            "each run's own held-out set (not the same text: `scratchlm report --eval-data` evaluates all "
+            "on one)")
+    lines = ["", "## Clean against stream, like with like", "",
+             f"Final loss on {text}, mean over the runs of each kind:", "", "| trained on | loss |",
+             "|---|---|"]
+    lines += [f"| {names[k]} | {v:.3f} |" for k, v in e["means"].items()]
+    said = {"path": "**The path** (the feed against the corpus, no teacher in either): what the feed's "
+                    "loader changes, and nothing else",
+            "teacher": "**The teacher** (the stream against the feed with no teacher): what it changes, its "
+                       "text and, distilling, its distribution, the path being the same",
+            "total": "**Clean against stream** as the seed compared them: both together"}
+    lines.append("")
+    lines += [f"- {said[k]}: {e[k]:+.3f} nats/token." for k in ("path", "teacher", "total") if k in e]
+    return lines
+
+
+def _distillation_lines(d: dict) -> list[str]:
+    lines = ["", f"## What the teacher's distribution bought: tokens to reach {d['plain_run']}'s final "
+                 f"evaluation loss ({d['target']:.3f})", "",
+             "| run | distillation weight | tokens | × the plain run's | wall time | × the plain run's |",
+             "|---|---|---|---|---|---|"]
+    for name, r in d["runs"].items():
+        ratio = f"{r['token_ratio']:.2f}" if r["token_ratio"] else "not reached"
+        time_ratio = f"{r['time_ratio']:.2f}" if r["time_ratio"] else "—"
+        seconds = f"{r['seconds']:.0f} s" if r["seconds"] else "—"
+        lines.append(f"| {name} | {r['distill_weight'] if r['distill_weight'] is not None else '—'} | "
+                     f"{_fmt_tokens(r['tokens'])} | {ratio} | {seconds} | {time_ratio} |")
+    return lines + ["", "Wall time counts the teacher's where it ran on the same machine (a live feed "
+                    "scoring or writing beside the trainer); the curves against wall time are in "
+                    "loss_curves.png."]
+
+
+def _loss(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _law_text(p: dict) -> str:
+    size = f" + {p['K']:.3g}·(N/1M)^(−{p['gamma']:.3f})" if p["K"] else ""
+    forward = (f"{p['B']:.3g}·(1 − S1^(−{p['alpha']:.3f}))/{p['alpha']:.3f}" if p["L0"] is not None
+               else f"{p['B']:.3g}·ln S1")
+    return f"L = {p['L1']:.3f}{size} − {forward} − {p['C']:.3g}·S2"
+
+
+def _floor_text(p: dict) -> str:
+    if p["L0"] is None:
+        return ("The curve has not begun to level off (α = 0: the loss still falls by the same amount per "
+                "doubling), so no floor is measured yet: every answer below assumes it keeps falling that "
+                "way, and the tokens to reach a loss are a lower bound.")
+    size = "" if p["K"] else " for this model size"
+    return f"It levels off at L0 = {p['L0']:.3f} nats/token{size}."
+
+
+def _forecast_lines(f: dict, ref: dict | None, data: str | None) -> list[str]:
+    """How much more training: the loss law's answers, each beside the backtest that says how far to trust
+    it, and the plain power law's."""
+    lines = ["", "## How much more training" + (f": the runs on {data}" if data else ""), ""]
+    if "error" in f:
+        return lines + [f"No forecast: {f['error']}."]
+    p = f["params"]
+    lines += [f"Fitted to {p['points']} evaluations: **{_law_text(p)}** (S1: the summed learning rate, S2: "
+              "the annealing area, both in steps at the peak rate; residual "
+              f"{p['residual_rms']:.3f} nats/token). " + _floor_text(p)]
+    if not p["annealing_seen"]:
+        lines += ["", "No fitted run has a falling rate, so what a final decay gains is unknown (C = 0 "
+                  "here): branch one off a checkpoint (`scratchlm train --resume-from CKPT "
+                  "--decay-steps N`)."]
+    pl = f.get("power_law", {})
+    if "predicted_loss" in f:
+        lo, hi = f["interval"]
+        lines += ["", f"**A {f['schedule']} run of {_fmt_tokens(f['tokens'])} tokens ({f['model']}) ends at "
+                  f"{f['predicted_loss']:.3f}** nats/token (90% interval {lo:.3f}–{hi:.3f}, from the fit's "
+                  "uncertainty)" + (f"; the plain power law says {pl['predicted_loss']:.3f}." if pl else ".")]
+    if ref and f.get("reference"):
+        r = f["reference"]
+        floor_above = p["L0"] is not None and p["L0"] > ref["loss"]
+        reach = (f"**{_fmt_tokens(r['tokens'])} tokens** (90% interval {_fmt_tokens(r['interval'][0])}–"
+                 f"{_fmt_tokens(r['interval'][1]) if r['interval'][1] else 'never'})" if r["tokens"]
+                 else "**out of reach**" + (" at this model size" if floor_above else
+                                            f" within {_fmt_tokens(REACH_LIMIT * f['tokens_per_step'])} "
+                                            "tokens"))
+        baseline = (_fmt_tokens(r["power_law_tokens"]) if r["power_law_tokens"]
+                    else "never (it levels off above)")
+        lines += ["", f"To reach {ref['name']} ({ref['loss']:.3f}): {reach}"
+                  + (f"; the plain power law: {baseline}." if pl else ".")]
+    b = f["backtest"]
+    lines += ["", f"**Backtest error {b['error']:+.1%}** ({b['kind']}, {b['run']}: {b['held_back']}, "
+              f"predicted {b['predicted']:.3f} for {b['actual']:.3f} at step {b['step']}): read the numbers "
+              "above with it; the further an answer reaches past the runs, the less it holds."
+              if b else "No backtest: the runs are too short to hold a part back (evaluate more often)."]
+    lines += ["", "| backtest | held back | run | actual | loss law | plain power law |",
+              "|---|---|---|---|---|---|"]
+    for t in f["backtests"]:
+        base = t.get("power_law")
+        lines.append(f"| {t['kind']} | {t['held_back']} | {t['run']} | {t['actual']:.3f} | "
+                     f"{t['predicted']:.3f} ({t['error']:+.1%}) | "
+                     + (f"{base['predicted']:.3f} ({base['error']:+.1%})" if base else "—") + " |")
+    return lines + ["", f"![forecast]({f['plot']})"]
+
+
+def _baseline_lines(report: dict, ref: dict) -> list[str]:
+    lines = ["", f"## Against {ref['name']}: {ref['loss']:.3f} nats/token", ""]
+    for r in report["runs"]:
+        f = report["extrapolation"].get(r["run"], {})
+        gap = r.get("gap_to_reference")
+        lines.append(f"**{r['run']}**: final loss {gap:+.3f} nats/token from the reference."
+                     if gap is not None else f"**{r['run']}**: no final loss.")
+        if "error" in f:
+            lines.append(f"No power-law fit: {f['error']}.")
+            continue
+        fit = f["fit"]
+        law = f"The plain power law L(D) = {fit['E']:.3f} + {fit['B']:.3g}·(D/1M)^(−{fit['beta']:.3f})"
+        if not f.get("reachable"):
+            lines.append(f"{law} levels off at E = {fit['E']:.3f}, above the reference: out of reach by it.")
+        else:
+            interval = f.get("tokens_90pct_interval")
+            unc = (f" (90% bootstrap interval {_fmt_tokens(interval[0])}–{_fmt_tokens(interval[1])}; "
+                   f"{f['bootstrap_unreachable_share']:.0%} of resamples never reach it)" if interval else "")
+            hours = f.get("device_hours")
+            lines.append(f"{law} reaches it after {_fmt_tokens(f['tokens'])} tokens{unc}"
+                         + (f", about {hours:,.0f} device-hours at this run's {r['tokens_per_s']:,.0f} "
+                            "tokens/s." if hours is not None else "."))
+        lines.append("")
+    b = report["phi2_budget"]
+    return lines + [f"For scale, Phi-2 itself: {_fmt_tokens(b['tokens'])} tokens on {b['gpus']} × {b['gpu']} "
+                    f"for {b['days']} days ({b['gpu_hours']:,} GPU-hours).", ""]
