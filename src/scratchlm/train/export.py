@@ -30,9 +30,9 @@ def run_export(cfg: ExportConfig) -> Path:
     import torch
     from safetensors.torch import load_file
 
-    from . import checkpoint as ckpt
     from ..model.hf import phi_from_weights, save_hf
     from ..tokenizer import load_tokenizer
+    from . import checkpoint as ckpt
     from .config import TrainConfig
 
     path = Path(cfg.checkpoint)
