@@ -8,6 +8,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MAX_FUNCTION_LINES = 80
+MAX_MODULE_LINES = 400
 
 
 def test_no_function_in_src_is_longer_than_80_lines():
@@ -19,6 +20,12 @@ def test_no_function_in_src_is_longer_than_80_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, "functions over 80 lines: " + ", ".join(long)
+
+
+def test_no_module_in_src_is_longer_than_400_lines():
+    long = [f"{path.relative_to(SRC)} ({n} lines)" for path in sorted(SRC.rglob("*.py"))
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES]
+    assert not long, "modules over 400 lines: " + ", ".join(long)
 
 
 # a package may not import from the packages named here (model < data < train; teacher < feed)

@@ -221,7 +221,7 @@ def test_the_feeds_memory_does_not_grow_with_its_corpus(tmp_path, paragraphs, mo
 
 def test_hf_specs_in_data_lists(small_corpus):
     from scratchlm.data import parse_data_list
-    from scratchlm.data.documents import parse_hf
+    from scratchlm.data.hf_spec import parse_hf
 
     assert parse_hf("hf:HuggingFaceFW/fineweb-edu:sample-10BT@train") == (
         "HuggingFaceFW/fineweb-edu", "sample-10BT", "train")

@@ -338,7 +338,7 @@ def test_serve_model_scores_a_text_as_lm_eval_asks_and_as_the_openai_client_read
 
 
 def test_an_openai_teacher_scores_and_writes_with_its_own_ids(fp32_teacher, tokenizer):
-    from scratchlm.teacher.backends import OpenAITeacher
+    from scratchlm.teacher.openai_teacher import OpenAITeacher
 
     ids = tokenizer.encode(PROMPTS[2] * 3)
     with UvicornThread(create_app(fp32_teacher, "phi-tiny-test", None)) as server:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "documents": ["CorpusStats", "DataError", "Unit", "corpus_units", "held_out_documents", "is_held_out",
-                  "iter_documents", "unit_documents"],
+    "documents": ["CorpusStats", "DataError", "Unit", "corpus_units", "iter_documents", "unit_documents"],
+    "held_out": ["held_out_documents", "is_held_out"],
     "splitting": ["split_paragraphs"],
     "sources": ["DataSource", "corpus_from_env", "is_feed_url", "parse_data_list"],
     "token_cache": ["ShardedTokens", "TokenizedCorpus", "tokenize_corpus"],

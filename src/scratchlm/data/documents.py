@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import codecs
 import gzip
-import hashlib
 import io
 import json
 import logging
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import UserError
+from .hf_spec import HF_PREFIX, parse_hf
 from .splitting import Splitter, split_paragraphs
 
 log = logging.getLogger(__name__)
@@ -300,16 +300,6 @@ def _parquet_units(path: Path, label: str) -> list[Unit]:
     return units
 
 
-HF_PREFIX = "hf:"
-
-
-def parse_hf(spec: str) -> tuple[str, str | None, str]:
-    """``hf:NAME[:CONFIG][@SPLIT]`` → (name, config, split); the split is 'train' when not given."""
-    rest, _, split = spec.removeprefix(HF_PREFIX).partition("@")
-    name, _, config = rest.partition(":")
-    return name, config or None, split or "train"
-
-
 def _hf_rows(spec: str):
     """A Hugging Face dataset's rows, streamed: a folder written by ``save_to_disk``, a folder of parquet or
     arrow files, or a hub id (``datasets.load_dataset(..., streaming=True)``)."""
@@ -402,18 +392,3 @@ def iter_documents(source: str | Path, chunk_chars: int = 8000, stats: CorpusSta
     stats = stats if stats is not None else CorpusStats()
     for unit in corpus_units(source, stats):
         yield from unit_documents(unit, chunk_chars, stats, text_field)
-
-
-def is_held_out(doc_id: str, fraction: float) -> bool:
-    """Whether a document belongs to the evaluation set: a hash of its id, so fixed across runs and seeds."""
-    h = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little")
-    return h < fraction * 2**64
-
-
-
-
-def held_out_documents(source: str | Path, chunk_chars: int = 8000, eval_fraction: float = 0.005,
-                       text_field: str = "text") -> list[str]:
-    """The documents a training run on ``source`` holds out (with the same settings), in corpus order."""
-    return [text for doc_id, text in iter_documents(source, chunk_chars, text_field=text_field)
-            if is_held_out(doc_id, eval_fraction)]

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError
-from .documents import HF_PREFIX, DataError
+from .documents import DataError
+from .hf_spec import HF_PREFIX
 
 DATA_ENV = "SCRATCHLM_DATA"
 """The environment variable naming the default corpus of every command."""

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_dir, build_lock
-from .documents import CorpusStats, DataError, is_held_out, iter_documents
+from .documents import CorpusStats, DataError, iter_documents
+from .held_out import is_held_out
 from .token_cache import default_cache_dir, remove_abandoned, source_key
 
 log = logging.getLogger("scratchlm.data")

@@ -34,15 +34,14 @@ from tqdm import tqdm
 from ..files import atomic_file, atomic_write, build_lock
 from ..tokenizer import Tokenizer
 from .documents import (
-    HF_PREFIX,
     CorpusStats,
     DataError,
     Unit,
     corpus_units,
-    is_held_out,
-    parse_hf,
     unit_documents,
 )
+from .held_out import is_held_out
+from .hf_spec import HF_PREFIX, parse_hf
 
 log = logging.getLogger("scratchlm.data")
 

@@ -21,7 +21,6 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,8 +28,10 @@ import torch
 from ..model.cpu_inference import PackedLinear, pack_linears
 from ..model.kv_cache import KVCache
 from ..model.model import Phi
+from .engine_requests import EngineStats, Generated, Request, Sequence, scores_of
 from .protocol import TopK
 from .sampling import UNIFORMS_PER_STEP, RowSettings, SamplingParams, sample
+from .topk import raw_top_k
 
 log = logging.getLogger("scratchlm.teacher")
 
@@ -50,33 +51,6 @@ SCORE_TOKENS_PER_STEP = 4096
 """Scoring work done between two decoding steps (the rest waits for the next): generation keeps moving."""
 
 
-def raw_top_k(logits: torch.Tensor, tokens: torch.Tensor, k: int, ranks: bool = False,
-              scratch: torch.Tensor | None = None) -> TopK:
-    """The raw distribution of each row of ``logits`` (n, V): its k most likely tokens and their
-    log-probabilities (``torch.topk``: a partial selection), the log-probability of ``tokens`` (n,) and, with
-    ``ranks``, where each of those ranks.
-
-    The normaliser is spelt out (max from the top-k, then subtract, exp and sum in ``scratch``, a float32
-    buffer of at least the logits' shape): on the CPU several times faster than ``torch.logsumexp`` over a
-    50k-wide row, which allocates as it goes (bench/RESULTS.md).
-    """
-    logits = logits.float()
-    values, ids = torch.topk(logits, k, dim=-1)
-    top = values[:, :1]
-    out = scratch[: len(logits), : logits.shape[1]] if scratch is not None else None
-    lse = torch.sub(logits, top, out=out).exp_().sum(dim=-1, keepdim=True).log_().add_(top)
-    chosen = logits.gather(1, tokens.view(-1, 1).long())
-    rank = (logits > chosen).sum(dim=-1) + 1 if ranks else None
-    return TopK(ids.to(torch.int32).cpu().numpy(), (values - lse).cpu().numpy(),
-                (chosen - lse).squeeze(1).cpu().numpy(), rank.cpu().numpy() if ranks else None)
-
-
-def _scores(request: _Request) -> list[TopK]:
-    """A scoring request's windows put back together, in order: one ``TopK`` per sequence."""
-    parts: list[list[TopK]] = [[] for _ in range(request.sequences)]
-    for owner, rows in zip(request.owners, request.results, strict=True):
-        parts[owner].append(rows)
-    return [TopK.concat(p, request.score_k) for p in parts]
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -84,61 +58,6 @@ def default_batch_size(device: torch.device) -> int:
     tens."""
     return 256 if device.type == "cuda" else 32
 
-
-@dataclass
-class Generated:
-    """One prompt's new tokens (the stop token excluded) and, when asked, the distribution each was drawn
-    from."""
-
-    tokens: list[int]
-    logprobs: TopK | None = None
-
-
-@dataclass
-class _Request:
-    params: SamplingParams
-    future: Future
-    results: list
-    remaining: int
-    waiting: deque = field(default_factory=deque)  # its sequences not yet in the batch
-    score_k: int = 0
-    """> 0: a scoring request (the top-k of each window's positions), not a generation."""
-    owners: list[int] = field(default_factory=list)
-    """Scoring: which sequence each window is of."""
-    sequences: int = 0
-    """Scoring: how many sequences."""
-    on_token: Callable[[int, int, TopK | None], None] | None = None
-    """Called from the engine's thread with (prompt, token, its distribution) as each token is accepted."""
-    ranks: bool = False
-    """Scoring: also where each given token ranks (vLLM's prompt_logprobs report it)."""
-
-
-@dataclass
-class _Sequence:
-    request: _Request
-    index: int  # which prompt (or scoring window) of its request
-    prompt: list[int]
-    rng: np.random.Generator | None  # None when greedy
-    out: list[int] = field(default_factory=list)
-    pos: int = 0  # position of the next token to feed
-    last: int = 0  # the token to feed next
-    rows: list[TopK] = field(default_factory=list)  # the distributions of the new tokens (logprobs > 0)
-    targets: list[int] = field(default_factory=list)  # scoring: the token each position predicts
-
-
-@dataclass
-class EngineStats:
-    """What the engine has done: for logs, metrics and tests."""
-
-    steps: int = 0
-    tokens: int = 0
-    sequences: int = 0
-    requests: int = 0
-    most_requests_in_a_step: int = 0
-    """The most distinct requests whose sequences shared one step (scoring windows prefilled in the step
-    before a decode count with it)."""
-    scored: int = 0
-    """Positions scored (prefill only: no decoding)."""
 
 
 class GenerationEngine:
@@ -156,15 +75,15 @@ class GenerationEngine:
         # A float32 cache on the CPU: attention there runs in float32 (see ``cpu_cached_attention``).
         self.cache = KVCache(model, batch_size, self.max_seq_len,
                              dtype=torch.float32 if self.device.type == "cpu" else None)
-        self.slots: list[_Sequence | None] = [None] * batch_size
+        self.slots: list[Sequence | None] = [None] * batch_size
         self.stats = EngineStats()
-        self._pending: deque[_Request] = deque()  # requests with sequences waiting for a slot
+        self._pending: deque[Request] = deque()  # requests with sequences waiting for a slot
         self._cond = threading.Condition()
         self._closed = False
         self._seeds = random.Random()
         self._thread: threading.Thread | None = None
         self._scored_now: set[int] = set()  # the scoring requests served since the last decoding step
-        self._admitting: list[_Sequence] = []  # the sequences being prefilled now
+        self._admitting: list[Sequence] = []  # the sequences being prefilled now
         self._scratch_buffer: torch.Tensor | None = None
         _ENGINES.add(self)
 
@@ -187,7 +106,7 @@ class GenerationEngine:
         self.check(params)
         room = self.max_seq_len - params.max_new_tokens
         future: Future = Future()
-        request = _Request(params, future, [None] * len(prompts), len(prompts), on_token=on_token)
+        request = Request(params, future, [None] * len(prompts), len(prompts), on_token=on_token)
         if not prompts:
             future.set_result([])
             return future
@@ -195,14 +114,14 @@ class GenerationEngine:
         # Any integer seeds a generator (numpy's seeds must be non-negative: hence the modulo). A prompt
         # longer than the room its completion leaves keeps its end, on purpose: the feed's own prompts are
         # short, and a longer one only steers the text. (serve-model refuses such a prompt before this.)
-        sequences = [_Sequence(request, i, (p or [self.eot_id])[-room:],
+        sequences = [Sequence(request, i, (p or [self.eot_id])[-room:],
                                None if params.greedy else np.random.default_rng([(base + i) % 2**64]))
                      for i, p in enumerate(prompts)]
         request.waiting.extend(sequences)
         self._enqueue(request)
         return future
 
-    def _enqueue(self, request: _Request) -> None:
+    def _enqueue(self, request: Request) -> None:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the generation engine is closed")
@@ -222,15 +141,15 @@ class GenerationEngine:
         future: Future = Future()
         windows = [(i, start) for i, seq in enumerate(sequences) if len(seq) > 1
                    for start in range(0, len(seq) - 1, self.max_seq_len)]
-        request = _Request(SamplingParams(max_new_tokens=1, temperature=0), future, [None] * len(windows),
+        request = Request(SamplingParams(max_new_tokens=1, temperature=0), future, [None] * len(windows),
                            len(windows), score_k=k, owners=[i for i, _ in windows], sequences=len(sequences),
                            ranks=ranks)
         if not windows:
-            future.set_result(_scores(request))
+            future.set_result(scores_of(request))
             return future
         for j, (i, start) in enumerate(windows):
             seq = sequences[i]
-            window = _Sequence(request, j, list(seq[start : start + self.max_seq_len]), None)
+            window = Sequence(request, j, list(seq[start : start + self.max_seq_len]), None)
             window.targets = list(seq[start + 1 : start + self.max_seq_len + 1])
             request.waiting.append(window)
         self._enqueue(request)
@@ -291,7 +210,7 @@ class GenerationEngine:
                 request.future.set_exception(err)
         self.slots = [None] * self.batch_size
 
-    def _uniforms(self, rows: list[_Sequence]) -> torch.Tensor | None:
+    def _uniforms(self, rows: list[Sequence]) -> torch.Tensor | None:
         """Each sampled row's random numbers for this step, from its own generator (greedy rows: zeros)."""
         if all(s.rng is None for s in rows):
             return None
@@ -301,7 +220,7 @@ class GenerationEngine:
                 u[j] = s.rng.random(UNIFORMS_PER_STEP)
         return torch.from_numpy(u).to(self.device)
 
-    def _next_tokens(self, hidden: torch.Tensor, rows: list[_Sequence]) -> list[int]:
+    def _next_tokens(self, hidden: torch.Tensor, rows: list[Sequence]) -> list[int]:
         logits = self.head(hidden[:, -1])  # (B, vocab_size)
         settings = RowSettings.of([s.request.params for s in rows], self.device)
         tokens = sample(logits, settings, self._uniforms(rows))
@@ -319,7 +238,7 @@ class GenerationEngine:
                                          found.token_logprobs[n : n + 1]))
         return tokens.tolist()
 
-    def _score(self, hidden: torch.Tensor, seq: _Sequence) -> None:
+    def _score(self, hidden: torch.Tensor, seq: Sequence) -> None:
         """A scoring window's distributions, from the prefill's hidden states (its positions that have a
         next token), in chunks of rows: the logits of a window are never whole."""
         n, k = len(seq.targets), seq.request.score_k
@@ -329,11 +248,11 @@ class GenerationEngine:
                  for start in range(0, n, SCORE_ROWS)]
         seq.rows = [TopK.concat(parts, k)]
 
-    def _waiting(self, n: int, scoring: bool = False, budget: int | None = None) -> list[_Sequence]:
+    def _waiting(self, n: int, scoring: bool = False, budget: int | None = None) -> list[Sequence]:
         """Up to n waiting sequences of one kind (generation, or scoring windows up to ``budget`` tokens), one
         request at a time in turn: a small request is not queued behind every sequence of a large one that
         came first."""
-        group: list[_Sequence] = []
+        group: list[Sequence] = []
         with self._cond:
             turn = [r for r in self._pending if bool(r.score_k) == scoring]
             while turn and len(group) < n:
@@ -430,7 +349,7 @@ class GenerationEngine:
         seq, self.slots[row] = self.slots[row], None
         self._done(seq)
 
-    def _done(self, seq: _Sequence) -> None:
+    def _done(self, seq: Sequence) -> None:
         """A sequence (or scoring window) is complete: its result is kept, and its request's given when all
         are."""
         request = seq.request
@@ -442,4 +361,4 @@ class GenerationEngine:
             request.results[seq.index] = Generated(seq.out, TopK.concat(seq.rows, k) if k else None)
         request.remaining -= 1
         if request.remaining == 0 and not request.future.done():
-            request.future.set_result(_scores(request) if request.score_k else request.results)
+            request.future.set_result(scores_of(request) if request.score_k else request.results)

@@ -10,6 +10,7 @@ again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -96,3 +97,44 @@ class Teacher(Protocol):
 
     def close(self) -> None:
         ...
+
+
+# ------------------------------------------------------------------------- futures, as backends combine them
+
+
+def chain(future: Future, then: Callable) -> Future:
+    """A future of ``then(future's result)``; failures pass through."""
+    out: Future = Future()
+
+    def done(f: Future) -> None:
+        try:
+            out.set_result(then(f.result()))
+        except Exception as err:
+            out.set_exception(err)
+
+    future.add_done_callback(done)
+    return out
+
+
+def gather(futures: list[Future]) -> Future:
+    """A future of the concatenated results of ``futures`` (lists), in order; the first failure fails it."""
+    out: Future = Future()
+    results: list = [None] * len(futures)
+    remaining = [len(futures)]
+
+    def done(i: int, f: Future) -> None:
+        if out.done():
+            return
+        if f.exception() is not None:
+            out.set_exception(f.exception())
+            return
+        results[i] = f.result()
+        remaining[0] -= 1
+        if remaining[0] == 0:
+            out.set_result([c for part in results for c in part])
+
+    if not futures:
+        out.set_result([])
+    for i, f in enumerate(futures):
+        f.add_done_callback(lambda f, i=i: done(i, f))
+    return out
