@@ -121,6 +121,7 @@ def loader_rows(corpus: str, repeats: int, seconds: float) -> dict:
     their values do not matter here, only reading them)."""
     from scratchlm.data import DataRequest, build_data
     from scratchlm.data.prepare import PrepareConfig, run_prepare
+    from scratchlm.data.reading import CorpusReading
 
     small = teacher_folder("phi-tiny", Path(os.environ["SOFT_BENCH_ROOT"]))
     # a larger held-out share than the default, so that a small corpus keeps a held-out block (same in both)
@@ -131,7 +132,7 @@ def loader_rows(corpus: str, repeats: int, seconds: float) -> dict:
     for _ in range(repeats):
         for name, k in (("without", 0), ("with soft labels", K)):
             data = build_data(DataRequest(corpus, block_size=512, batch_size=8, eval_blocks=1, soft_labels=k,
-                                          eval_fraction=HELD_OUT),
+                                          reading=CorpusReading(eval_fraction=HELD_OUT)),
                               tokenizer)
             next(data.batches)
             tokens, t0 = 0, time.perf_counter()

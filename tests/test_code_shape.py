@@ -75,3 +75,19 @@ def test_imports_resolve_have_no_cycle_and_respect_the_layers():
               if d.split(".")[1:2] and m.split(".")[1:2]
               and d.split(".")[1] in LAYERS_BELOW.get(m.split(".")[1], ())]
     assert not upward, "imports against the layers: " + ", ".join(sorted(upward))
+
+
+DATA_SETTINGS = ("chunk_chars", "eval_fraction", "text_field")
+
+
+def test_each_data_setting_is_declared_once():
+    """A setting's name and default in one class, which every command's config includes (``CorpusReading``):
+    no copies whose defaults could drift apart."""
+    found = {name: [] for name in DATA_SETTINGS}
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, ast.AnnAssign) and getattr(item.target, "id", None) in found:
+                        found[item.target.id].append(f"{path.relative_to(SRC)}::{node.name}")
+    assert found == {name: ["scratchlm/data/reading.py::CorpusReading"] for name in DATA_SETTINGS}, found

@@ -18,6 +18,9 @@ from scratchlm.data import (
     split_paragraphs,
     tokenize_corpus,
 )
+from scratchlm.data.reading import CorpusReading
+
+HELD_OUT_5PC = CorpusReading(eval_fraction=0.05)  # small corpora keep a held-out block
 
 
 def test_split_paragraphs_respects_the_limit_and_keeps_text():
@@ -148,7 +151,8 @@ def test_build_data_is_the_one_entry_point_for_a_corpus_and_a_mix(small_corpus, 
                                                                   tmp_path):
     from scratchlm.data import DataRequest, build_data
 
-    request = DataRequest(str(small_corpus), block_size=64, batch_size=4, eval_blocks=6, eval_fraction=0.05)
+    request = DataRequest(str(small_corpus), block_size=64, batch_size=4, eval_blocks=6,
+                          reading=HELD_OUT_5PC)
     one = build_data(request, tokenizer)
     try:
         assert one.kind == "corpus" and one.eval_set.shape == (6, 65) and not one.eval_groups
@@ -166,12 +170,12 @@ def test_build_data_is_the_one_entry_point_for_a_corpus_and_a_mix(small_corpus, 
 
     code = tmp_path / "code.txt"
     code.write_bytes((corpus_dir / "code" / "python_click.txt").read_bytes())
-    mix = build_data(DataRequest(f"{small_corpus}:3,{code}:1", 64, 4, 8, eval_fraction=0.05), tokenizer)
+    mix = build_data(DataRequest(f"{small_corpus}:3,{code}:1", 64, 4, 8, reading=HELD_OUT_5PC), tokenizer)
     try:
         assert mix.kind == "mix" and mix.eval_groups == {small_corpus.name: (0, 6), "code.txt": (6, 8)}
         assert next(mix.batches).position["kind"] == "mix"
     finally:
         mix.close()
     with pytest.raises(DataError, match="saved training on one corpus .* same --data list"):
-        build_data(DataRequest(f"{small_corpus}:3,{code}:1", 64, 4, 8, eval_fraction=0.05), tokenizer,
+        build_data(DataRequest(f"{small_corpus}:3,{code}:1", 64, 4, 8, reading=HELD_OUT_5PC), tokenizer,
                    position=first.position)

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from tqdm import tqdm
 
-from .config import ConfigBase, Count, DeviceSpec, OpenShare
+from .config import Count, DeviceSpec
 from .data import DataError, held_out_documents, iter_documents
+from .data.reading import CorpusReading
 from .devices import pick_device
 from .files import atomic_write
 from .tokenizer import Tokenizer, load_tokenizer
@@ -125,7 +126,7 @@ def whole_documents(data: str) -> list[str]:
     return [t for _, t in iter_documents(data, chunk_chars=10**9)]
 
 
-class EvalConfig(ConfigBase):
+class EvalConfig(CorpusReading):
     """Loss, perplexity and bits per byte of a causal LM on text, over non-overlapping windows."""
 
     model: str
@@ -136,10 +137,6 @@ class EvalConfig(ConfigBase):
     """held-out: the documents a training run on --data holds out (with the same --eval-fraction and
     --chunk-chars), the set every run is compared on; all: every document of --data (a file of held-out text
     written out, or another corpus)."""
-    eval_fraction: OpenShare = 0.005
-    """The held-out share, as in training."""
-    chunk_chars: Count = 8000
-    """Documents are cut at this many characters before the held-out split, as in training."""
     write_documents: str | None = None
     """Also write the documents evaluated on to this .jsonl file (one {"text": ...} a line): the held-out
     split as a file, to evaluate other models on (--split all) or to share."""
@@ -159,7 +156,8 @@ class EvalConfig(ConfigBase):
 
 def evaluate_config(cfg: EvalConfig) -> EvalResult:
     """What ``scratchlm eval`` measures (the Python API's ``evaluate``)."""
-    texts = (held_out_documents(cfg.data, cfg.chunk_chars, cfg.eval_fraction) if cfg.split == "held-out"
+    held_out = cfg.split == "held-out"
+    texts = (held_out_documents(cfg.data, cfg.chunk_chars, cfg.eval_fraction, cfg.text_field) if held_out
              else whole_documents(cfg.data))
     if not texts:
         raise DataError(f"{cfg.data} has no held-out documents at --eval-fraction {cfg.eval_fraction}: use "

@@ -16,6 +16,7 @@ import importlib
 _EXPORTS = {
     "documents": ["CorpusStats", "DataError", "Unit", "corpus_units", "iter_documents", "unit_documents"],
     "held_out": ["held_out_documents", "is_held_out"],
+    "reading": ["CorpusReading"],
     "splitting": ["split_paragraphs"],
     "sources": ["DataSource", "corpus_from_env", "is_feed_url", "parse_data_list"],
     "token_cache": ["ShardedTokens", "TokenizedCorpus", "tokenize_corpus"],

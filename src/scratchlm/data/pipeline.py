@@ -21,6 +21,7 @@ from .loaders import (
     eval_blocks,
     prefetch,
 )
+from .reading import CorpusReading
 from .sources import DataSource, is_feed_url, parse_data_list
 from .token_cache import TokenizedCorpus, tokenize_corpus
 
@@ -41,12 +42,8 @@ class DataRequest:
     """Blocks in the fixed held-out evaluation set."""
     seed: int = 1337
     """Seed of the block order."""
-    chunk_chars: int = 8000
-    """Text files are cut into documents of at most this many characters."""
-    eval_fraction: float = 0.005
-    """Share of a corpus's documents held out."""
-    text_field: str = "text"
-    """The field (JSON lines) or column (parquet, datasets) holding the text."""
+    reading: CorpusReading = field(default_factory=CorpusReading)
+    """How a corpus is cut into documents and split (the same settings a feed or ``prepare`` used)."""
     num_proc: int | None = None
     """Processes that tokenize a corpus (default: every core)."""
     feed_api_key_file: str | None = None
@@ -135,9 +132,10 @@ def _tokenize_all(request: DataRequest, tokenizer: Tokenizer, env: distributed.D
                   sources: list[DataSource]) -> list[TokenizedCorpus]:
     if not env.is_main:
         distributed.wait_for_all(env)  # rank 0 tokenizes into the cache first (as long as it takes)
-    corpora = [tokenize_corpus(s.path, tokenizer, chunk_chars=request.chunk_chars,
-                               eval_fraction=request.eval_fraction, progress=request.progress and env.is_main,
-                               num_proc=request.num_proc, text_field=request.text_field,
+    reading = request.reading
+    corpora = [tokenize_corpus(s.path, tokenizer, chunk_chars=reading.chunk_chars,
+                               eval_fraction=reading.eval_fraction, progress=request.progress and env.is_main,
+                               num_proc=request.num_proc, text_field=reading.text_field,
                                verify=request.verify_cache)
                for s in sources]
     if env.is_main:

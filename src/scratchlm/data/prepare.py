@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import sys
 
-from ..config import ConfigBase, Count, DeviceSpec, NonNegativeInt, OpenShare
+from ..config import Count, DeviceSpec, NonNegativeInt
 from .documents import DataError
+from .reading import CorpusReading
 
 
-class PrepareConfig(ConfigBase):
+class PrepareConfig(CorpusReading):
     """Tokenize a corpus into the token cache (and, with --teacher and --soft-labels K, score it once into
     soft-label shards), then say what a training run will find there."""
 
@@ -19,12 +20,6 @@ class PrepareConfig(ConfigBase):
     $SCRATCHLM_DATA)."""
     tokenizer: str | None = None
     """Tokenizer folder or hub id (default: $SCRATCHLM_TOKENIZER, else microsoft/phi-2)."""
-    chunk_chars: Count = 8000
-    """Text is cut into documents of at most this many characters, as the training run will cut it."""
-    eval_fraction: OpenShare = 0.005
-    """Share of documents held out, as in the training run."""
-    text_field: str = "text"
-    """The field (JSON lines) or column (parquet, datasets) holding the text."""
     num_proc: Count | None = None
     """Processes that tokenize (default: every core), and that score with a local teacher (default: 1)."""
     verify_cache: bool = True

@@ -42,6 +42,7 @@ from .documents import (
 )
 from .held_out import is_held_out
 from .hf_spec import HF_PREFIX, parse_hf
+from .reading import CorpusReading
 
 log = logging.getLogger("scratchlm.data")
 
@@ -148,8 +149,8 @@ def tokenize_corpus(source: str | Path, tokenizer: Tokenizer, cache_dir: str | P
     key = source_key(source, [CACHE_FORMAT, chunk_chars, eval_fraction, text_field, tokenizer.digest])
     cache = Path(cache_dir or default_cache_dir()) / "tokens" / key
     if not (cache / "index.json").exists() or damaged_shards(cache, verify):
-        job = _Job(tokenizer.backend.to_str(), tokenizer.eot_id, chunk_chars, eval_fraction, batch_docs,
-                   text_field)
+        reading = CorpusReading(chunk_chars=chunk_chars, eval_fraction=eval_fraction, text_field=text_field)
+        job = _Job(tokenizer.backend.to_str(), tokenizer.eot_id, reading, batch_docs)
         with build_lock(cache.with_name(key + ".lock"), f"the token cache of {source}"):
             built = (cache / "index.json").exists()  # looked at again: another process may have done it
             damaged = damaged_shards(cache, verify) if built else []
@@ -217,10 +218,8 @@ class _Job:
 
     tokenizer_json: str
     eot_id: int
-    chunk_chars: int
-    eval_fraction: float
+    reading: CorpusReading
     batch_docs: int
-    text_field: str
     threads: bool = False
     """Whether a batch is spread over the tokenizers library's threads (in this process, ``num_proc`` > 1, a
     small corpus); otherwise one core, as ``--num-proc`` counts."""
@@ -260,7 +259,7 @@ def _tokenize_unit(job: _Job, unit: Unit, out: Path, k: int) -> dict:
             encoded = (tokenizer.encode_batch(texts, add_special_tokens=False) if job.threads
                        else [tokenizer.encode(t, add_special_tokens=False) for t in texts])
             for (doc_id, _), e in zip(batch, encoded, strict=True):
-                split = "val" if is_held_out(doc_id, job.eval_fraction) else "train"
+                split = "val" if is_held_out(doc_id, job.reading.eval_fraction) else "train"
                 data = np.asarray(e.ids + [job.eot_id], dtype=np.uint16).tobytes()
                 files[split].write(data)
                 crcs[f"{split}_crc32"] = zlib.crc32(data, crcs[f"{split}_crc32"])
@@ -268,7 +267,7 @@ def _tokenize_unit(job: _Job, unit: Unit, out: Path, k: int) -> dict:
                 counts[f"{split}_documents"] += 1
 
         batch: list[tuple[str, str]] = []
-        for doc in unit_documents(unit, job.chunk_chars, stats, job.text_field):
+        for doc in unit_documents(unit, job.reading.chunk_chars, stats, job.reading.text_field):
             stats.documents += 1
             stats.bytes += len(doc[1].encode("utf-8"))
             batch.append(doc)
@@ -317,8 +316,7 @@ def _build(source: str | Path, job: _Job, cache: Path, num_proc: int, progress: 
         shutil.rmtree(partial, ignore_errors=True)
         raise DataError(f"corpus '{source}' has no usable text "
                         f"(files skipped: {dict(stats.skipped) or 'none'}, documents: {stats.documents})")
-    index = {"source": str(source), "chunk_chars": job.chunk_chars, "eval_fraction": job.eval_fraction,
-             "text_field": job.text_field, **totals, "stats": stats.to_dict(),
+    index = {"source": str(source), **job.reading.model_dump(), **totals, "stats": stats.to_dict(),
              "shards": [[f"{k:06d}", {key: s[key] for key in SHARD_KEYS if key in s}]
                         for k, s in enumerate(shards)]}
     atomic_write(partial / "index.json", json.dumps(index, indent=1))

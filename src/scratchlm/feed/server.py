@@ -14,13 +14,13 @@ from ..config import (
     Count,
     NonNegative,
     NonNegativeInt,
-    OpenShare,
     Positive,
     Share,
     Temperature,
     TopP,
 )
 from ..data import corpus_from_env
+from ..data.reading import CorpusReading
 from ..serving import API_KEY_ENV, ServerConfig
 from ..teacher.diversity import DiversityMeter
 from ..teacher.prompts import PromptSource, PromptStrategy
@@ -34,7 +34,7 @@ from .teachers import TeacherPool, TeacherWorker, TextPool, WorkerSettings
 log = logging.getLogger("scratchlm.feed")
 
 
-class ServeConfig(ServerConfig):
+class ServeConfig(ServerConfig, CorpusReading):
     """The data-feed server: corpus texts (and teacher texts) over HTTP."""
 
     corpus: str | None = None
@@ -46,12 +46,6 @@ class ServeConfig(ServerConfig):
     """Largest size a request may ask for."""
     seed: int = 1337
     """Seed of the corpus order."""
-    chunk_chars: Count = 8000
-    """Documents longer than this are served in pieces cut at paragraph breaks."""
-    eval_fraction: OpenShare = 0.005
-    """Share of documents held out (served only by /v1/heldout)."""
-    text_field: str = "text"
-    """The field (JSON lines) or column (parquet, Hugging Face datasets) that holds the text."""
     teacher: list[str] = []
     """Teacher spec, local:PATH_OR_HUB_ID or openai:URL[#model]; give several (--teacher A --teacher B) to
     spread the work over several teachers (none = corpus only)."""

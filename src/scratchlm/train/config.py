@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
 
-from ..config import ConfigBase, ConfigError, Count, NonNegative, NonNegativeInt, OpenShare, Positive, Share
+from ..config import ConfigError, Count, NonNegative, NonNegativeInt, Positive, Share
+from ..data.reading import CorpusReading
 from ..model.config import ModelConfig, get_preset
 
 if TYPE_CHECKING:  # the config stays light to import: the CLI reads it before anything runs
@@ -15,7 +16,7 @@ if TYPE_CHECKING:  # the config stays light to import: the CLI reads it before a
     from ..data import DataRequest
 
 
-class TrainConfig(ConfigBase):
+class TrainConfig(CorpusReading):
     """Everything a training run needs; saved as ``config.yaml`` in the run folder and in every checkpoint."""
 
     model: str = "phi-tiny"
@@ -111,14 +112,8 @@ class TrainConfig(ConfigBase):
     """Evaluate on the held-out set every this many steps (also before step 1 and at the end)."""
     eval_batches: Count = 8
     """Micro-batches in each evaluation (always the same held-out blocks)."""
-    eval_fraction: OpenShare = 0.005
-    """Share of documents held out for evaluation (fixed by a hash of each document's id)."""
-    text_field: str = "text"
-    """The field (JSON lines) or column (parquet, Hugging Face datasets) that holds the text."""
     num_proc: Count | None = None
     """Processes that tokenize a corpus the first time it is used (default: every core)."""
-    chunk_chars: Count = 8000
-    """Text files are cut into documents of at most this many characters at paragraph breaks."""
     soft_labels: NonNegativeInt = 0
     """The teacher's top-k log-probabilities to read beside every token (0: none): from a feed started with
     --soft-labels K (corpus text too with --score-corpus), or a corpus prepared with `scratchlm prepare
@@ -190,8 +185,7 @@ class TrainConfig(ConfigBase):
         return DataRequest(source=source, block_size=self.resolved_block_size(),
                            batch_size=self.micro_batch_size,
                            eval_blocks=self.eval_batches * self.micro_batch_size,
-                           seed=self.seed, chunk_chars=self.chunk_chars, eval_fraction=self.eval_fraction,
-                           text_field=self.text_field, num_proc=self.num_proc,
+                           seed=self.seed, reading=self.reading(), num_proc=self.num_proc,
                            feed_api_key_file=self.feed_api_key_file,
                            feed_texts_per_request=self.feed_texts_per_request,
                            feed_shuffle_blocks=self.feed_shuffle_blocks, soft_labels=self.soft_labels,
