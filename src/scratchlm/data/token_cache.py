@@ -149,7 +149,10 @@ def tokenize_corpus(source: str | Path, tokenizer: Tokenizer, cache_dir: str | P
     key = source_key(source, [CACHE_FORMAT, chunk_chars, eval_fraction, text_field, tokenizer.digest])
     cache = Path(cache_dir or default_cache_dir()) / "tokens" / key
     if not (cache / "index.json").exists() or damaged_shards(cache, verify):
-        reading = CorpusReading(chunk_chars=chunk_chars, eval_fraction=eval_fraction, text_field=text_field)
+        # unvalidated: a command's flags are checked where they are read, and a library caller may hold out
+        # nothing (eval_fraction 0), which no command allows
+        reading = CorpusReading.model_construct(chunk_chars=chunk_chars, eval_fraction=eval_fraction,
+                                                text_field=text_field)
         job = _Job(tokenizer.backend.to_str(), tokenizer.eot_id, reading, batch_docs)
         with build_lock(cache.with_name(key + ".lock"), f"the token cache of {source}"):
             built = (cache / "index.json").exists()  # looked at again: another process may have done it
