@@ -73,11 +73,11 @@ class ModelInfoConfig(ConfigBase):
 def run_model_info(cfg: ModelInfoConfig) -> None:
     if cfg.list or not cfg.name:
         print(f"{'preset':<10} {'layers':>6} {'d_model':>7} {'heads':>5} {'mlp':>6} {'rotary':>6} "
-              f"{'block':>5} {'parameters':>15} {'non-embedding':>15}")
+              f"{'block':>5} {'parameters':>15} {'non-embedding':>15} {'FLOPs/token':>15}")
         for c in PRESETS.values():
             print(f"{c.name:<10} {c.n_layer:>6} {c.n_embd:>7} {c.n_head:>5} {c.intermediate_size:>6} "
                   f"{c.rotary_pct:>6} {c.block_size:>5} {c.num_parameters:>15,} "
-                  f"{c.num_non_embedding_parameters:>15,}")
+                  f"{c.num_non_embedding_parameters:>15,} {c.flops_per_token():>15,.0f}")
         return
     c = get_preset(cfg.name)
     seq = cfg.seq_len or c.block_size
@@ -87,7 +87,7 @@ def run_model_info(cfg: ModelInfoConfig) -> None:
     print(f"MLP width:                 {c.intermediate_size}")
     print(f"vocabulary:                {c.vocab_size} ids, padded to {c.padded_vocab_size}")
     print(f"parameters:                {c.num_parameters:,}")
-    print(f"non-embedding parameters:  {c.num_non_embedding_parameters:,}")
+    print(f"non-embedding parameters:  {c.num_non_embedding_parameters:,} (without the embedding and LM head)")
     print(f"training FLOPs per token:  {c.flops_per_token(seq):,.0f} "
           f"(6·N + 12·L·d·T with N={c.num_parameters:,}, L={c.n_layer}, d={c.n_embd}, T={seq})")
 

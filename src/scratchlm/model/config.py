@@ -82,8 +82,9 @@ class ModelConfig(ConfigBase):
 
     @cached_property
     def num_embedding_parameters(self) -> int:
-        """Token embedding only (the LM head counts as non-embedding, as in transformers' convention)."""
-        return self.padded_vocab_size * self.n_embd
+        """The vocabulary's matrices: token embedding and LM head (with its bias). Kaplan et al. 2020 leave them
+        out of N (their models tie the two); at phi-tiny's width they are 94% of the model, at Phi-2's 5%."""
+        return 2 * self.padded_vocab_size * self.n_embd + self.padded_vocab_size
 
     @cached_property
     def num_parameters(self) -> int:
@@ -93,6 +94,7 @@ class ModelConfig(ConfigBase):
 
     @cached_property
     def num_non_embedding_parameters(self) -> int:
+        """The blocks and the final LayerNorm: Kaplan et al.'s N, the count their laws are smooth in."""
         return self.num_parameters - self.num_embedding_parameters
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
@@ -114,6 +116,15 @@ PRESETS: dict[str, ModelConfig] = {
         ModelConfig(name="phi-20m", n_layer=6, n_embd=256, n_head=8, intermediate_size=1024, rotary_pct=0.5,
                     block_size=1024),
         ModelConfig(name="phi-tiny", n_layer=4, n_embd=128, n_head=4, intermediate_size=512, rotary_pct=0.5,
+                    block_size=512),
+        # The model-size ladder below phi-tiny (bench/ladder.py): its shape (head size 32 or less, MLP 4x)
+        # scaled down in width and depth, so that with phi-tiny the non-embedding parameters span 14x on sizes
+        # a 2-core CPU trains in minutes.
+        ModelConfig(name="phi-d48", n_layer=2, n_embd=48, n_head=2, intermediate_size=192, rotary_pct=0.5,
+                    block_size=512),
+        ModelConfig(name="phi-d64", n_layer=2, n_embd=64, n_head=2, intermediate_size=256, rotary_pct=0.5,
+                    block_size=512),
+        ModelConfig(name="phi-d96", n_layer=3, n_embd=96, n_head=3, intermediate_size=384, rotary_pct=0.5,
                     block_size=512),
     ]
 }
