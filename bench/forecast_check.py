@@ -15,9 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from scratchlm.report.backtest import backtest_end, backtest_runs
+from scratchlm.report.backtest import backtest_end, backtest_runs, fit_power_law
 from scratchlm.report.command import build_report
-from scratchlm.report.law import curve_from_records
 from scratchlm.report.runs import read_run
 
 
@@ -39,7 +38,8 @@ def main() -> None:
     actual = json.loads((args.long / "summary.json").read_text())
     (outlook,) = build_report([args.short], None, predict_tokens=actual["tokens"])["forecasts"].values()
     err = (outlook["predicted_loss"] - actual["final_eval_loss"]) / actual["final_eval_loss"]
-    power = outlook["power_law"]["predicted_loss"]
+    short = read_run(args.short).curve()
+    power = float(fit_power_law(short.tokens, short.losses).loss(actual["tokens"]))
     print(f"{args.short.name} alone predicts {args.long.name}'s final evaluation loss "
           f"({actual['tokens']:,} tokens, actual {actual['final_eval_loss']:.3f}):")
     lo, hi = outlook["interval"]
@@ -50,8 +50,7 @@ def main() -> None:
     print()
     print("| backtest | held back | actual | loss law | plain power law |")
     print("|---|---|---|---|---|")
-    runs = [read_run(d) for d in (args.short, args.long, *args.others)]
-    curves = [curve_from_records(r["name"], r["train"], r["eval"], r["parameters"]) for r in runs]
+    curves = [read_run(d).curve() for d in (args.short, args.long, *args.others)]
     for curve in curves:
         if (b := backtest_end(curve)) is not None:
             print(_row(b))

@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from scratchlm.report.ladder import PACKAGED
 
 SIZES = ("phi-d48", "phi-d64", "phi-d96", "phi-tiny")
 # One setting for every size (the forecast check's, bench/RESULTS.md): same data order, same tokens per step,
@@ -31,12 +35,13 @@ def _train(out: Path, args: list[str]) -> None:
         print(f"kept {out.name} (finished)")
         return
     print(f"training {out.name}: scratchlm train {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, "-m", "scratchlm", "train", "--out", str(out), "--resume", "auto", *COMMON,
+    subprocess.run([sys.executable, "-m", "scratchlm", "train", "--out", str(out), "--resume", "auto",
+                    *COMMON,
                     *args], check=True)
 
 
 def _size(root: Path, model: str, lengths: list[int]) -> None:
-    """The constant run of ``model`` to 0.8 of the longest length, then a wsd decay branched for each length."""
+    """The constant run of ``model`` to 0.8 of the longest length, then a wsd decay branched per length."""
     starts = [int(0.8 * t) for t in lengths]
     const = root / f"{model}-const"
     _train(const, ["--model", model, "--lr-schedule", "constant", "--max-steps", str(max(starts)),
@@ -50,21 +55,34 @@ def _size(root: Path, model: str, lengths: list[int]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/ladder"))
     parser.add_argument("--steps", type=int, default=200, help="the wsd length every size is trained to")
     parser.add_argument("--long", type=int, default=4, help="the largest size's longer run, in multiples")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), help="presets, smallest first")
+    parser.add_argument("--package", action="store_true",
+                        help="also write the ladder into the package (the demo's report reads its floors)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for model in args.sizes:
-        lengths = [args.steps // 2, args.steps] + ([args.long * args.steps] if model == args.sizes[-1] else [])
+        longer = [args.long * args.steps] if model == args.sizes[-1] else []
+        lengths = [args.steps // 2, args.steps, *longer]
         _size(args.out, model, lengths)
     runs = sorted(p for p in args.out.iterdir() if (p / "summary.json").exists())
     report = args.out / "report"
     subprocess.run([sys.executable, "-m", "scratchlm", "report", *map(str, runs), "--out", str(report),
-                    "--predict-model", "phi-2", "--predict-tokens", "1.4e12"], check=True)
-    print(json.dumps(json.loads((report / "report.json").read_text()).get("ladder", {}), indent=1))
+                    "--predict-model", "phi-2", "--predict-tokens", "1.4e12", "--reference-loss", "2.273",
+                    "--reference-name", "Phi-2 (published WikiText-2 loss)"], check=True)
+    saved = json.loads((report / "ladder.json").read_text())
+    saved["source"] = (f"the ladder of bench/ladder.py ({', '.join(args.sizes)}, {args.steps} steps, "
+                       f"{time.strftime('%Y-%m-%d')}) on {Path(os.environ.get('SCRATCHLM_DATA', '?')).name}")
+    (report / "ladder.json").write_text(json.dumps(saved, indent=2))
+    if args.package:
+        PACKAGED.write_text(json.dumps(saved, indent=2) + "\n")
+        print(f"wrote {PACKAGED}: the floors the demo's report reads")
+    text = (report / "report.md").read_text()
+    print(text[text.index("### The model-size ladder"):])
 
 
 if __name__ == "__main__":

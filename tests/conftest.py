@@ -58,3 +58,16 @@ def small_corpus(corpus_dir, tmp_path_factory) -> Path:
     for name in ("pg11_alices_adventures_in_wonderland.txt", "pg1342_pride_and_prejudice.txt"):
         shutil.copyfile(corpus_dir / "books" / name, out / name)
     return out
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory, tokenizer) -> Path:
+    """A random model with Phi-2's vocabulary and a context of 64 positions: small, so that a server answers
+    every request in a moment."""
+    from servers import random_model_folder
+
+    from scratchlm.model.config import ModelConfig
+
+    config = ModelConfig(name="small-context", n_layer=1, n_embd=32, n_head=2, intermediate_size=64,
+                         block_size=64)
+    return random_model_folder(tmp_path_factory.mktemp("models") / "small-context", config, tokenizer)

@@ -18,6 +18,17 @@ from scratchlm.serving import BackgroundServer, free_port
 UvicornThread = BackgroundServer
 
 
+def train_command(data, out, steps: int, **extra: str) -> list[str]:
+    """``scratchlm train`` as a user types it: phi-tiny at toy size on the CPU, ``extra`` flags added
+    (``checkpoint_interval="1"`` is ``--checkpoint-interval 1``)."""
+    settings = {"model": "phi-tiny", "data": str(data), "out": str(out), "block-size": "64",
+                "micro-batch-size": "4", "eval-batches": "1", "eval-fraction": "0.05",
+                "max-steps": str(steps), "eval-interval": "1000", "device": "cpu",
+                **{key.replace("_", "-"): value for key, value in extra.items()}}
+    return [sys.executable, "-m", "scratchlm", "train",
+            *[x for key, value in settings.items() for x in (f"--{key}", value)]]
+
+
 def random_model_folder(folder, config, tokenizer):
     """A model folder (weights from seed 0 and Phi-2's tokenizer) for serve-model or a ``local:`` teacher: a
     real distribution over the real vocabulary, quick to compute."""

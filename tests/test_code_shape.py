@@ -77,17 +77,43 @@ def test_imports_resolve_have_no_cycle_and_respect_the_layers():
     assert not upward, "imports against the layers: " + ", ".join(sorted(upward))
 
 
-DATA_SETTINGS = ("chunk_chars", "eval_fraction", "text_field")
+# each data and sampling setting: the one settings class that declares it
+DECLARED_IN = {**dict.fromkeys(("chunk_chars", "eval_fraction", "text_field"), "CorpusReading"),
+               **dict.fromkeys(("max_new_tokens", "temperature", "top_k", "top_p"), "Sampling")}
 
 
-def test_each_data_setting_is_declared_once():
-    """A setting's name and default in one class, which every command's config includes (``CorpusReading``):
-    no copies whose defaults could drift apart."""
-    found = {name: [] for name in DATA_SETTINGS}
-    for path in sorted(SRC.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ClassDef):
-                for item in node.body:
-                    if isinstance(item, ast.AnnAssign) and getattr(item.target, "id", None) in found:
-                        found[item.target.id].append(f"{path.relative_to(SRC)}::{node.name}")
-    assert found == {name: ["scratchlm/data/reading.py::CorpusReading"] for name in DATA_SETTINGS}, found
+def _settings_classes() -> list[type]:
+    """Every settings class of the package (a ``ConfigBase``), its modules all imported."""
+    import pkgutil
+
+    import scratchlm
+    from scratchlm.config import ConfigBase
+
+    for module in pkgutil.walk_packages(scratchlm.__path__, "scratchlm."):
+        if not module.name.endswith("__main__"):  # the console script: it runs when imported
+            importlib.import_module(module.name)
+    found, todo = [], [ConfigBase]
+    while todo:
+        found.append(cls := todo.pop())
+        todo += cls.__subclasses__()
+    return found
+
+
+def test_each_data_and_sampling_setting_is_declared_once():
+    """A setting's name, type and default in one class, which every command's config includes
+    (``CorpusReading``, ``Sampling``; the feed's --teacher-* are Sampling's, made by ``prefixed``): no copies
+    whose defaults could drift apart."""
+    from scratchlm.config import Prefixed
+
+    classes = _settings_classes()
+    found = {name: sorted(c.__name__ for c in classes if name in c.__dict__.get("__annotations__", {}))
+             for name in DECLARED_IN}
+    assert found == {name: [owner] for name, owner in DECLARED_IN.items()}
+    teacher = {c.__name__ for c in classes
+               if any(n.startswith("teacher_") and n.removeprefix("teacher_") in DECLARED_IN
+                      for n in c.__dict__.get("__annotations__", {}))}
+    assert all(issubclass(c, Prefixed) for c in classes if c.__name__ in teacher), teacher
+    from scratchlm.feed.server import ServeConfig
+    from scratchlm.teacher.settings import Sampling
+
+    assert ServeConfig().teacher_temperature == Sampling().temperature  # one default, whoever includes it

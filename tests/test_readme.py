@@ -28,22 +28,22 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 # The commands that do not run here, by a phrase of theirs, and why.
 NOT_RUN = {
     "python3 -m venv": "the set-up itself (CI runs it on a fresh machine: .ci/run)",
-    "scratchlm serve": ("servers in the foreground (tests/test_hostile_servers.py and tests/servers.py "
+    "scratchlm serve": ("servers in the foreground (tests/test_serving.py and tests/servers.py "
                         "start them as typed, on a real socket)"),
     "http://127.0.0.1": "a feed or model server started by the line before",
     "microsoft/phi-2": "a Hugging Face hub model",
-    "runs/clean": "the demo's runs (tests/test_eval_report.py::test_demo_quick_end_to_end)",
-    "runs/short": "a forecast over a 100-step run (tests/test_scaling.py)",
-    "runs/long": "a branch of a 200-step run (tests/test_train.py)",
+    "runs/clean": "the demo's runs (tests/test_demo.py::test_demo_quick_end_to_end)",
+    "runs/short": "a forecast over a 100-step run (tests/report/test_forecast.py)",
+    "runs/long": "a branch of a 200-step run (tests/train/test_train.py)",
     "runs/20m": "three model sizes trained for a while",
     "fineweb": "downloaded or hub datasets",
-    "my_dataset": "a dataset written by `datasets`' save_to_disk (tests/test_data_scale.py)",
+    "my_dataset": "a dataset written by `datasets`' save_to_disk (tests/data/test_data_scale.py)",
     "pip install": "packages (CI installs the extras)",
-    "torchrun": "several GPUs and machines (tests/test_distributed.py runs 2 CPU processes)",
-    "build-corpus": "a teacher's 100 MB (tests/test_teacher.py builds a small one)",
-    "runs/teacher/final": "a teacher trained for a while (bench/distill.py; tests/test_prepare.py)",
-    "--distill-weight": "prepared soft labels (tests/test_distill.py)",
-    "scratchlm demo": "the demo (tests/test_eval_report.py runs it at toy size)",
+    "torchrun": "several GPUs and machines (tests/train/test_distributed.py runs 2 CPU processes)",
+    "build-corpus": "a teacher's 100 MB (tests/teacher/test_teacher.py builds a small one)",
+    "runs/teacher/final": "a teacher trained for a while (bench/distill.py; tests/data/test_prepare.py)",
+    "--distill-weight": "prepared soft labels (tests/train/test_distill.py)",
+    "scratchlm demo": "the demo (tests/test_demo.py runs it at toy size)",
 }
 TOY_CONFIG = """\
 train: {max_time: 4, block_size: 64, micro_batch_size: 2, eval_batches: 1, eval_fraction: 0.3, device: cpu,

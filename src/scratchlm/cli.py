@@ -87,7 +87,7 @@ def run_model_info(cfg: ModelInfoConfig) -> None:
     print(f"MLP width:                 {c.intermediate_size}")
     print(f"vocabulary:                {c.vocab_size} ids, padded to {c.padded_vocab_size}")
     print(f"parameters:                {c.num_parameters:,}")
-    print(f"non-embedding parameters:  {c.num_non_embedding_parameters:,} (without the embedding and LM head)")
+    print(f"non-embedding parameters:  {c.num_non_embedding_parameters:,} (no embedding, no LM head)")
     print(f"training FLOPs per token:  {c.flops_per_token(seq):,.0f} "
           f"(6·N + 12·L·d·T with N={c.num_parameters:,}, L={c.n_layer}, d={c.n_embd}, T={seq})")
 

@@ -9,6 +9,7 @@ pydantic checks the result. Unknown keys and wrong types are refused with a mess
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import types
 import typing
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import UserError
 
@@ -54,6 +55,35 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 """A TCP port (0: any free one, where a server allows it)."""
 TopP = Annotated[float, Field(gt=0, le=1)]
 """Nucleus sampling mass: in (0, 1]."""
+
+
+class Prefixed(ConfigBase):
+    """Another settings class's fields under a prefix (made by ``prefixed``)."""
+
+    included: ClassVar[type[ConfigBase]]
+    prefix: ClassVar[str]
+
+    @classmethod
+    def read(cls, config: ConfigBase) -> ConfigBase:
+        """The included settings, unprefixed, out of a command's config that includes these."""
+        names = cls.included.model_fields
+        return cls.included(**{name: getattr(config, cls.prefix + name) for name in names})
+
+    @classmethod
+    def flags(cls, settings: ConfigBase) -> dict[str, Any]:
+        """``settings`` as the prefixed keys of a command's config."""
+        return {cls.prefix + name: value for name, value in settings.model_dump().items()}
+
+
+def prefixed(cls: type[ConfigBase], prefix: str, doc: str) -> type[Prefixed]:
+    """``cls``'s settings under names beginning with ``prefix``, to include in a command's config (the feed's
+    --teacher-temperature is Sampling's temperature): types, bounds, defaults and help stay declared once, in
+    ``cls``."""
+    fields = {prefix + name: (field.annotation, copy.copy(field)) for name, field in cls.model_fields.items()}
+    made = create_model(f"{prefix.title().replace('_', '')}{cls.__name__}", __base__=Prefixed, __doc__=doc,
+                        **fields)
+    made.included, made.prefix = cls, prefix
+    return made
 
 
 def _usable_temperature(value: float) -> float:
@@ -196,6 +226,7 @@ def _argument(name: str, field, positional: bool) -> tuple[list[str], dict[str, 
     default = field.get_default(call_default_factory=True)
     help_text = (field.description or "").strip()
     help_text = f"{help_text} [default: {default}]" if help_text else f"[default: {default}]"
+    help_text = help_text.replace("%", "%%")  # argparse formats help with %: "30% of texts" broke --help
     kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
     is_list = typing.get_origin(annotation) is list
     item = typing.get_args(annotation)[0] if is_list else annotation

@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigBase, ConfigError
+from .teacher.settings import Sampling, TeacherSampling
 
 log = logging.getLogger("scratchlm.demo")
 
@@ -44,7 +45,8 @@ class DemoPlan:
     """Share of the stream run's tokens that the teacher writes."""
     distill_weight: float = 0.5
     """The stream run learns from the teacher's distribution at the tokens it wrote (its top 20 kept)."""
-    teacher_max_new_tokens: int = 128
+    teacher_sampling: Sampling = field(default_factory=Sampling)
+    """How the teacher writes (the feed's --teacher-* settings)."""
     feed_shuffle_blocks: int = 1024
     eval_tokens: int = 20_000
 
@@ -53,7 +55,8 @@ SOFT_LABELS = 20
 """The teacher's top-k the stream run learns from (what vLLM and OpenAI give by default)."""
 
 QUICK = DemoPlan(block_size=64, micro_batch_size=4, max_steps=24, eval_interval=2, eval_batches=2, lr=3e-3,
-                 warmup_steps=3, teacher_max_new_tokens=16, feed_shuffle_blocks=64, eval_tokens=4_000)
+                 warmup_steps=3, teacher_sampling=Sampling(max_new_tokens=16), feed_shuffle_blocks=64,
+                 eval_tokens=4_000)
 
 
 def _banner(text: str) -> None:
@@ -67,6 +70,7 @@ def demo(out: Path, plan: DemoPlan) -> dict:
     from .data import corpus_from_env, held_out_documents
     from .evaluation import evaluate_model
     from .report.command import build_report
+    from .report.ladder import PACKAGED as PACKAGED_LADDER
     from .report.runs import PHI2_WIKITEXT_LOSS
     from .tokenizer import load_tokenizer
     from .train import TrainConfig, train
@@ -116,8 +120,11 @@ def demo(out: Path, plan: DemoPlan) -> dict:
     # Phi-2's weights are not fetched by the demo: its published WikiText-2 loss stands in (other text, so a
     # yardstick, not a like-for-like comparison; `scratchlm report --reference-model` measures it on yours).
     reference = ("Phi-2 (published WikiText-2 loss, other text)", PHI2_WIKITEXT_LOSS)
+    # The floor phi-tiny cannot show in one run, from the ladder measured on this corpus (bench/ladder.py):
+    # no token count to a loss its size never reaches.
     report = build_report(list(runs.values()), out / "report", reference,
-                          {name: e["loss"] for name, e in evals.items()})
+                          {name: e["loss"] for name, e in evals.items()},
+                          ladder=PACKAGED_LADDER)
     summary = {"out": str(out), "report": str(out / "report" / "report.md"), "held_out_eval": evals,
                "teacher_token_share_served": served_share, "wall_s": time.perf_counter() - started,
                "runs": {r["run"]: {"initial": r["initial_loss"], "final": r["final_eval_loss"],
@@ -141,7 +148,7 @@ def _stream_run(corpus: str, runs: dict[str, Path], common: dict, plan: DemoPlan
     print(f"teacher: {teacher.url}")
     try:
         feed = serve(corpus=corpus, teacher=f"openai:{teacher.url}", teacher_ratio=plan.teacher_ratio,
-                     teacher_max_new_tokens=plan.teacher_max_new_tokens, soft_labels=SOFT_LABELS)
+                     **TeacherSampling.flags(plan.teacher_sampling), soft_labels=SOFT_LABELS)
         try:
             # Without this, a short run on a slow machine can end before the teacher's first texts exist.
             print("waiting for the teacher's first texts...", flush=True)

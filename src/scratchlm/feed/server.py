@@ -16,8 +16,6 @@ from ..config import (
     NonNegativeInt,
     Positive,
     Share,
-    Temperature,
-    TopP,
 )
 from ..data import corpus_from_env
 from ..data.reading import CorpusReading
@@ -25,6 +23,7 @@ from ..serving import API_KEY_ENV, ServerConfig
 from ..teacher.diversity import DiversityMeter
 from ..teacher.prompts import PromptSource, PromptStrategy
 from ..teacher.sampling import SamplingParams
+from ..teacher.settings import TeacherSampling
 from ..tokenizer import Tokenizer, load_tokenizer
 from .app import FeedLimits, create_app
 from .corpus import CorpusSource
@@ -34,7 +33,7 @@ from .teachers import TeacherPool, TeacherWorker, TextPool, WorkerSettings
 log = logging.getLogger("scratchlm.feed")
 
 
-class ServeConfig(ServerConfig, CorpusReading):
+class ServeConfig(ServerConfig, CorpusReading, TeacherSampling):
     """The data-feed server: corpus texts (and teacher texts) over HTTP."""
 
     corpus: str | None = None
@@ -73,12 +72,6 @@ class ServeConfig(ServerConfig, CorpusReading):
     """Prompts per request to a teacher (a server that refuses lists, like llama.cpp's, is sent one)."""
     teacher_batch_size: Count | None = None
     """local: sequences decoded together (default: 256 on a GPU, 32 on a CPU)."""
-    teacher_max_new_tokens: Count = 256
-    """Tokens a teacher writes per text."""
-    teacher_temperature: Temperature = 0.8
-    """Teacher sampling temperature (0 = greedy)."""
-    teacher_top_p: TopP = 0.95
-    """Teacher nucleus sampling mass."""
     prompts: list[PromptStrategy] = ["words", "topic", "snippet"]
     """Prompt strategies for the teachers, mixed: token (the seed's), words, topic, snippet."""
     teacher_buffer: Count = 256
@@ -114,8 +107,7 @@ def _teachers(cfg: ServeConfig, corpus: CorpusSource, tokenizer: Tokenizer, extr
                 for spec in cfg.teacher] + ([extra] if extra is not None else [])
     if not backends:
         return None
-    params = SamplingParams(max_new_tokens=cfg.teacher_max_new_tokens, temperature=cfg.teacher_temperature,
-                            top_p=cfg.teacher_top_p, logprobs=cfg.soft_labels)
+    params = SamplingParams(**TeacherSampling.read(cfg).model_dump(), logprobs=cfg.soft_labels)
     texts, diversity = TextPool(cfg.teacher_buffer), DiversityMeter()
     workers = []
     for i, backend in enumerate(backends):

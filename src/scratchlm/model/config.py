@@ -82,8 +82,9 @@ class ModelConfig(ConfigBase):
 
     @cached_property
     def num_embedding_parameters(self) -> int:
-        """The vocabulary's matrices: token embedding and LM head (with its bias). Kaplan et al. 2020 leave them
-        out of N (their models tie the two); at phi-tiny's width they are 94% of the model, at Phi-2's 5%."""
+        """The vocabulary's matrices: token embedding and LM head (with its bias). Kaplan et al. 2020 leave
+        them out of N (their models tie the two); at phi-tiny's width they are 94% of the model, at Phi-2's
+        9%."""
         return 2 * self.padded_vocab_size * self.n_embd + self.padded_vocab_size
 
     @cached_property

@@ -9,28 +9,30 @@ import json
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
-import numpy as np
 from pydantic import Field
 
 from ..config import ConfigBase, ConfigError, NonNegative, Positive
-from .forecast import extrapolate, forecast
+from .forecast import forecast
+from .ladder import Ladder
 from .markdown import markdown
 from .plots import plot_forecast, plot_runs
-from .runs import PHI2_BUDGET, by_data, data_setting, distillation, effects, read_run
+from .runs import PHI2_BUDGET, Run, by_data, data_setting, distillation, effects, read_run
 
 
 def build_report(run_dirs: list[Path], out: Path | None, reference: tuple[str, float] | None = None,
                  extra_eval: dict[str, float] | None = None, predict_tokens: float | None = None,
                  predict_model: str | None = None, momentum: float | None = None,
-                 predict_schedule: str | None = None) -> dict:
+                 predict_schedule: str | None = None, ladder: Path | None = None) -> dict:
     """Write report.md, report.json and the PNG plots (with their data as JSON) to ``out`` (None: only
-    return the report)."""
+    return the report). ``ladder``: a ladder's ``ladder.json`` (or the report.json holding it), whose floor
+    for each model size bounds the answers for runs of fewer sizes."""
     runs = [read_run(Path(d)) for d in run_dirs]
+    known = Ladder.read(ladder) if ladder else None
     outlooks = {}
     for data, group in by_data(runs).items():
         try:
             outlooks[data] = forecast(group, predict_tokens, predict_model,
-                                      reference[1] if reference else None, momentum, predict_schedule)
+                                      reference[1] if reference else None, momentum, predict_schedule, known)
         except ValueError as err:
             outlooks[data] = {"error": str(err)}
     if out is None:
@@ -38,45 +40,36 @@ def build_report(run_dirs: list[Path], out: Path | None, reference: tuple[str, f
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plot_runs(runs, reference, out)
-    rows, fits = [], {}
-    for run in runs:
-        s, ev = run["summary"], run["eval"]
-        final = s.get("final_eval_loss", ev[-1]["eval_loss"] if ev else None)
-        # A run stopped without its summary (killed, preempted): what its evaluations say.
-        first = ev[0]["eval_loss"] if ev else None
-        row = {"run": run["name"], "initial_loss": s.get("initial_eval_loss", first),
-               "target_loss": s.get("target_loss"),
-               "target_reached": s.get("target_reached"), "final_eval_loss": final, "steps": s.get("steps"),
-               "tokens": s.get("tokens"), "tokens_per_s": s.get("tokens_per_s"), "wall_s": s.get("elapsed_s"),
-               "teacher_token_share": run["teacher_token_share"], "data": data_setting(run)}
-        if extra_eval and run["name"] in extra_eval:
-            row["final_loss_on_eval_data"] = extra_eval[run["name"]]
-        if reference:
-            compare = row.get("final_loss_on_eval_data", final)
-            row["gap_to_reference"] = compare - reference[1] if compare is not None else None
-            points = [(r["tokens"], r["eval_loss"]) for r in ev if r["tokens"] > 0]
-            try:
-                f = extrapolate(np.array([p[0] for p in points]), np.array([p[1] for p in points]),
-                                reference[1])
-                tps = s.get("tokens_per_s") or 0
-                if f["tokens"] is not None and tps:
-                    f["more_tokens"] = max(0.0, f["tokens"] - (s.get("tokens") or 0))
-                    f["device_hours"] = f["more_tokens"] / tps / 3600
-                fits[run["name"]] = f
-            except ValueError as err:
-                fits[run["name"]] = {"error": str(err)}
-        rows.append(row)
+    rows = [_row(run, extra_eval, reference) for run in runs]
     for i, (data, outlook) in enumerate(outlooks.items()):
         if "error" not in outlook:
             outlook["plot"] = f"forecast{i or ''}.png"
             plot_forecast(by_data(runs)[data], outlook, reference, out / outlook["plot"])
+            if "ladder" in outlook:
+                (out / f"ladder{i or ''}.json").write_text(json.dumps(outlook["ladder"], indent=2))
     report = {"runs": rows, "reference": {"name": reference[0], "loss": reference[1]} if reference else None,
               "effects": effects(rows), "distillation": distillation(runs), "forecasts": outlooks,
-              "extrapolation": fits,
               "phi2_budget": PHI2_BUDGET}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
     return report
+
+
+def _row(run: Run, extra_eval: dict[str, float] | None, reference: tuple[str, float] | None) -> dict:
+    """A run's line of the table (a run stopped without its summary, killed or preempted: what its
+    evaluations say)."""
+    s = run.summary
+    row = {"run": run.name, "initial_loss": run.initial_eval_loss, "target_loss": s.get("target_loss"),
+           "target_reached": s.get("target_reached"), "final_eval_loss": run.final_eval_loss,
+           "steps": s.get("steps"), "tokens": s.get("tokens"), "tokens_per_s": s.get("tokens_per_s"),
+           "wall_s": s.get("elapsed_s"), "teacher_token_share": run.teacher_token_share,
+           "data": data_setting(run)}
+    if extra_eval and run.name in extra_eval:
+        row["final_loss_on_eval_data"] = extra_eval[run.name]
+    if reference:
+        compare = row.get("final_loss_on_eval_data", run.final_eval_loss)
+        row["gap_to_reference"] = compare - reference[1] if compare is not None else None
+    return row
 
 
 class ReportConfig(ConfigBase):
@@ -109,6 +102,9 @@ class ReportConfig(ConfigBase):
     """Window length of the --reference-model evaluation."""
     max_eval_tokens: Annotated[int, Field(ge=2)] | None = None
     """Cap on evaluated tokens."""
+    ladder: str | None = None
+    """A model-size ladder's ladder.json (written by a report over runs of three sizes or more, e.g.
+    bench/ladder.py's): the floor it measures for each size bounds the answers for these runs."""
 
 
 def _measured(cfg: ReportConfig) -> tuple[tuple[str, float] | None, dict[str, float]]:
@@ -142,7 +138,8 @@ def report_config(cfg: ReportConfig) -> dict:
     if cfg.out is None and not cfg.as_json:
         raise ConfigError("give --out (a folder for the report) or --json (the forecast on standard output)")
     return build_report([Path(d) for d in cfg.runs], Path(cfg.out) if cfg.out else None, reference, extra,
-                        cfg.predict_tokens, cfg.predict_model, cfg.annealing_momentum, cfg.predict_schedule)
+                        cfg.predict_tokens, cfg.predict_model, cfg.annealing_momentum, cfg.predict_schedule,
+                        Path(cfg.ladder) if cfg.ladder else None)
 
 
 def run_report(cfg: ReportConfig) -> None:

@@ -116,21 +116,6 @@ class Curve:
                      self.parameters)
 
 
-def curve_from_records(name: str, train: list[dict], evals: list[dict],
-                       parameters: int | None = None) -> Curve:
-    """A run's curve from its ``metrics.jsonl`` records (a step skipped for a non-finite loss keeps the rate
-    of the step before)."""
-    last = max(r["step"] for r in evals) if evals else 0
-    logged = {r["step"]: r["lr"] for r in train if "lr" in r}
-    rates, rate = np.zeros(last), next(iter(logged.values()), 0.0)
-    for s in range(1, last + 1):
-        rate = logged.get(s, rate)
-        rates[s - 1] = rate
-    points = [r for r in evals if r["step"] > 0]
-    return Curve(name, np.array([r["step"] for r in points]), np.array([r["tokens"] for r in points], float),
-                 np.array([r["eval_loss"] for r in points]), rates, parameters)
-
-
 # ------------------------------------------------------------------------------------------------ fitting
 
 
@@ -189,11 +174,33 @@ class LossLaw:
     points: int = 0
     annealing_seen: bool = True
     """False when no fitted curve had a falling rate: C was held at 0 and predictions hold no decay's gain."""
+    floor_bound: float | None = None
+    """The bound L0 was fitted above (the published form, ``fit_loss_law(floor_at_least=…)``); None: the
+    fitted form, where α = 0 is the limit of no floor."""
 
     @property
     def floor(self) -> float | None:
-        """L0, the loss the curve levels off at for the fitted model size (None: no levelling off seen)."""
-        return self.L1 - self.B / self.alpha if self.alpha > 1e-3 else None
+        """L0, the loss the curve levels off at for the fitted model size (None: no levelling off seen, or
+        the fit left L0 at its bound: not a measured floor)."""
+        if self.alpha <= 1e-3:
+            return None
+        floor = self.L1 - self.B / self.alpha
+        return None if self.floor_bound is not None and floor - self.floor_bound < 1e-3 else floor
+
+    def floor_at(self, parameters: float) -> float | None:
+        """The lowest loss a model of ``parameters`` reaches at any length and schedule: L0, its size's term,
+        and the most a decay can give (a fall of the whole rate: S2 → 1/(1 − λ)). None: no floor seen."""
+        if self.floor is None:
+            return None
+        size = self.K * (parameters / PARAM_UNIT) ** (-self.gamma)
+        return self.floor + size - self.C / (1.0 - self.momentum)
+
+    def parameters_to_reach(self, loss: float) -> float | None:
+        """The smallest size whose floor lies below ``loss``; None when none does (or no floor is seen)."""
+        if self.floor is None or self.K == 0.0:
+            return None
+        room = loss - (self.floor - self.C / (1.0 - self.momentum))
+        return PARAM_UNIT * (self.K / room) ** (1.0 / self.gamma) if room > 0 else None
 
     def loss(self, s1: np.ndarray | float, s2: np.ndarray | float, parameters: float | None = None):
         return _law(self.vector(), self.names, self._fixed(), np.asarray(s1), np.asarray(s2),
@@ -241,27 +248,51 @@ def _law(p: np.ndarray, names: list[str], fixed: dict, s1: np.ndarray, s2: np.nd
     return v["L1"] + size - v["B"] * _forward(s1, v["alpha"]) - v["C"] * s2
 
 
-def fit_loss_law(curves: Sequence[Curve], momentum: float | None = None) -> LossLaw:
+def fit_loss_law(curves: Sequence[Curve], momentum: float | None = None,
+                 floor_at_least: float | None = None) -> LossLaw:
     """Least-squares fit of the law to the evaluations of ``curves`` a fit uses (``Curve.fit_points``); with
     runs of several model sizes the dependence on N is fitted too (γ only from three sizes up). λ:
-    ``momentum`` if given; else chosen from ``MOMENTUM_GRID`` by the residual when two runs or more decay
-    (their decays tell how long a fall of the rate keeps paying); else ``MOMENTUM``."""
+    ``momentum`` if given; else chosen by the residual when two runs or more decay (their decays tell how
+    long a fall of the rate keeps paying), among the λ of ``MOMENTUM_GRID`` whose memory 1/(1 − λ) the
+    longest decay fitted is long enough to show; else ``MOMENTUM``.
+
+    ``floor_at_least``: fit the published form L0 + A·S1^(−α) instead, with L0 held at or above this (a
+    cross-entropy is not below zero): the form for extrapolating far (a ladder to Phi-2), where a curve
+    that falls by the same amount per doubling forever would cross zero. A floor the fit leaves at that
+    bound is not a measured one (``LossLaw.floor`` is None)."""
     if momentum is not None:
-        return _fit_at(curves, momentum, "given")
+        return _fit_at(curves, momentum, "given", floor_at_least)
     if sum(bool(annealed(c.rates, c.steps).any()) for c in curves) < 2:
-        return _fit_at(curves, MOMENTUM, "default")
+        return _fit_at(curves, MOMENTUM, "default", floor_at_least)
+    longest = max(_decay_steps(c) for c in curves)
+    grid = [value for value in MOMENTUM_GRID if 1.0 / (1.0 - value) <= longest] or [min(MOMENTUM_GRID)]
     fits = []
-    for value in MOMENTUM_GRID:
+    for value in grid:
         with contextlib.suppress(ValueError):
-            fits.append(_fit_at(curves, value, "fitted"))
+            fits.append(_fit_at(curves, value, "fitted", floor_at_least))
     if not fits:
         raise ValueError("the loss-law fit did not converge")
     return min(fits, key=lambda f: f.residual_rms)
 
 
-def _fit_at(curves: Sequence[Curve], momentum: float, source: str) -> LossLaw:
-    from scipy.optimize import curve_fit
+def _decay_steps(curve: Curve) -> int:
+    """Steps of falling rate a curve's fitted evaluations have seen."""
+    seen = curve.rates[: int(curve.steps[-1])] if len(curve.steps) else curve.rates[:0]
+    return int(np.sum(np.diff(seen) < 0))
 
+
+def _published(q: np.ndarray, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The published form's parameters (L0, A, α, …, in ``names``' places of L1, B, α) as the fitted form's
+    (L1 = L0 + A, B = A·α), and the derivative of that map."""
+    p, m = q.copy(), np.eye(len(q))
+    i1, ib, ia = names.index("L1"), names.index("B"), names.index("alpha")
+    p[i1], p[ib] = q[i1] + q[ib], q[ib] * q[ia]
+    m[i1, ib], m[ib, ib], m[ib, ia] = 1.0, q[ia], q[ib]
+    return p, m
+
+
+def _fit_data(curves: Sequence[Curve], momentum: float):
+    """The fitted points of every curve: S1, S2, N, losses; the rate unit; whether any decays."""
     unit = max(float(np.max(c.rates)) for c in curves if len(c.rates))
     s1, s2, n, y, seen = [], [], [], [], False
     for c in curves:
@@ -272,63 +303,87 @@ def _fit_at(curves: Sequence[Curve], momentum: float, source: str) -> LossLaw:
         s2.append(a2[c.steps])
         n.append(np.full(len(c.steps), float(c.parameters or PARAM_UNIT)))
         y.append(c.losses)
-    s1, s2, n, y = map(np.concatenate, (s1, s2, n, y))
+    return (*map(np.concatenate, (s1, s2, n, y)), unit, seen)
+
+
+def _fit_at(curves: Sequence[Curve], momentum: float, source: str,
+            floor_at_least: float | None = None) -> LossLaw:
+    from scipy.optimize import curve_fit
+
+    s1, s2, n, y, unit, seen = _fit_data(curves, momentum)
     sizes = len(set(n.tolist()))
     names = ["L1", "B", "alpha"] + (["C"] if seen else []) + (["K"] if sizes > 1 else []) \
         + (["gamma"] if sizes > 2 else [])
     fixed = {k: v for k, v in (("C", 0.0), ("K", 0.0), ("gamma", CHINCHILLA_GAMMA)) if k not in names}
     if len(y) <= len(names):
         raise ValueError(f"{len(y)} evaluation points for {len(names)} parameters: evaluate more often")
+    floored = floor_at_least is not None
 
-    def model(x, *p):
-        return _law(np.asarray(p), names, fixed, x[0], x[1], x[2])
+    def to_law(q):
+        return _published(np.asarray(q), names) if floored else (np.asarray(q), np.eye(len(q)))
 
-    def jacobian(x, *p):
-        return _law_jacobian(np.asarray(p), names, fixed, x[0], x[1], x[2])
+    def model(x, *q):
+        return _law(to_law(q)[0], names, fixed, x[0], x[1], x[2])
+
+    def jacobian(x, *q):
+        p, m = to_law(q)
+        return _law_jacobian(p, names, fixed, x[0], x[1], x[2]) @ m
 
     slope = max(1e-3, float(y.max() - y.min()) / max(1e-3, float(np.log(s1.max() / s1.min()))))
-    lower = {"L1": -np.inf, "B": 0.0, "alpha": 0.0, "C": 0.0, "K": 0.0, "gamma": 0.05}
     # α ≤ 1: published fits of language-model curves sit near 0.3-0.6; a few noisy points must not bend a
-    # curve into a wall
+    # curve into a wall. In the published form α > 0: at 0 its curve is flat.
+    lower = {"L1": floor_at_least if floored else -np.inf, "B": 0.0, "alpha": 0.01 if floored else 0.0,
+             "C": 0.0, "K": 0.0, "gamma": 0.05}
     upper = {"L1": np.inf, "B": np.inf, "alpha": 1.0, "C": np.inf, "K": np.inf, "gamma": 1.5}
     best = None
     for alpha0 in (0.01, 0.2, 0.6):  # a few starts: the fit has flat directions on short curves
         start = {"L1": float(y.max()) + slope * float(np.log(s1.min())), "B": slope, "alpha": alpha0,
                  "C": 0.01 * slope, "K": slope, "gamma": CHINCHILLA_GAMMA}
+        if floored:
+            start.update(L1=floor_at_least, B=float(y.max()) - floor_at_least, alpha=max(alpha0, 0.05))
         try:
-            p, cov = curve_fit(model, (s1, s2, n), y, p0=[start[k] for k in names], jac=jacobian,
+            q, cov = curve_fit(model, (s1, s2, n), y, p0=[start[k] for k in names], jac=jacobian,
                                bounds=([lower[k] for k in names], [upper[k] for k in names]), maxfev=3000)
         except (RuntimeError, ValueError):
             continue
-        err = float(np.sum((model((s1, s2, n), *p) - y) ** 2))
+        err = float(np.sum((model((s1, s2, n), *q) - y) ** 2))
         if best is None or err < best[0]:
-            best = (err, p, cov)
+            best = (err, q, cov)
     if best is None:
         raise ValueError("the loss-law fit did not converge")
-    err, p, cov = best
+    err, q, cov = best
+    p, m = to_law(q)
+    cov = m @ cov @ m.T
     values = {**fixed, **dict(zip(names, (float(v) for v in p), strict=True))}
-    covariance = cov.tolist() if np.all(np.isfinite(cov)) else None
     return LossLaw(**values, rate_unit=unit, momentum=momentum, momentum_source=source, names=names,
-                   covariance=covariance,
-                   residual_rms=math.sqrt(err / len(y)), points=len(y), annealing_seen=seen)
+                   covariance=cov.tolist() if np.all(np.isfinite(cov)) else None,
+                   residual_rms=math.sqrt(err / len(y)), points=len(y), annealing_seen=seen,
+                   floor_bound=floor_at_least)
 
 
 # ----------------------------------------------------------------------------------------------- prediction
 
 
 def predict_end(law: LossLaw, rate_of: Callable[[np.ndarray], np.ndarray], steps: int,
-                parameters: float | None = None) -> tuple[float, list[float]]:
-    """The loss at the end of a run of ``steps`` steps with rates ``rate_of``, and its 90% interval."""
+                parameters: float | None = None, lowest: float = 0.0) -> tuple[float, list[float]]:
+    """The loss at the end of a run of ``steps`` steps with rates ``rate_of``, and its 90% interval; never
+    below ``lowest`` (a cross-entropy is not below zero, nor below a floor measured for the size: a law
+    extrapolated past where it was fitted can say otherwise, and is not believed there)."""
     s1, s2 = final_areas(lambda i: rate_of(i) / law.rate_unit, steps, law.momentum)
-    return law.predict(s1, s2, parameters)
+    value, interval = law.predict(s1, s2, parameters)
+    lowest = max(0.0, lowest)
+    return max(value, lowest), [max(v, lowest) for v in interval]
 
 
 def steps_to_reach(law: LossLaw, schedule: Callable[[int], Callable[[np.ndarray], np.ndarray]], target: float,
                    parameters: float | None = None, start: int = 1, limit: int = 10**13,
-                   bound: int | None = None) -> int | None:
+                   bound: int | None = None, lowest: float = 0.0) -> int | None:
     """The shortest run (in steps, each length with its own schedule ``schedule(steps)``) whose final loss
-    reaches ``target``; None when even ``limit`` steps do not. ``bound`` 0 or 1: the same for the lower or
-    upper end of the 90% interval."""
+    reaches ``target``; None when even ``limit`` steps do not, or ``target`` lies below ``lowest`` (zero, or
+    a floor measured for the size). ``bound`` 0 or 1: the same for the lower or upper end of the 90%
+    interval."""
+    if target < max(0.0, lowest):
+        return None
 
     def reaches(steps: int) -> bool:
         value, interval = predict_end(law, schedule(steps), steps, parameters)

@@ -105,9 +105,29 @@ def _floor_text(p: dict) -> str:
     return f"It levels off at L0 = {p['L0']:.3f} nats/token{size}."
 
 
+def _reach_text(r: dict, ref: dict, f: dict) -> str:
+    """The answer to "how many tokens to reach the reference", or why there is none at this size."""
+    if r.get("floor_unmeasured"):
+        return (f"**no token count**: {r['ladder']} shows no floor at any of its sizes yet (its curves still "
+                "fall by the same amount per doubling), so whether a model of this size ever reaches it is "
+                "not measured, and a count from a law that falls forever would claim it does; longer ladder "
+                "runs, until the smallest size levels off, would answer it")
+    if r.get("floor") is not None and r["floor"] > ref["loss"]:
+        needed = r.get("size_to_reach")
+        count = "non-embedding " if r.get("count") == "non_embedding" else ""
+        return (f"**out of reach at this size**: the ladder's floor for {f['model']} is {r['floor']:.3f} "
+                "nats/token, above it" + (f"; a model of about {_fmt_tokens(needed)} {count}parameters "
+                                          "has its floor below" if needed else
+                                          "; no size of the ladder's law has its floor below"))
+    if r["tokens"]:
+        return (f"**{_fmt_tokens(r['tokens'])} tokens** (90% interval {_fmt_tokens(r['interval'][0])}–"
+                f"{_fmt_tokens(r['interval'][1]) if r['interval'][1] else 'never'}; from {r['law']})")
+    return f"**out of reach** within {_fmt_tokens(REACH_LIMIT * f['tokens_per_step'])} tokens"
+
+
 def _forecast_lines(f: dict, ref: dict | None, data: str | None) -> list[str]:
     """How much more training: the loss law's answers, each beside the backtest that says how far to trust
-    it, and the plain power law's."""
+    it; the plain power law is a row of the backtest table."""
     lines = ["", "## How much more training" + (f": the runs on {data}" if data else ""), ""]
     if "error" in f:
         return lines + [f"No forecast: {f['error']}."]
@@ -115,66 +135,86 @@ def _forecast_lines(f: dict, ref: dict | None, data: str | None) -> list[str]:
     lines += [f"Fitted to {p['points']} evaluations: **{_law_text(p)}** (S1: the summed learning rate, S2: "
               "the annealing area, both in steps at the peak rate; residual "
               f"{p['residual_rms']:.3f} nats/token). " + _floor_text(p)]
+    if f.get("floor") is not None:
+        lines += ["", f"The floor of {f['model']} from {f['floor_from']}: {f['floor']:.3f} nats/token (no "
+                  "answer below goes under it)."]
     if not p["annealing_seen"]:
         lines += ["", "No fitted run has a falling rate, so what a final decay gains is unknown (C = 0 "
                   "here): branch one off a checkpoint (`scratchlm train --resume-from CKPT "
                   "--decay-steps N`)."]
-    pl = f.get("power_law", {})
     if "predicted_loss" in f:
         lo, hi = f["interval"]
         lines += ["", f"**A {f['schedule']} run of {_fmt_tokens(f['tokens'])} tokens ({f['model']}) ends at "
                   f"{f['predicted_loss']:.3f}** nats/token (90% interval {lo:.3f}–{hi:.3f}, from the fit's "
-                  "uncertainty)" + (f"; the plain power law says {pl['predicted_loss']:.3f}." if pl else ".")]
+                  "uncertainty)" + (": zero is where the law was cut, a cross-entropy goes no lower; at this "
+                                    "reach the law says nothing" if f["predicted_loss"] <= 0 else ".")]
     if ref and f.get("reference"):
-        r = f["reference"]
-        floor_above = p["L0"] is not None and p["L0"] > ref["loss"]
-        reach = (f"**{_fmt_tokens(r['tokens'])} tokens** (90% interval {_fmt_tokens(r['interval'][0])}–"
-                 f"{_fmt_tokens(r['interval'][1]) if r['interval'][1] else 'never'})" if r["tokens"]
-                 else "**out of reach**" + (" at this model size" if floor_above else
-                                            f" within {_fmt_tokens(REACH_LIMIT * f['tokens_per_step'])} "
-                                            "tokens"))
-        baseline = (_fmt_tokens(r["power_law_tokens"]) if r["power_law_tokens"]
-                    else "never (it levels off above)")
-        lines += ["", f"To reach {ref['name']} ({ref['loss']:.3f}): {reach}"
-                  + (f"; the plain power law: {baseline}." if pl else ".")]
+        lines += ["", f"To reach {ref['name']} ({ref['loss']:.3f}): {_reach_text(f['reference'], ref, f)}."]
     b = f["backtest"]
     lines += ["", f"**Backtest error {b['error']:+.1%}** ({b['kind']}, {b['run']}: {b['held_back']}, "
               f"predicted {b['predicted']:.3f} for {b['actual']:.3f} at step {b['step']}): read the numbers "
               "above with it; the further an answer reaches past the runs, the less it holds."
               if b else "No backtest: the runs are too short to hold a part back (evaluate more often)."]
-    lines += ["", "| backtest | held back | run | actual | loss law | plain power law |",
+    lines += ["", "| backtest | held back | run | actual | loss law | plain power law (baseline) |",
               "|---|---|---|---|---|---|"]
     for t in f["backtests"]:
         base = t.get("power_law")
         lines.append(f"| {t['kind']} | {t['held_back']} | {t['run']} | {t['actual']:.3f} | "
                      f"{t['predicted']:.3f} ({t['error']:+.1%}) | "
                      + (f"{base['predicted']:.3f} ({base['error']:+.1%})" if base else "—") + " |")
+    if "ladder" in f:
+        lines += _ladder_lines(f["ladder"], f.get("answer"), ref)
     return lines + ["", f"![forecast]({f['plot']})"]
+
+
+COUNT_NAMES = {"total": "all parameters (Chinchilla's N)",
+               "non_embedding": "non-embedding parameters (Kaplan's N: no embedding, no LM head)"}
+
+
+def _ladder_lines(ladder: dict, answer: dict | None, ref: dict | None) -> list[str]:
+    """The ladder: its sizes, which N it is fitted in and why, the largest size's backtests, the iso-FLOP
+    reading and the answer for the model asked about."""
+    count = ladder["count"]
+    lines = ["", "### The model-size ladder", "", "| size | parameters | non-embedding | runs |",
+             "|---|---|---|---|"]
+    lines += [f"| {s['model']} | {s['total']:,} | {s['non_embedding']:,} | {', '.join(s['runs'])} |"
+              for s in ladder["sizes"]]
+    errors = ", ".join(f"{COUNT_NAMES[k]} {v:.1%}" for k, v in ladder["errors"].items())
+    lines += ["", f"N is counted as **{COUNT_NAMES[count]}**: the largest size's final losses, predicted "
+              f"from the smaller sizes, miss by {errors} on average.", "",
+              "| N counted as | largest-size run | its tokens | × the smaller sizes' | actual | predicted |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {b['count']} | {b['run']} | {_fmt_tokens(b['tokens'])} | {b['reach']:.1f} | "
+              f"{b['actual']:.3f} | {b['predicted']:.3f} ({b['error']:+.1%}) |" for b in ladder["backtests"]]
+    if ladder.get("iso_flops"):
+        lines += ["", "Iso-FLOP reading (compute 6·N·D, N as counted above): the size whose run ends lowest "
+                  "for each budget.", "", "| FLOPs | best N | tokens | tokens per parameter | loss |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['flops']:.2g} | {_fmt_tokens(r['parameters'])}"
+                  + (" (edge of the search)" if r["at_search_edge"] else "")
+                  + f" | {_fmt_tokens(r['tokens'])} | {r['tokens_per_parameter']:.1f} | {r['loss']:.3f} |"
+                  for r in ladder["iso_flops"]]
+        lines += ["", "Chinchilla's compute-optimal runs have about 20 tokens per parameter."]
+    if answer:
+        lo, hi = answer["interval"]
+        lines += ["", f"**{answer['model']} ({_fmt_tokens(answer['parameters'])} parameters as counted) "
+                  f"after {_fmt_tokens(answer['tokens'])} tokens: {answer['loss']:.3f}** nats/token (90% "
+                  f"interval {lo:.3f}–{hi:.3f})"
+                  + (f", against its reference {ref['loss']:.3f} ({ref['name']})" if ref else "")
+                  + f". That reaches {answer['extrapolation_in_n']:,.0f}× past the ladder's largest size and "
+                  f"{answer['extrapolation_in_d']:,.0f}× past its longest run; the ladder's own backtest "
+                  f"missed by {answer['backtest_error']:+.1%} at a {answer['backtest_reach']:.0f}× reach in "
+                  "tokens. More sizes (toward the model asked about) and longer runs would make it more "
+                  "trustworthy; at this reach it is an order of magnitude, not a measurement."]
+    return lines
 
 
 def _baseline_lines(report: dict, ref: dict) -> list[str]:
     lines = ["", f"## Against {ref['name']}: {ref['loss']:.3f} nats/token", ""]
     for r in report["runs"]:
-        f = report["extrapolation"].get(r["run"], {})
         gap = r.get("gap_to_reference")
-        lines.append(f"**{r['run']}**: final loss {gap:+.3f} nats/token from the reference."
-                     if gap is not None else f"**{r['run']}**: no final loss.")
-        if "error" in f:
-            lines.append(f"No power-law fit: {f['error']}.")
-            continue
-        fit = f["fit"]
-        law = f"The plain power law L(D) = {fit['E']:.3f} + {fit['B']:.3g}·(D/1M)^(−{fit['beta']:.3f})"
-        if not f.get("reachable"):
-            lines.append(f"{law} levels off at E = {fit['E']:.3f}, above the reference: out of reach by it.")
-        else:
-            interval = f.get("tokens_90pct_interval")
-            unc = (f" (90% bootstrap interval {_fmt_tokens(interval[0])}–{_fmt_tokens(interval[1])}; "
-                   f"{f['bootstrap_unreachable_share']:.0%} of resamples never reach it)" if interval else "")
-            hours = f.get("device_hours")
-            lines.append(f"{law} reaches it after {_fmt_tokens(f['tokens'])} tokens{unc}"
-                         + (f", about {hours:,.0f} device-hours at this run's {r['tokens_per_s']:,.0f} "
-                            "tokens/s." if hours is not None else "."))
-        lines.append("")
+        lines.append(f"- **{r['run']}**: final loss {gap:+.3f} nats/token from the reference."
+                     if gap is not None else f"- **{r['run']}**: no final loss.")
     b = report["phi2_budget"]
-    return lines + [f"For scale, Phi-2 itself: {_fmt_tokens(b['tokens'])} tokens on {b['gpus']} × {b['gpu']} "
-                    f"for {b['days']} days ({b['gpu_hours']:,} GPU-hours).", ""]
+    return lines + ["", f"For scale, Phi-2 itself: {_fmt_tokens(b['tokens'])} tokens on {b['gpus']} × "
+                    f"{b['gpu']} for {b['days']} days ({b['gpu_hours']:,} GPU-hours).", ""]

@@ -9,17 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .backtest import PowerLaw
 from .forecast import hypothetical
-from .law import LossLaw, curve_from_records, predict_end
-from .runs import run_label
+from .law import LossLaw, predict_end
+from .runs import Run
 
 AXES = ("step", "tokens", "elapsed_s")
 """What the curves are drawn against: steps, tokens, and wall time (the teacher's included where it ran on the
 same machine: a distilled run is compared on what it cost)."""
 
 
-def plot_runs(runs: list[dict], reference: tuple[str, float] | None, out: Path) -> dict:
+def plot_runs(runs: list[Run], reference: tuple[str, float] | None, out: Path) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,21 +27,21 @@ def plot_runs(runs: list[dict], reference: tuple[str, float] | None, out: Path) 
     fig, axes = plt.subplots(2, 3, figsize=(17, 8), sharey="row")
     data: dict = {}
     for run in runs:
-        tr, ev = run["train"], run["eval"]
-        data[run["name"]] = {
-            "train": {**{x: [r.get(x) for r in tr] for x in AXES}, "loss": [r["loss"] for r in tr]},
-            "eval": {**{x: [r.get(x) for r in ev] for x in AXES}, "loss": [r["eval_loss"] for r in ev]}}
-        d = data[run["name"]]
-        label = run_label(run)
+        tr, ev = run.train, run.evals
+        data[run.name] = {
+            "train": {**{x: [getattr(r, x) for r in tr] for x in AXES}, "loss": [r.loss for r in tr]},
+            "eval": {**{x: [getattr(r, x) for r in ev] for x in AXES}, "loss": [r.eval_loss for r in ev]}}
+        d = data[run.name]
+        label = run.label
         for j, x in enumerate(AXES):
             axes[0][j].plot(d["train"][x], d["train"]["loss"], label=label, alpha=0.8)
             axes[1][j].plot(d["eval"][x], d["eval"]["loss"], "o-", label=label)
         # a mix of corpora: each one, dotted
-        for source in ev[0].get("eval_loss_by_source", {}) if ev else ():
-            losses = [r["eval_loss_by_source"][source] for r in ev]
+        for source in ev[0].eval_loss_by_source if ev else ():
+            losses = [r.eval_loss_by_source[source] for r in ev]
             d["eval"][f"loss[{source}]"] = losses
             for j, x in enumerate(AXES):
-                axes[1][j].plot(d["eval"][x], losses, ".:", label=f"{run['name']}: {source}", alpha=0.8)
+                axes[1][j].plot(d["eval"][x], losses, ".:", label=f"{run.name}: {source}", alpha=0.8)
     for ax in axes[1]:
         if reference:
             ax.axhline(reference[1], color="k", ls="--", lw=1, label=reference[0])
@@ -59,9 +58,10 @@ def plot_runs(runs: list[dict], reference: tuple[str, float] | None, out: Path) 
     plt.close(fig)
     (out / "loss_curves.json").write_text(json.dumps(data))
     return data
-def plot_forecast(runs: list[dict], outlook: dict, reference: tuple[str, float] | None, path: Path) -> None:
+def plot_forecast(runs: list[Run], outlook: dict, reference: tuple[str, float] | None, path: Path) -> None:
     """Each run's evaluations with the law along its own schedule; the final loss of a run of every length
-    (the base run's schedule) with its 90% band; the power law; the reference."""
+    (the base run's schedule) with its 90% band, never below zero or the size's floor; the reference. What
+    is drawn is also written as JSON beside the PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,29 +70,36 @@ def plot_forecast(runs: list[dict], outlook: dict, reference: tuple[str, float] 
     from ..train.optim import schedule_for
 
     law = LossLaw.from_dict(outlook["params"])
+    floor = outlook.get("floor") or 0.0
     fig, ax = plt.subplots(figsize=(9, 5.5))
+    drawn: dict = {"runs": {}}
     for run in runs:
-        if run["config"] is None or len(run["eval"]) < 2:
+        if run.config is None or len(run.evals) < 2:
             continue
-        c = curve_from_records(run["name"], run["train"], run["eval"], run["parameters"])
+        c = run.curve(outlook["count"])
         s1, s2 = law.areas(c.rates)
         steps = np.arange(1, len(c.rates) + 1)
-        line = ax.plot(c.tokens, c.losses, "o", ms=4, label=f"{run_label(run)}: evaluation, and the law")[0]
-        ax.plot(steps * c.tokens_per_step, law.loss(s1[1:], s2[1:], c.parameters), "-", lw=1,
-                color=line.get_color(), alpha=0.7)
-    base = next(r for r in runs if r["name"] == outlook["base_run"])
-    cfg, per_step = hypothetical(base["config"], outlook["schedule"]), outlook["tokens_per_step"]
-    first = base["eval"][-1]["tokens"] / per_step
+        line = ax.plot(c.tokens, c.losses, "o", ms=4, label=f"{run.label}: evaluation, and the law")[0]
+        fitted = np.maximum(floor, law.loss(s1[1:], s2[1:], c.parameters))
+        ax.plot(steps * c.tokens_per_step, fitted, "-", lw=1, color=line.get_color(), alpha=0.7)
+        drawn["runs"][run.name] = {"tokens": (steps * c.tokens_per_step).tolist(), "law": fitted.tolist()}
+    base = next(r for r in runs if r.name == outlook["base_run"])
+    cfg, per_step = hypothetical(base.config, outlook["schedule"]), outlook["tokens_per_step"]
+    first = base.evals[-1].tokens / per_step
     last = max(first * 100, (outlook.get("tokens") or 0) / per_step,
                ((outlook.get("reference") or {}).get("tokens") or 0) / per_step) * 1.5
     lengths = np.unique(np.geomspace(max(2, first / 4), last, 60).astype(int))
-    ends = [predict_end(law, schedule_for(cfg, int(n)).at, int(n), outlook["parameters"]) for n in lengths]
+    ends = [predict_end(law, schedule_for(cfg, int(n)).at, int(n), outlook["parameters"], floor)
+            for n in lengths]
     x = lengths * per_step
     ax.plot(x, [e[0] for e in ends], "k-", lw=1.5, label=f"end of a {cfg.lr_schedule} run of that length "
                                                            f"({outlook['model']}), 90% band")
     ax.fill_between(x, [e[1][0] for e in ends], [e[1][1] for e in ends], color="k", alpha=0.12)
-    if "power_law" in outlook:
-        ax.plot(x, PowerLaw(**outlook["power_law"]["params"]).loss(x), "k:", lw=1, label="plain power law")
+    drawn["ends"] = {"tokens": x.tolist(), "loss": [e[0] for e in ends], "low": [e[1][0] for e in ends],
+                     "high": [e[1][1] for e in ends]}
+    if outlook.get("floor") is not None:
+        ax.axhline(floor, color="k", ls=":", lw=1,
+                   label=f"{outlook['model']}'s floor ({outlook['floor_from']})")
     if reference:
         ax.axhline(reference[1], color="r", ls="--", lw=1, label=reference[0])
     ax.set_xscale("log")
@@ -106,3 +113,4 @@ def plot_forecast(runs: list[dict], outlook: dict, reference: tuple[str, float] 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    path.with_suffix(".json").write_text(json.dumps(drawn))

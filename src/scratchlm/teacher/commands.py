@@ -7,33 +7,24 @@ import itertools
 import json
 from pathlib import Path
 
-from ..config import ConfigBase, Count, DeviceSpec, Temperature, TopP
+from ..config import Count, DeviceSpec
 from .prompts import PromptStrategy
+from .settings import Sampling
 
 
-class SamplingConfig(ConfigBase):
-    """How a teacher picks each new token."""
+class SeededSampling(Sampling):
+    """The sampling settings and the seed of a command that samples."""
 
-    max_new_tokens: Count = 64
-    """Tokens to generate per text."""
-    temperature: Temperature = 0.8
-    """Sampling temperature (0 = greedy)."""
-    top_k: Count | None = None
-    """Sample from the k most likely tokens only."""
-    top_p: TopP | None = 0.95
-    """Nucleus sampling: the smallest set of tokens holding this much probability."""
     seed: int = 0
     """Seed of the sampling."""
 
     def params(self):
         from .sampling import SamplingParams
 
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                              top_k=self.top_k,
-                              top_p=self.top_p)
+        return SamplingParams(**self.sampling().model_dump())
 
 
-class GenerateConfig(SamplingConfig):
+class GenerateConfig(SeededSampling):
     """Sample text from a model: a quick look at what it writes."""
 
     model: str
@@ -56,7 +47,7 @@ def run_generate(cfg: GenerateConfig) -> None:
         print(cfg.prompt + c.text)
 
 
-class BuildCorpusConfig(SamplingConfig):
+class BuildCorpusConfig(SeededSampling):
     """Generate a clean corpus with a teacher and store it as the seed's sample.zip format."""
 
     teacher: str
@@ -65,8 +56,6 @@ class BuildCorpusConfig(SamplingConfig):
     """Bytes of text to generate, e.g. 100MB."""
     out: str
     """The .zip to write (rerun the same command to continue an interrupted build)."""
-    max_new_tokens: Count = 256
-    """Tokens to generate per text."""
     prompts: list[PromptStrategy] = ["words", "topic", "snippet"]
     """Prompt strategies, mixed: token (the seed's), words, topic, snippet."""
     prompt_corpus: str | None = None

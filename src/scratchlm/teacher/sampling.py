@@ -22,6 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from pydantic import ConfigDict
+
+from ..config import NonNegativeInt
+from .settings import Sampling
 
 ROUNDS = 8
 """Rejection rounds before a row falls back to sorting (each round accepts with probability ≥ 1 − top_p of the
@@ -32,17 +36,13 @@ CPU_ROWS_PER_CHUNK = 8
 """Uniform numbers a sampled sequence draws at every step (a fixed count: its stream stays reproducible)."""
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick each new token, and when to stop."""
+class SamplingParams(Sampling):
+    """What the engine is asked for one request: the sampling settings, when to stop and what to return."""
 
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    """0 = greedy (argmax)."""
-    top_k: int | None = None
-    top_p: float | None = None
+    model_config = ConfigDict(**Sampling.model_config, frozen=True)
+
     stop_at_eot: bool = True
-    logprobs: int = 0
+    logprobs: NonNegativeInt = 0
     """Return, for every new token, the k most likely tokens of the raw distribution (before temperature,
     top-k and top-p) and their log-probabilities, and the new token's own (0: none)."""
 

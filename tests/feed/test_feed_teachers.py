@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 import httpx
@@ -16,7 +17,7 @@ import pytest
 from servers import FeedThread, UvicornThread, slow_completions_app
 
 from scratchlm.data.remote import FeedClient
-from scratchlm.feed.server import ServeConfig
+from scratchlm.feed.server import ServeConfig, build
 from scratchlm.train import TrainConfig, train
 
 
@@ -165,3 +166,32 @@ def test_training_from_a_strict_feed_records_its_teacher_token_share(small_corpu
     assert len(logged) == 30 and np.allclose(logged, expected, atol=1e-6)
     assert abs(np.mean(logged) - 0.3) < 0.02
     assert "teacher" in (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_hung_teacher_is_reported_down_and_the_feed_keeps_serving(small_corpus):
+    release = threading.Event()
+
+    def produce(n: int) -> list[str]:
+        if not release.is_set():
+            release.wait(60)  # hangs until released
+        return [f"teacher text {i} {time.time_ns()}" for i in range(n)]
+
+    cfg = ServeConfig(corpus=str(small_corpus), teacher_ratio=0.5, teacher_mode="best-effort",
+                      teacher_deadline_s=0.05, teacher_stall_s=0.5)
+    app, feed = build(cfg, teacher=produce)
+    with UvicornThread(app) as s:
+        time.sleep(0.8)
+        t0 = time.monotonic()
+        reply = FeedClient(s.url).batch(10, None)
+        assert len(reply.texts) == 10 and set(reply.sources) == {"corpus"} and time.monotonic() - t0 < 2
+        assert httpx.get(s.url + "/health").json()["teacher"] == "down"
+        assert "scratchlm_teacher_up 0.0" in httpx.get(s.url + "/metrics").text
+        release.set()
+        deadline = time.monotonic() + 10
+        while httpx.get(s.url + "/health").json()["teacher"] != "up":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert "teacher" in FeedClient(s.url).batch(20, None).sources
+    feed.teachers.stop()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from servers import spawn
 
-from scratchlm.data import tokenize_corpus
+from scratchlm.data import DataError, tokenize_corpus
 from scratchlm.data.token_cache import FAULT_SHARD_SLEEP_ENV
 from scratchlm.serving import free_port
 
@@ -117,3 +117,24 @@ def test_a_damaged_text_store_is_written_again(small_corpus, tmp_path, caplog):
         again = open_text_store(small_corpus, eval_fraction=0.05, cache_dir=tmp_path)
     assert any("is damaged" in m and "train.bin holds 100 bytes" in m for m in caplog.messages)
     assert again.train[0] == first and len(again.train) == len(store.train)
+
+
+def test_a_killed_or_failed_tokenization_leaves_no_temporary_folder(tmp_path, tokenizer, small_corpus):
+    tokens = tmp_path / "cache" / "tokens"
+    tokens.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    abandoned = tokens / f"0123abcd.tmp{dead.pid}"  # what a killed tokenization leaves
+    abandoned.mkdir()
+    (abandoned / "train.bin").write_bytes(b"\x00" * 1000)
+    alive = tokens / f"4567ef01.tmp{os.getpid()}"  # a tokenization still running: left alone
+    alive.mkdir()
+    tokenize_corpus(small_corpus, tokenizer, cache_dir=tmp_path / "cache", progress=False)
+    assert not abandoned.exists() and alive.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("   \n")
+    with pytest.raises(DataError, match="no usable text"):
+        tokenize_corpus(empty, tokenizer, cache_dir=tmp_path / "cache", progress=False)
+    # the failed one cleaned up after itself
+    assert sorted(p.name for p in tokens.glob("*.tmp*")) == [alive.name]

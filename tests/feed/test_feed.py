@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -16,13 +17,18 @@ import httpx
 import numpy as np
 import pytest
 import requests
+import schemathesis
 import torch
-from servers import FeedThread
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+from servers import FeedThread, UvicornThread
 
 from scratchlm.config import ConfigError
 from scratchlm.data.remote import FeedClient, FeedError
 from scratchlm.feed.server import ServeConfig, build
 from scratchlm.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -276,3 +282,81 @@ def test_wait_ready_waits_for_a_cold_teacher_and_gives_up_on_a_dead_one(small_co
             FeedThread(ServeConfig(corpus=str(small_corpus), teacher_ratio=0.3), teacher=dead) as down:
         assert ready.feed.teachers.wait_ready(timeout_s=10) and 0.4 < time.monotonic() - t0 < 5
         assert not down.feed.teachers.wait_ready(timeout_s=1) and not down.feed.teachers.up
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error(small_corpus):
+    # Property-based requests generated from the server's own OpenAPI schema: whatever they hold, no 5xx.
+    app, _ = build(ServeConfig(corpus=str(small_corpus), max_batch_size=64))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/generate", "/v1/batch", "/v1/heldout", "/health", "/metrics"}
+    for operation in operations:
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=operation.as_strategy())
+        def check(case):
+            case.call_and_validate(checks=[not_a_server_error])
+
+        check()
+
+
+
+@pytest.mark.slow
+def test_hostile_requests_get_4xx_not_5xx(small_corpus, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("k")
+    with UvicornThread(build(ServeConfig(corpus=str(small_corpus), api_key_file=str(key)))[0]) as s:
+        auth = {"Authorization": "Bearer k"}
+        for query in ["size=-1", "size=1e309", "size=%00", "cursor=v1-" + "9" * 150, "cursor=%FF%FE",
+                      "rank=99999999999999999999", "world_size=0", "size=2&size=3", "cursor=v1-x-y-z"]:
+            r = httpx.get(f"{s.url}/v1/batch?{query}", headers=auth)
+            assert 400 <= r.status_code < 500 or r.status_code == 200, (query, r.status_code)
+            assert r.status_code < 500
+        for headers in [{"Authorization": "Bearer " + "k" * 10000}, {"Authorization": "Basic k"},
+                        {"Authorization": "Bearer k\u00e9".encode()}, {"X-Junk": "\x7f" * 100}]:
+            r = httpx.get(s.url + "/v1/batch", headers=headers)
+            assert r.status_code in (400, 401, 431), (headers.keys(), r.status_code)
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as raw:  # not HTTP at all
+            raw.sendall(b"\x16\x03\x01garbage\r\n\r\n")
+            assert raw.recv(100).startswith(b"HTTP/1.1 400")
+        assert httpx.get(s.url + "/health").status_code == 200  # still serving
+
+
+
+@pytest.mark.slow
+def test_load_32_clients(small_corpus):
+    sys.path.insert(0, str(REPO / "bench"))
+    from feed_load import run_load
+
+    result = run_load(str(small_corpus), clients=32, seconds=5.0)
+    assert result["errors"] == 0 and result["requests"] > 100
+    assert result["rss_growth_mib"] < 200  # bounded: the buffers hold their caps
+
+
+@pytest.fixture(scope="module")
+def feed(small_corpus):
+    with FeedThread(ServeConfig(corpus=str(small_corpus), eval_fraction=0.05)) as server:
+        yield server
+
+
+
+def test_cursors_with_unicode_digits_are_refused_and_every_error_is_counted(feed):
+    fingerprint = feed.feed.corpus.fingerprint
+    for cursor in (f"v1-{fingerprint}-²-0", f"v1-{fingerprint}-0-¹", f"v1-{fingerprint}-①-0"):
+        r = httpx.get(feed.url + "/v1/batch", params={"cursor": cursor})
+        assert r.status_code == 400 and "malformed" in r.json()["detail"], cursor
+    assert httpx.get(feed.url + "/v1/batch?cursor=" + "x" * 5000).status_code == 414
+    batch = feed.feed.batch
+
+    def broken(*args, **kwargs):  # a fault injected for this test: the route fails inside
+        raise RuntimeError("injected")
+
+    feed.feed.batch = broken
+    try:
+        assert httpx.get(feed.url + "/v1/batch").status_code == 500
+    finally:
+        feed.feed.batch = batch
+    metrics = httpx.get(feed.url + "/metrics").text
+    for status, n in (("400", 3), ("414", 1), ("500", 1)):
+        assert f'scratchlm_request_errors_total{{status="{status}"}} {n}.0' in metrics, status

@@ -4,13 +4,19 @@ forecast on real runs (a short and a long run; a decay predicted from a constant
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from scratchlm.model.config import get_preset
 from scratchlm.report.backtest import backtest_end, backtest_runs
 from scratchlm.report.command import ReportConfig, build_report, run_report
+from scratchlm.report.forecast import forecast
+from scratchlm.report.ladder import fit_ladder
 from scratchlm.report.law import Curve, LossLaw, final_areas, fit_loss_law, predict_end, schedule_areas
+from scratchlm.report.runs import EvalRecord, Run, TrainRecord
 from scratchlm.train import TrainConfig, train
 from scratchlm.train.optim import schedule_for
 
@@ -104,6 +110,52 @@ def test_sizes_extrapolate_to_a_larger_model():
     assert held["kind"] == "largest model" and held["run"] == "n2" and abs(held["error"]) < 0.02
 
 
+LADDER = ("phi-d48", "phi-d64", "phi-d96", "phi-tiny")
+
+
+def synthetic_run(truth: LossLaw, model: str, count: str, cfg: TrainConfig, steps: int, seed: int) -> Run:
+    """A run of ``model`` whose evaluations follow ``truth`` with N counted ``count``'s way, as ``Run`` reads
+    it from its folder (config, training records with the rate, evaluations)."""
+    preset = get_preset(model)
+    n = preset.num_parameters if count == "total" else preset.num_non_embedding_parameters
+    rates = schedule_for(cfg, steps).rates(steps)
+    s1, s2 = truth.areas(rates)
+    at = np.arange(10, steps + 1, 10)
+    losses = truth.loss(s1[at], s2[at], n) + np.random.default_rng(seed).normal(0, 0.003, len(at))
+    config = cfg.model_copy(update={"model": model, "max_steps": steps})
+    return Run(f"{model}-{steps}", Path(model), config, {},
+               [TrainRecord(s, s * 2048, 0.0, lr=float(rates[s - 1])) for s in range(1, steps + 1)],
+               [EvalRecord(int(s), int(s) * 2048, float(v)) for s, v in zip(at, losses, strict=True)])
+
+
+@pytest.mark.parametrize("count", ["non_embedding", "total"])
+def test_a_ladder_recovers_how_its_sizes_were_counted(count):
+    """Curves of the ladder's four presets from a known L(N, D), N counted one way: the ladder keeps that
+    count (its largest size, predicted from the smaller ones, errs less), fits γ, and the answers respect the
+    floor: none below it, none below zero."""
+    truth = LossLaw(L1=5.0, B=0.8, alpha=0.25, C=0.004, K=2.5, gamma=0.35, rate_unit=3e-3)
+    runs = [synthetic_run(truth, m, count, WSD, steps, 20 + i) for i, m in enumerate(LADDER)
+            for steps in (100, 200)] + [synthetic_run(truth, LADDER[-1], count, WSD, 800, 30)]
+    ladder = fit_ladder(runs, momentum=truth.momentum)  # λ given: the test is about N, not λ
+    assert ladder.count == count and ladder.errors[count] < 0.01 < max(ladder.errors.values())
+    assert "gamma" in ladder.law.names and ladder.law.gamma == pytest.approx(0.35, abs=0.1)
+    tiny = get_preset("phi-tiny")
+    n = tiny.num_parameters if count == "total" else tiny.num_non_embedding_parameters
+    true_floor = truth.floor_at(n)
+    assert ladder.floor(tiny) == pytest.approx(true_floor, abs=0.1)
+    reach = [b["reach"] for b in ladder.backtests if b["count"] == count]
+    assert max(reach) == pytest.approx(4.0)  # the largest size's 4x run, from the smaller sizes' longest
+    # a target under the size's floor is out of reach at that size, and a larger size would reach it
+    tiny_runs = [r for r in runs if r.name == "phi-tiny-200"]
+    outlook = forecast(tiny_runs, reference=true_floor - 0.5, momentum=truth.momentum, known_ladder=ladder)
+    assert outlook["reference"]["out_of_reach"] and outlook["reference"]["tokens"] is None
+    assert outlook["reference"]["size_to_reach"] > ladder.size(tiny)
+    # a ladder that shows no floor (its curves still log-linear) gives no count at all, not a lower bound
+    no_floor = replace(ladder, law=replace(ladder.law, alpha=0.0))
+    outlook = forecast(tiny_runs, reference=true_floor - 0.5, momentum=truth.momentum, known_ladder=no_floor)
+    assert outlook["reference"]["floor_unmeasured"] and outlook["reference"]["tokens"] is None
+
+
 # ------------------------------------------------------------------------------------------- real runs
 
 REAL = dict(model="phi-tiny", block_size=64, micro_batch_size=4, eval_batches=2, eval_fraction=0.05,
@@ -114,7 +166,7 @@ REAL = dict(model="phi-tiny", block_size=64, micro_batch_size=4, eval_batches=2,
 def runs(small_corpus, tmp_path_factory):
     """A constant-rate run of 160 steps and two wsd runs made from it (the README's schedule for this
     question): 50 steps (its decay of 10 branched off step 40) and 200 steps (40 off step 160). A branch is
-    the wsd run of its length to the last bit (tests/test_train.py checks that); branching saves the CPU
+    the wsd run of its length to the last bit (tests/train/test_train.py checks that); branching saves the CPU
     the shared part."""
     root = tmp_path_factory.mktemp("scaling-runs")
     common = dict(REAL, data=str(small_corpus))
@@ -183,7 +235,9 @@ def test_report_over_three_runs(runs, tmp_path):
     assert all(f"| {n} |" in md for n in names) and "Phi-2" in md and "1.4T tokens" in md
     for r in report["runs"]:
         assert r["gap_to_reference"] == pytest.approx(r["final_eval_loss"] - 2.273)
-        assert "fit" in report["extrapolation"][r["run"]]  # the plain power law, kept as the baseline
+    # one answer per question: the plain power law is only a baseline row of the backtest table
+    assert "extrapolation" not in report and "power law says" not in md
+    assert "plain power law (baseline)" in md
     (forecast,) = report["forecasts"].values()  # all three trained on the same text: one law over them
     assert forecast["base_run"] == "long" and forecast["params"]["momentum_source"] == "fitted"  # two decay
     kinds = {(b["kind"], b["run"]) for b in forecast["backtests"]}
