@@ -34,6 +34,11 @@ class ConfigBase(BaseModel):
     positional: ClassVar[tuple[str, ...]] = ()
     """Fields given on the command line without a flag, in this order (``scratchlm report RUN...``)."""
 
+    def part(self, included: type[C]) -> C:
+        """The settings of ``included`` alone, out of this config that includes them (what a command hands
+        on: the data request's reading, a teacher's sampling)."""
+        return included(**{name: getattr(self, name) for name in included.model_fields})
+
 
 C = TypeVar("C", bound=ConfigBase)
 

@@ -17,7 +17,3 @@ class CorpusReading(ConfigBase):
     """Share of documents held out for evaluation (fixed by a hash of each document's id)."""
     text_field: str = "text"
     """The field (JSON lines) or column (parquet, Hugging Face datasets) that holds the text."""
-
-    def reading(self) -> CorpusReading:
-        """These settings alone, out of a command's config that includes them (what it hands the data)."""
-        return CorpusReading(**{name: getattr(self, name) for name in CorpusReading.model_fields})

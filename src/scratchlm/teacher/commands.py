@@ -21,7 +21,7 @@ class SeededSampling(Sampling):
     def params(self):
         from .sampling import SamplingParams
 
-        return SamplingParams(**self.sampling().model_dump())
+        return SamplingParams(**self.part(Sampling).model_dump())
 
 
 class GenerateConfig(SeededSampling):

@@ -19,9 +19,5 @@ class Sampling(ConfigBase):
     top_p: TopP | None = 0.95
     """Nucleus sampling: the smallest set of tokens holding this much probability."""
 
-    def sampling(self) -> Sampling:
-        """These settings alone, out of a command's config that includes them."""
-        return Sampling(**{name: getattr(self, name) for name in Sampling.model_fields})
-
 
 TeacherSampling = prefixed(Sampling, "teacher_", "The feed's teachers' sampling: Sampling's as --teacher-*.")

@@ -185,7 +185,7 @@ class TrainConfig(CorpusReading):
         return DataRequest(source=source, block_size=self.resolved_block_size(),
                            batch_size=self.micro_batch_size,
                            eval_blocks=self.eval_batches * self.micro_batch_size,
-                           seed=self.seed, reading=self.reading(), num_proc=self.num_proc,
+                           seed=self.seed, reading=self.part(CorpusReading), num_proc=self.num_proc,
                            feed_api_key_file=self.feed_api_key_file,
                            feed_texts_per_request=self.feed_texts_per_request,
                            feed_shuffle_blocks=self.feed_shuffle_blocks, soft_labels=self.soft_labels,
