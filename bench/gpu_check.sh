@@ -78,6 +78,7 @@ save_hf(Phi(get_preset(\"phi-tiny\")), sys.argv[1]); load_tokenizer().save(sys.a
     $py -m scratchlm prepare --data $book --teacher local:$work/teacher --soft-labels 20 --device $dev \
       --eval-fraction 0.05
     $py -m scratchlm train --model $mid --data $book --soft-labels 20 --distill-weight 0.5 --device $dev \
+      --soft-label-teacher local:$work/teacher \
       --precision $half --block-size 256 --micro-batch-size $batch --max-steps 12 --warmup-steps 2 \
       --eval-interval 6 \
       --eval-batches 1 --eval-fraction 0.05 --log-interval 1 --out $work/distill-run

@@ -43,8 +43,10 @@ def run(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def soft_book(book, tmp_path_factory, tokenizer) -> Path:
-    """``book``'s soft labels, prepared as a user prepares them (a one-layer teacher: quick to score with)."""
+def distill(book, tmp_path_factory, tokenizer) -> dict[str, str]:
+    """The flags of a run distilled from ``book``'s soft labels, prepared as a user prepares them (a one-layer
+    teacher: quick to score with). They name their teacher: the session's shared token cache may hold another
+    teacher's labels for the same book (bench/gpu_check.sh's), which a run must not choose between."""
     import torch
 
     from scratchlm.model.config import ModelConfig
@@ -60,10 +62,7 @@ def soft_book(book, tmp_path_factory, tokenizer) -> Path:
                         "0.05", "--teacher", f"local:{teacher}", "--soft-labels", "5", "--device", "cpu"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    return book
-
-
-DISTILL = {"soft-labels": "5", "distill-weight": "0.5"}
+    return {"soft-labels": "5", "distill-weight": "0.5", "soft-label-teacher": f"local:{teacher}"}
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +73,9 @@ def single(book, tmp_path_factory) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def single_distilled(soft_book, tmp_path_factory) -> list[float]:
+def single_distilled(book, distill, tmp_path_factory) -> list[float]:
     out = tmp_path_factory.mktemp("single-distilled")
-    run(1, common(soft_book, 5, out=str(out), **{"micro-batch-size": "8"}, **DISTILL))
+    run(1, common(book, 5, out=str(out), **{"micro-batch-size": "8"}, **distill))
     return losses(out)
 
 
@@ -86,7 +85,7 @@ def test_two_processes_match_one_with_the_same_global_batch(strategy, distilled,
     # FSDP2 runs on CPU with gloo in this PyTorch, so it is checked here rather than only on a GPU.
     single = request.getfixturevalue("single_distilled" if distilled else "single")
     # DDP accumulating gradients (reduced once a step: test_parallel_sync.py): the same global batch.
-    extra = DISTILL if distilled else {"grad-accum-steps": "2"}
+    extra = request.getfixturevalue("distill") if distilled else {"grad-accum-steps": "2"}
     micro = "4" if distilled else "2"
     r = run(2, common(book, 5, out=str(tmp_path), strategy=strategy, **{"micro-batch-size": micro}, **extra))
     two = losses(tmp_path)
@@ -104,12 +103,12 @@ def test_two_processes_match_one_with_the_same_global_batch(strategy, distilled,
     assert not any(info.values())
 
 
-def test_two_process_distilled_run_from_prepared_soft_labels_resumes_exactly(soft_book, tmp_path):
+def test_two_process_distilled_run_from_prepared_soft_labels_resumes_exactly(book, distill, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    flags = {"micro-batch-size": "4", **DISTILL}
-    run(2, common(soft_book, 8, out=str(straight), strategy="ddp", **flags))
-    run(2, common(soft_book, 4, out=str(resumed), strategy="ddp", **flags))
-    run(2, common(soft_book, 8, out=str(resumed), strategy="ddp", resume="auto", **flags))
+    flags = {"micro-batch-size": "4", **distill}
+    run(2, common(book, 8, out=str(straight), strategy="ddp", **flags))
+    run(2, common(book, 4, out=str(resumed), strategy="ddp", **flags))
+    run(2, common(book, 8, out=str(resumed), strategy="ddp", resume="auto", **flags))
     a, b = losses(straight), losses(resumed)
     assert len(a) == len(b) == 8
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-6, (a, b)
