@@ -35,9 +35,8 @@ def _train(out: Path, args: list[str]) -> None:
         print(f"kept {out.name} (finished)")
         return
     print(f"training {out.name}: scratchlm train {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, "-m", "scratchlm", "train", "--out", str(out), "--resume", "auto",
-                    *COMMON,
-                    *args], check=True)
+    command = [sys.executable, "-m", "scratchlm", "train", "--out", str(out), "--resume", "auto"]
+    subprocess.run([*command, *COMMON, *args], check=True)
 
 
 def _size(root: Path, model: str, lengths: list[int]) -> None:
@@ -74,6 +73,10 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "scratchlm", "report", *map(str, runs), "--out", str(report),
                     "--predict-model", "phi-2", "--predict-tokens", "1.4e12", "--reference-loss", "2.273",
                     "--reference-name", "Phi-2 (published WikiText-2 loss)"], check=True)
+    if not (report / "ladder.json").exists():  # too few evaluations, sizes or steps: the report says which
+        reasons = [f.get("error", "no ladder") for f in json.loads((report / "report.json").read_text())
+                   ["forecasts"].values()]
+        sys.exit(f"no ladder from these runs ({'; '.join(reasons)}); see {report / 'report.md'}")
     saved = json.loads((report / "ladder.json").read_text())
     saved["source"] = (f"the ladder of bench/ladder.py ({', '.join(args.sizes)}, {args.steps} steps, "
                        f"{time.strftime('%Y-%m-%d')}) on {Path(os.environ.get('SCRATCHLM_DATA', '?')).name}")
