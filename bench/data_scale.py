@@ -134,7 +134,7 @@ _TOKENIZE = """
 import sys
 from scratchlm.data import tokenize_corpus
 from scratchlm.tokenizer import load_tokenizer
-corpus = tokenize_corpus(sys.argv[1], load_tokenizer(), sys.argv[2], num_proc=int(sys.argv[3]))
+corpus = tokenize_corpus(sys.argv[1], load_tokenizer(), cache_dir=sys.argv[2], num_proc=int(sys.argv[3]))
 print("train tokens", len(corpus.train), "bytes", corpus.stats["bytes"])
 """
 

@@ -19,10 +19,11 @@ from scratchlm.serving import free_port
 
 
 def loader_rate(url: str, seconds: float, shuffle_blocks: int) -> float:
+    from scratchlm.data.reading import FeedReading
     from scratchlm.data.remote import FeedBlockLoader, FeedClient
 
-    loader = FeedBlockLoader(FeedClient(url), block_size=2048, batch_size=8, texts_per_request=64,
-                             shuffle_blocks=shuffle_blocks)
+    loader = FeedBlockLoader(FeedClient(url), 2048, 8, 1337,
+                             FeedReading(feed_texts_per_request=64, feed_shuffle_blocks=shuffle_blocks), 0)
     batches = iter(loader)
     next(batches)  # warm-up: connection, the buffer filled, tokenizer threads
     tokens, t0 = 0, time.perf_counter()

@@ -4,7 +4,7 @@
 
 Prints, for the short run alone, its forecast of the long run's final evaluation loss (the loss law and the
 plain power law, with the law's 90% interval and the short run's own backtest error), then every backtest
-(``scratchlm.report.backtest``) on every run given, for both models, as Markdown rows for
+(``scratchlm.reporting.backtest``) on every run given, for both models, as Markdown rows for
 bench/RESULTS.md.
 No timing: this measures how right the answers are, not how fast.
 """
@@ -15,9 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from scratchlm.report.backtest import backtest_end, backtest_runs, fit_power_law
-from scratchlm.report.command import build_report
-from scratchlm.report.runs import read_run
+from scratchlm.reporting.backtest import backtest_end, backtest_runs, fit_power_law
+from scratchlm.reporting.command import ReportRequest, build_report
+from scratchlm.reporting.runs import read_run
 
 
 def _row(b: dict) -> str:
@@ -36,7 +36,8 @@ def main() -> None:
     args = parser.parse_args()
 
     actual = json.loads((args.long / "summary.json").read_text())
-    (outlook,) = build_report([args.short], None, predict_tokens=actual["tokens"])["forecasts"].values()
+    request = ReportRequest([args.short], predict_tokens=actual["tokens"])
+    (outlook,) = build_report(request)["forecasts"].values()
     err = (outlook["predicted_loss"] - actual["final_eval_loss"]) / actual["final_eval_loss"]
     short = read_run(args.short).curve()
     power = float(fit_power_law(short.tokens, short.losses).loss(actual["tokens"]))

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from scratchlm.report.ladder import PACKAGED
+from scratchlm.reporting.ladder import PACKAGED
 
 SIZES = ("phi-d48", "phi-d64", "phi-d96", "phi-tiny")
 # One setting for every size (the forecast check's, bench/RESULTS.md): same data order, same tokens per step,

@@ -119,9 +119,9 @@ def short_books(corpus: str, root: Path) -> str:
 def loader_rows(corpus: str, repeats: int, seconds: float) -> dict:
     """The corpus loader with and without prepared soft labels (a 1-layer teacher prepares them quickly:
     their values do not matter here, only reading them)."""
-    from scratchlm.data import DataRequest, build_data
-    from scratchlm.data.prepare import PrepareConfig, run_prepare
-    from scratchlm.data.reading import CorpusReading
+    from scratchlm.data.pipeline import DataRequest, build_data
+    from scratchlm.data.reading import CorpusReading, SoftLabelReading
+    from scratchlm.preparation import PrepareConfig, run_prepare
 
     small = teacher_folder("phi-tiny", Path(os.environ["SOFT_BENCH_ROOT"]))
     # a larger held-out share than the default, so that a small corpus keeps a held-out block (same in both)
@@ -131,8 +131,9 @@ def loader_rows(corpus: str, repeats: int, seconds: float) -> dict:
     rates: dict[str, list[float]] = {"without": [], "with soft labels": []}
     for _ in range(repeats):
         for name, k in (("without", 0), ("with soft labels", K)):
-            data = build_data(DataRequest(corpus, block_size=512, batch_size=8, eval_blocks=1, soft_labels=k,
-                                          reading=CorpusReading(eval_fraction=HELD_OUT)),
+            data = build_data(DataRequest(corpus, block_size=512, batch_size=8, eval_blocks=1, seed=1337,
+                                          verify_cache=False, reading=CorpusReading(eval_fraction=HELD_OUT),
+                                          soft=SoftLabelReading(soft_labels=k)),
                               tokenizer)
             next(data.batches)
             tokens, t0 = 0, time.perf_counter()

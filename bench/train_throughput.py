@@ -5,7 +5,8 @@ then times ``--steps`` optimizer steps (forward, cross-entropy, backward, AdamW)
 (ours, transformers, ours, ...) ``--repeats`` times; the table reports medians and the ratio ours /
 transformers.
 With ``--distill K`` our side also times a distilled step (A 0.5, a teacher's top K at every position) on the
-same model, after its plain steps: the KL's cost as a ratio in the same process. On a known GPU, MFU is
+same model, alternated step by step with its plain step (plain, distilled, plain, ...): the KL's cost as a
+ratio of medians in the same process, each kind warmed up first. On a known GPU, MFU is
 printed beside tokens/s.
 
     python bench/train_throughput.py --model phi-tiny --batch 8 --block 256              # CPU
@@ -30,8 +31,8 @@ def worker(args: argparse.Namespace) -> None:
     from scratchlm.model.config import get_preset
     from scratchlm.model.loss import Distill
     from scratchlm.model.model import Phi
-    from scratchlm.train.metrics import gpu_peak_flops, memory_gib, mfu
-    from scratchlm.train.parallelize import parallelize
+    from scratchlm.training.metrics import gpu_peak_flops, memory_gib, mfu
+    from scratchlm.training.parallelize import parallelize
 
     cfg = get_preset(args.model)
     device = torch.device(args.device)
@@ -43,7 +44,7 @@ def worker(args: argparse.Namespace) -> None:
 
         def loss_of(x, y, soft=None):  # as the trainer does: the chunked head + loss
             if soft is None:
-                return model(x, targets=y)
+                return model(x, targets=y).loss
             return model(x, targets=y, soft=soft, distill=Distill(weight=0.5)).loss
     else:
         from transformers import PhiConfig, PhiForCausalLM
@@ -89,23 +90,43 @@ def worker(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    step_s = timed_steps()
+    if args.impl == "ours" and args.distill:
+        soft = random_soft_labels(args.batch, args.block, args.distill, cfg.vocab_size, device)
+        step_s, distill_s = alternated(step, sync, soft, args.warmup, args.steps)
+    else:
+        step_s, distill_s = timed_steps(), None
     tokens_per_s = args.batch * args.block / step_s
     result = {"impl": args.impl, "tokens_per_s": tokens_per_s, "step_s": step_s,
               "peak_mem_gib": memory_gib(device)}
     peak = gpu_peak_flops(device)
     if peak:
         result["mfu"] = mfu(cfg.flops_per_token(args.block), tokens_per_s, peak[1])
-    if args.impl == "ours" and args.distill:
-        result["distill_tokens_per_s"] = args.batch * args.block / timed_steps(random_soft_labels(
-            args.batch, args.block, args.distill, cfg.vocab_size, device))
+    if distill_s is not None:
+        result["distill_tokens_per_s"] = args.batch * args.block / distill_s
     print(json.dumps(result))
+
+
+def alternated(step, sync, soft, warmup: int, steps: int) -> tuple[float, float]:
+    """Median seconds of a plain step and of a distilled one (``soft``), timed in turn, after each kind's
+    warm-up at full size."""
+    for _ in range(warmup):
+        step()
+        step(soft)
+    sync()
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(steps):
+        for distilled in (False, True):
+            t0 = time.perf_counter()
+            step(soft if distilled else None)
+            sync()
+            times[distilled].append(time.perf_counter() - t0)
+    return statistics.median(times[False]), statistics.median(times[True])
 
 
 def random_soft_labels(batch: int, block: int, k: int, vocab: int, device: torch.device):
     """A teacher's top k at every target: distinct random ids, log-probabilities summing below 1 (the rest
     bucket non-empty), as prepared shards hold them."""
-    from scratchlm.data.loaders import SoftLabels
+    from scratchlm.model.soft_labels import SoftLabels
 
     stride = vocab // k  # k ids a row, spread so that they never collide
     ids = (torch.randint(0, vocab, (batch, block, 1), device=device)

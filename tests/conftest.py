@@ -29,11 +29,11 @@ if XDIST_WORKER:
 # file, one worker each on the 2-core machine; a file not listed counts as short. Only the order depends on
 # these numbers.
 FILE_SECONDS = {
-    "train/test_train.py": 170, "test_demo.py": 125, "data/test_prepare.py": 80,
-    "feed/test_feed_teachers.py": 65, "train/test_distill.py": 65, "test_evaluation.py": 60,
+    "training/test_train.py": 170, "test_demo.py": 125, "data/test_prepare.py": 80,
+    "feed/test_feed_teachers.py": 65, "training/test_distill.py": 65, "test_evaluation.py": 60,
     "data/test_data_scale.py": 55, "feed/test_feed.py": 50, "teacher/test_teacher.py": 50,
-    "test_readme.py": 50, "train/test_checkpoint.py": 35, "data/test_caches.py": 35,
-    "test_cli.py": 30, "train/test_tracking.py": 25, "test_config.py": 20,
+    "test_readme.py": 50, "training/test_checkpoint.py": 35, "data/test_caches.py": 35,
+    "test_cli.py": 30, "training/test_tracking.py": 25, "test_config.py": 20,
     "test_serving.py": 15, "teacher/test_engine.py": 15, "report/test_report.py": 10,
     "teacher/test_serve_model.py": 5, "report/test_forecast.py": 5, "data/test_data.py": 5,
 }

@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 
@@ -90,7 +91,7 @@ def test_export_writes_any_checkpoint_as_a_folder_transformers_loads(small_corpu
 
     from scratchlm.model.config import PRESETS
     from scratchlm.model.hf import phi_from_weights
-    from scratchlm.train import TrainConfig, train
+    from scratchlm.training import TrainConfig, train
 
     run = tmp_path / "run"
     train(TrainConfig(model="phi-tiny", data=str(small_corpus), out=str(run), max_steps=2, block_size=32,
@@ -107,3 +108,41 @@ def test_export_writes_any_checkpoint_as_a_folder_transformers_loads(small_corpu
     assert (tmp_path / "hf" / "tokenizer.json").exists()
     r = run_cli("export", str(tmp_path), "--out", str(tmp_path / "none"))
     assert r.returncode == 2 and "neither a checkpoint" in r.stderr
+
+    # Into a folder that holds an older export (sharded: its index is what a loader prefers): refused, then
+    # replaced with --overwrite, stale files gone, and the folder loads the new model.
+    used = tmp_path / "used"
+    theirs.save_pretrained(used, max_shard_size="10MB")
+    assert (used / "model.safetensors.index.json").exists()
+    r = run_cli("export", str(run / "checkpoints" / "step-00000002"), "--out", str(used))
+    assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("export", str(run / "checkpoints" / "step-00000002"), "--out", str(used), "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in used.glob("model*")) == ["model.safetensors"]
+    newer = phi_from_weights(PRESETS["phi-tiny"], load_file(str(run / "checkpoints" / "step-00000002" /
+                                                                 "model.safetensors"))).eval()
+    with torch.no_grad():
+        assert torch.allclose(PhiForCausalLM.from_pretrained(used).eval()(idx).logits, newer(idx), atol=1e-5)
+    # Every filesystem failure is one line naming the path.
+    (tmp_path / "a-file").write_text("x")
+    for out, phrase in ((tmp_path / "a-file", "is a file"), (tmp_path / "a-file" / "below", "a-file")):
+        r = run_cli("export", str(checkpoint), "--out", str(out))
+        assert r.returncode == 2 and phrase in r.stderr and "Traceback" not in r.stderr, r.stderr
+    cut = tmp_path / "cut"
+    shutil.copytree(checkpoint, cut)
+    (cut / "manifest.json").unlink(missing_ok=True)  # a checkpoint from before manifests
+    weights = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    r = run_cli("export", str(cut), "--out", str(tmp_path / "from-cut"))
+    assert r.returncode == 2 and "model.safetensors" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_every_commands_help_opens_with_one_line_saying_what_it_does():
+    from scratchlm.cli import COMMANDS
+
+    for name in COMMANDS:
+        r = run_cli(name, "--help")
+        assert r.returncode == 0, (name, r.stderr)
+        first = r.stdout.split("\n\n")[1]  # after the usage: the opening paragraph
+        assert "\n" not in first.strip() and first.strip().endswith("."), (name, first)
+        assert first[0].isupper(), (name, first)

@@ -28,12 +28,12 @@ def test_no_module_in_src_is_longer_than_400_lines():
     assert not long, "modules over 400 lines: " + ", ".join(long)
 
 
-# a package may not import from the packages named here (model < data < train; teacher < feed)
+# a package may not import from the packages named here (model < data < teacher < feed; data < training)
 LAYERS_BELOW = {
-    "model": {"data", "train", "teacher", "feed"},
-    "data": {"train", "feed"},
-    "teacher": {"train", "feed"},
-    "train": {"feed"},
+    "model": {"data", "training", "teacher", "feed"},
+    "data": {"training", "teacher", "feed"},
+    "teacher": {"training", "feed"},
+    "training": {"teacher", "feed"},
 }
 
 
@@ -69,7 +69,7 @@ def import_graph() -> tuple[dict[str, set[str]], set[str]]:
 def test_imports_resolve_have_no_cycle_and_respect_the_layers():
     graph, unresolved = import_graph()
     assert not unresolved, "imports of modules that do not exist: " + ", ".join(sorted(unresolved))
-    assert len(graph) > 50 and graph["scratchlm.train.trainer"], "the walk found the package's imports"
+    assert len(graph) > 50 and graph["scratchlm.training.trainer"], "the walk found the package's imports"
     graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
     upward = [f"{m} -> {d}" for m, deps in graph.items() for d in deps
               if d.split(".")[1:2] and m.split(".")[1:2]
@@ -117,3 +117,63 @@ def test_each_data_and_sampling_setting_is_declared_once():
     from scratchlm.teacher.settings import Sampling
 
     assert ServeConfig().teacher_temperature == Sampling().temperature  # one default, whoever includes it
+
+
+# What a default of a setting may be written again as without being one: nothing is set (None, False, 0,
+# ""), or "decide for me" ("auto").
+EMPTY = (None, False, 0, 0.0, "", "auto")
+# Classes whose fields are values of their own that may equal another setting's default, and why.
+OWN_VALUES = {"DemoPlan": "the demo's plan: sizes chosen and measured for it (bench/RESULTS.md)"}
+
+
+def _declared_defaults() -> dict[str, dict[object, set[str]]]:
+    """Every setting a settings class declares: its name → its default (non-empty) → the classes declaring it
+    with that default."""
+    found: dict[str, dict[object, set[str]]] = {}
+    for cls in _settings_classes():
+        own = cls.__dict__.get("__annotations__", {})
+        for name, field in getattr(cls, "model_fields", {}).items():
+            default = field.default
+            if name in own and isinstance(default, (int, float, str)) and default not in EMPTY:
+                found.setdefault(name, {}).setdefault(default, set()).add(cls.__name__)
+    return found
+
+
+def _written_defaults(tree: ast.AST):
+    """(line, name, value, where) of every literal given as a parameter's default, a class field's value or
+    a call's keyword, anywhere in a module."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            positional = args.posonlyargs + args.args
+            pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults, strict=True))
+            pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is not None]
+            for arg, default in pairs:
+                yield default.lineno, arg.arg, default, f"a default of {node.name}()"
+        elif isinstance(node, ast.ClassDef) and node.name not in OWN_VALUES:
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value:
+                    yield item.lineno, item.target.id, item.value, f"a field of {node.name}"
+        elif isinstance(node, ast.Call):
+            called = getattr(node.func, "id", None) or getattr(node.func, "attr", "")
+            for keyword in node.keywords:
+                if keyword.arg:
+                    yield keyword.lineno, keyword.arg, keyword.value, f"a keyword of {called}()"
+
+
+def test_no_default_of_a_declared_setting_is_written_again():
+    """A setting's default lives in the settings class that declares it: a function, a dataclass or a call
+    that wrote the same value again (``chunk_chars=8000``, ``seed: int = 1337``) would keep its copy when the
+    declaration changes. Parts take the settings object they need (``CorpusReading``, ``FeedReading``, ...)
+    or are given every value by the command that holds them."""
+    declared, copies = _declared_defaults(), []
+    for path in sorted(SRC.rglob("*.py")):
+        for line, name, value, where in _written_defaults(ast.parse(path.read_text(encoding="utf-8"))):
+            if name in declared and isinstance(value, ast.Constant) and value.value in declared[name]:
+                owners = declared[name][value.value]
+                # the declaring class's own field, and a call building that class (a preset): not copies
+                if not any(where in (f"a field of {o}", f"a keyword of {o}()") for o in owners):
+                    copies.append(f"{path.relative_to(SRC)}:{line} {name}={value.value!r} ({where}; "
+                                  f"declared in {', '.join(sorted(owners))})")
+    assert not copies, "defaults written again: " + "; ".join(copies)
+    assert {"chunk_chars", "eval_fraction", "text_field", "seed", "feed_texts_per_request"} <= set(declared)

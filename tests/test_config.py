@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from scratchlm.config import ConfigError, load
-from scratchlm.train import TrainConfig
+from scratchlm.training import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

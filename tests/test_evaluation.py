@@ -82,9 +82,9 @@ def test_the_held_out_split_written_out_evaluates_the_same(tmp_path, tokenizer, 
                            capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     lines = (tmp_path / "held_out.jsonl").read_text().splitlines()
-    from scratchlm.data import held_out_documents
+    from scratchlm.data import CorpusReading, held_out_documents
 
-    expected = held_out_documents(small_corpus, eval_fraction=0.05)
+    expected = held_out_documents(small_corpus, CorpusReading(eval_fraction=0.05))
     assert [json.loads(line)["text"] for line in lines] == expected
     again = subprocess.run([sys.executable, "-m", "scratchlm", "eval", *common, "--data",
                             str(tmp_path / "held_out.jsonl"), "--split", "all"],

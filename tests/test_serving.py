@@ -103,3 +103,21 @@ def test_a_key_that_no_header_can_carry_is_refused_at_start(small_corpus, tmp_pa
     key.write_text("clé-secrète")
     with pytest.raises(ConfigError, match="printable ASCII"):
         build(ServeConfig(corpus=str(small_corpus), api_key_file=str(key)))
+
+
+def test_the_uvicorn_internals_the_head_deadline_relies_on_are_there():
+    """serving.guarded_protocol subclasses uvicorn's HTTP/1.1 protocol and reads attributes it does not
+    publish (pyproject.toml pins the versions tested): a uvicorn that moved them fails here, by name, rather
+    than serving without its head deadline or connection cap."""
+    import inspect
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    for method in ("connection_made", "connection_lost", "handle_events", "on_response_complete"):
+        assert callable(getattr(H11Protocol, method, None)), f"uvicorn's H11Protocol has no {method}()"
+    init = inspect.getsource(H11Protocol.__init__)
+    for attribute in ("self.cycle", "self.connections", "self.loop", "self.transport"):
+        assert attribute in init or attribute in inspect.getsource(H11Protocol), (
+            f"uvicorn's H11Protocol no longer sets {attribute}: serving.guarded_protocol reads it")
+    assert "self.cycle =" in inspect.getsource(H11Protocol.handle_events), (
+        "uvicorn's H11Protocol.handle_events no longer starts a request cycle: the head deadline keys on it")

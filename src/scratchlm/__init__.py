@@ -4,7 +4,7 @@ The Python API, for notebooks and scripts (the CLI is ``scratchlm --help``)::
 
     import scratchlm
     feed = scratchlm.serve(corpus="sample.zip")              # a feed server in the background
-    summary = scratchlm.train(model="phi-tiny", data=feed.url, out="runs/a", max_steps=100)
+    summary = scratchlm.training(model="phi-tiny", data=feed.url, out="runs/a", max_steps=100)
     feed.stop()
 
 Each function takes its command's settings, every flag, as keyword arguments (``max_steps`` for
@@ -14,17 +14,14 @@ value is the same one-line ``ConfigError``.
 
 from __future__ import annotations
 
-import sys
-import types
-
 __version__ = "0.1.0"
 
 
 def train(**settings) -> dict:
     """Train (or resume) a run; settings are ``TrainConfig`` fields. Returns the run's summary."""
     from .config import validate
-    from .train import TrainConfig
-    from .train import train as _train
+    from .training import TrainConfig
+    from .training import train as _train
 
     return _train(validate(TrainConfig, settings, "scratchlm.train"))
 
@@ -69,7 +66,7 @@ def report(runs: list[str], out: str | None = None, **settings) -> dict:
     """Plots, table and forecast for run folders, written to ``out``; settings are ``ReportConfig`` fields
     (``scratchlm report``); without ``out``, only the report's contents are returned."""
     from .config import validate
-    from .report.command import ReportConfig, report_config
+    from .reporting.command import ReportConfig, report_config
 
     if out is not None:
         settings["out"] = out
@@ -80,7 +77,7 @@ def prepare(**settings) -> dict:
     """Tokenize a corpus into the cache (and score it with a teacher); settings are ``PrepareConfig`` fields
     (``scratchlm prepare``)."""
     from .config import validate
-    from .data.prepare import PrepareConfig, run_prepare
+    from .preparation import PrepareConfig, run_prepare
 
     return run_prepare(validate(PrepareConfig, settings, "scratchlm.prepare"))
 
@@ -88,7 +85,7 @@ def prepare(**settings) -> dict:
 def export(checkpoint: str, **settings):
     """Write a training checkpoint as a Hugging Face folder; settings are ``ExportConfig`` fields."""
     from .config import validate
-    from .train.export import ExportConfig, run_export
+    from .training.export import ExportConfig, run_export
 
     return run_export(validate(ExportConfig, {"checkpoint": checkpoint, **settings}, "scratchlm.export"))
 
@@ -98,17 +95,3 @@ API = {"train": "train", "serve": "serve", "serve_model": "serve-model", "evalua
 """Each API function and the command whose config it takes (tests check every flag is a keyword)."""
 
 __all__ = ["evaluate", "export", "prepare", "report", "serve", "serve_model", "train"]
-
-
-class _Package(types.ModuleType):
-    """This package, whose ``train`` function shares its name with the ``train`` subpackage: importing the
-    subpackage (as ``train()`` itself does) would otherwise rebind ``scratchlm.train`` to the module, and the
-    next ``scratchlm.train(...)`` would fail. The subpackage stays importable by its full name."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in API and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -31,14 +31,15 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "demo": Command("the whole project end to end on a CPU (feed, two runs, teacher, report)",
+    "demo": Command("the whole project end to end on a CPU: what a teacher's text and its knowledge buy, "
+                    "each against its control",
                     "scratchlm.demo", "DemoConfig", "run_demo"),
     "train": Command("pretrain a model from random weights",
-                     "scratchlm.train.trainer", "TrainConfig", "run_train"),
+                     "scratchlm.training.trainer", "TrainConfig", "run_train"),
     "prepare": Command("tokenize a corpus into the cache (and score it with a teacher) before training",
-                       "scratchlm.data.prepare", "PrepareConfig", "run_prepare"),
+                       "scratchlm.preparation", "PrepareConfig", "run_prepare"),
     "export": Command("write any training checkpoint as a Hugging Face folder",
-                      "scratchlm.train.export", "ExportConfig", "run_export"),
+                      "scratchlm.training.export", "ExportConfig", "run_export"),
     "serve": Command("serve corpus texts over HTTP (the data feed)",
                      "scratchlm.feed.server", "ServeConfig", "run_serve"),
     "serve-model": Command("serve a model through an OpenAI-compatible /v1/completions",
@@ -50,7 +51,7 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("loss, perplexity and bits per byte of a model on text",
                     "scratchlm.evaluation", "EvalConfig", "run_eval"),
     "report": Command("plots, tables and 'how much more training' for one or more runs",
-                      "scratchlm.report.command", "ReportConfig", "run_report"),
+                      "scratchlm.reporting.command", "ReportConfig", "run_report"),
     "init": Command("write a randomly initialised model in Hugging Face format",
                     "scratchlm.cli", "InitConfig", "run_init"),
     "model-info": Command("parameter counts and FLOPs per token of a preset",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import textwrap
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -60,6 +61,12 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 """A TCP port (0: any free one, where a server allows it)."""
 TopP = Annotated[float, Field(gt=0, le=1)]
 """Nucleus sampling mass: in (0, 1]."""
+MAX_SOFT_LABELS = 100
+SoftLabelCount = Annotated[int, Field(ge=0, le=MAX_SOFT_LABELS)]
+"""A teacher's top-k kept per token: 0 (none) to 100 (vLLM and OpenAI give 20; every entry costs 4 bytes a
+token on the wire and on disk)."""
+DistillTemperature = Annotated[float, Field(ge=0.1, le=20)]
+"""A distillation temperature: in [0.1, 20] (1 is what Busbridge et al. 2025 recommend)."""
 
 
 class Prefixed(ConfigBase):
@@ -285,9 +292,12 @@ def add_command(sub: argparse._SubParsersAction, name: str, cls: type[C], run: C
     """The one way to declare a command: its flags are the fields of ``cls`` (see ``add_arguments``) plus
     ``--config YAML``; ``run`` gets the validated config (defaults < $SCRATCHLM_CONFIG < YAML < command
     line), which ``args.config_of(args)`` also gives without running."""
-    parser = sub.add_parser(name, help=help,
-                            description=f"{(cls.__doc__ or help).strip()} Values: defaults < "
-                            "--config YAML < command line.")
+    # The help opens with one line saying what the command does; then the config's own description.
+    what = f"{help[:1].upper()}{help[1:].rstrip('.')}."
+    body = textwrap.fill(" ".join((cls.__doc__ or "").split()) + " Values: defaults < $SCRATCHLM_CONFIG < "
+                         "--config YAML < command line.", 79)
+    parser = sub.add_parser(name, help=help, description=f"{what}\n\n{body}",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help=f"YAML file of {cls.__name__} keys")
     add_arguments(parser, cls)
     parser.set_defaults(config_of=lambda args: load(cls, args.config, overrides_from_args(args, cls), name))

@@ -31,6 +31,9 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("scratchlm.eval")
 
+EVAL_BATCH_SIZE = 4
+"""Windows evaluated together (eval --batch-size, and the library's default)."""
+
 
 @dataclass
 class EvalResult:
@@ -80,7 +83,8 @@ def window_for(model, block_size: int, name: str) -> int:
 
 @torch.no_grad()
 def evaluate_texts(forward, texts: Sequence[str], tokenizer: Tokenizer, block_size: int, device: torch.device,
-                   batch_size: int = 4, max_tokens: int | None = None, progress: bool = True) -> EvalResult:
+                   batch_size: int = EVAL_BATCH_SIZE, max_tokens: int | None = None,
+                   progress: bool = True) -> EvalResult:
     """Loss over non-overlapping windows of ``block_size`` tokens of the joined texts."""
     stream = torch.from_numpy(tokenizer.encode_documents(list(texts)))
     if max_tokens is not None:
@@ -110,7 +114,7 @@ def evaluate_texts(forward, texts: Sequence[str], tokenizer: Tokenizer, block_si
 
 
 def evaluate_model(model: str, texts: Sequence[str], tokenizer: Tokenizer, block_size: int,
-                   device: torch.device, batch_size: int = 4, max_tokens: int | None = None,
+                   device: torch.device, batch_size: int = EVAL_BATCH_SIZE, max_tokens: int | None = None,
                    progress: bool = False) -> EvalResult:
     """``evaluate_texts`` for a model folder or hub id (bf16 on a GPU, float32 on the CPU)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -121,9 +125,13 @@ def evaluate_model(model: str, texts: Sequence[str], tokenizer: Tokenizer, block
     return result
 
 
+WHOLE = CorpusReading(chunk_chars=10**9)
+"""Documents read uncut (evaluation joins them into one stream)."""
+
+
 def whole_documents(data: str) -> list[str]:
     """Every document of a corpus, uncut: evaluation joins them into one stream."""
-    return [t for _, t in iter_documents(data, chunk_chars=10**9)]
+    return [t for _, t in iter_documents(data, WHOLE)]
 
 
 class EvalConfig(CorpusReading):
@@ -142,7 +150,7 @@ class EvalConfig(CorpusReading):
     split as a file, to evaluate other models on (--split all) or to share."""
     block_size: Annotated[int, Field(ge=2)] = 2048
     """Window length in tokens."""
-    batch_size: Count = 4
+    batch_size: Count = EVAL_BATCH_SIZE
     """Windows per forward pass."""
     max_tokens: Annotated[int, Field(ge=2)] | None = None
     """Evaluate only the first N tokens."""
@@ -157,7 +165,7 @@ class EvalConfig(CorpusReading):
 def evaluate_config(cfg: EvalConfig) -> EvalResult:
     """What ``scratchlm eval`` measures (the Python API's ``evaluate``)."""
     held_out = cfg.split == "held-out"
-    texts = (held_out_documents(cfg.data, cfg.chunk_chars, cfg.eval_fraction, cfg.text_field) if held_out
+    texts = (held_out_documents(cfg.data, cfg.part(CorpusReading)) if held_out
              else whole_documents(cfg.data))
     if not texts:
         raise DataError(f"{cfg.data} has no held-out documents at --eval-fraction {cfg.eval_fraction}: use "

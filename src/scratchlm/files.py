@@ -175,18 +175,25 @@ def _read_owner(lock: Path) -> dict:
         return {}  # gone, or being written: looked at again at the next poll
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine is running (someone else's counts: it exists)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _stale(lock: Path, owner: dict, stale_s: float) -> bool:
     try:
         age = time.time() - lock.stat().st_mtime
     except FileNotFoundError:
         return False  # released meanwhile: claim it at the next turn
     if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
-        try:
-            os.kill(owner["pid"], 0)
-        except ProcessLookupError:
+        if not pid_alive(owner["pid"]):
             return True
-        except PermissionError:
-            pass
     return age > stale_s
 
 

@@ -28,10 +28,14 @@ PUBLIC_PATHS = frozenset({"/health"})
 MAX_URL_BYTES = 4096
 
 
+LOOPBACK = "127.0.0.1"
+"""Where servers listen unless told otherwise: this machine only."""
+
+
 class ServerConfig(ConfigBase):
     """Where a server listens, the key it asks for, and its limits."""
 
-    host: str = "127.0.0.1"
+    host: str = LOOPBACK
     """Address to bind. Anything but loopback needs an API key."""
     port: Port = 8000
     """TCP port."""
@@ -283,7 +287,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int):
     return GuardedH11Protocol
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = LOOPBACK) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

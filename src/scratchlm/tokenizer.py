@@ -74,6 +74,20 @@ class Tokenizer:
     def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
         return self.backend.decode_batch([list(ids) for ids in batch], skip_special_tokens=False)
 
+    @functools.cached_property
+    def _ids_of_pieces(self) -> dict[str, int | None]:
+        """Each token's text as it decodes alone, to its id; None where several ids decode to the same text
+        (bytes of a character split across tokens decode to U+FFFD, say)."""
+        pieces: dict[str, int | None] = {}
+        for i, piece in enumerate(self.decode_batch([[i] for i in range(self.vocab_size)])):
+            pieces[piece] = None if piece in pieces else i
+        return pieces
+
+    def id_of_piece(self, piece: str) -> int | None:
+        """The one token id whose text is ``piece`` (a server's token string, as OpenAI's, TGI's and
+        llama.cpp's key their log-probabilities), or None: no token, or several, decode to it."""
+        return self._ids_of_pieces.get(piece)
+
     def save(self, out_dir: str | Path) -> None:
         """Copy the tokenizer files beside a saved model, so ``AutoTokenizer`` finds them there."""
         out_dir = Path(out_dir)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from servers import spawn
 
-from scratchlm.data import DataError, tokenize_corpus
-from scratchlm.data.token_cache import FAULT_SHARD_SLEEP_ENV
+from scratchlm import faults
+from scratchlm.data import CorpusReading, DataError, tokenize_corpus
 from scratchlm.serving import free_port
 
 
@@ -29,7 +29,7 @@ def test_two_train_processes_on_one_fresh_cache_both_finish_with_the_shards_of_o
                                                                                    tokenizer):
     # A sweep started at once: both runs need the same cache. Each shard takes 2 s more to finish here (a
     # fault injected for the test), so the second run surely arrives while the first is building.
-    env = {**os.environ, "SCRATCHLM_CACHE": str(tmp_path / "cache"), FAULT_SHARD_SLEEP_ENV: "2"}
+    env = {**os.environ, "SCRATCHLM_CACHE": str(tmp_path / "cache"), faults.ENV: "token-shard=2"}
     flags = ["--max-steps", "1", "--block-size", "64", "--micro-batch-size", "2", "--eval-batches", "1",
              "--eval-fraction", "0.05", "--num-proc", "1", "--device", "cpu"]
     runs = [subprocess.Popen([sys.executable, "-m", "scratchlm", "train", "--data", str(small_corpus),
@@ -39,7 +39,8 @@ def test_two_train_processes_on_one_fresh_cache_both_finish_with_the_shards_of_o
     assert [run.returncode for run in runs] == [0, 0], outputs
     assert sum("which another process is building" in out for out in outputs) == 1  # one waited, and said
     alone = tmp_path / "alone"
-    tokenize_corpus(small_corpus, tokenizer, alone, eval_fraction=0.05, progress=False, num_proc=1)
+    tokenize_corpus(small_corpus, tokenizer, CorpusReading(eval_fraction=0.05), alone, progress=False,
+                    num_proc=1)
     assert _shards(tmp_path / "cache") == _shards(alone)
     assert not list((tmp_path / "cache" / "tokens").glob("*.partial")) and not list(
         (tmp_path / "cache" / "tokens").glob("*.lock"))
@@ -71,13 +72,15 @@ def test_two_serve_processes_on_one_fresh_corpus_both_serve(small_corpus, tmp_pa
 @pytest.fixture
 def built(small_corpus, tmp_path, tokenizer):
     """A fresh token cache of the small corpus, and its tokens."""
-    corpus = tokenize_corpus(small_corpus, tokenizer, tmp_path / "cache", progress=False, num_proc=1)
+    corpus = tokenize_corpus(small_corpus, tokenizer, cache_dir=tmp_path / "cache", progress=False,
+                             num_proc=1)
     (folder,) = [p for p in (tmp_path / "cache" / "tokens").iterdir() if p.is_dir()]
     return folder, np.asarray(corpus.train).copy(), np.asarray(corpus.val).copy()
 
 
 def _reopen(small_corpus, tmp_path, tokenizer, **kwargs):
-    return tokenize_corpus(small_corpus, tokenizer, tmp_path / "cache", progress=False, num_proc=1, **kwargs)
+    return tokenize_corpus(small_corpus, tokenizer, cache_dir=tmp_path / "cache", progress=False, num_proc=1,
+                           **kwargs)
 
 
 def test_a_shard_cut_short_is_found_when_opened_and_tokenized_again(built, small_corpus, tmp_path, tokenizer,
@@ -109,12 +112,12 @@ def test_verify_cache_finds_a_changed_byte_that_sizes_cannot(built, small_corpus
 def test_a_damaged_text_store_is_written_again(small_corpus, tmp_path, caplog):
     from scratchlm.data.text_store import open_text_store
 
-    store = open_text_store(small_corpus, eval_fraction=0.05, cache_dir=tmp_path)
+    store = open_text_store(small_corpus, CorpusReading(eval_fraction=0.05), cache_dir=tmp_path)
     first = store.train[0]
     path = store.folder / "train.bin"
     path.write_bytes(path.read_bytes()[:100])
     with caplog.at_level(logging.WARNING, logger="scratchlm"):
-        again = open_text_store(small_corpus, eval_fraction=0.05, cache_dir=tmp_path)
+        again = open_text_store(small_corpus, CorpusReading(eval_fraction=0.05), cache_dir=tmp_path)
     assert any("is damaged" in m and "train.bin holds 100 bytes" in m for m in caplog.messages)
     assert again.train[0] == first and len(again.train) == len(store.train)
 

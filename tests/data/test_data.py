@@ -10,17 +10,15 @@ import numpy as np
 import pytest
 
 from scratchlm.data import (
-    BlockLoader,
     CorpusStats,
     DataError,
-    DataPosition,
-    MixedBlockLoader,
     is_held_out,
     iter_documents,
     parse_data_list,
     split_paragraphs,
     tokenize_corpus,
 )
+from scratchlm.data.loaders import BlockLoader, DataPosition, MixedBlockLoader
 from scratchlm.data.reading import CorpusReading
 
 HELD_OUT_5PC = CorpusReading(eval_fraction=0.05)  # small corpora keep a held-out block
@@ -69,7 +67,7 @@ def test_held_out_split_is_fixed_and_proportional():
 
 
 def test_tokenized_corpus_keeps_eval_documents_out_of_training(small_corpus, tokenizer):
-    corpus = tokenize_corpus(small_corpus, tokenizer, eval_fraction=0.1, progress=False)
+    corpus = tokenize_corpus(small_corpus, tokenizer, CorpusReading(eval_fraction=0.1), progress=False)
     held_texts = [t for d, t in iter_documents(small_corpus) if is_held_out(d, 0.1)]
     assert corpus.meta["val_documents"] == len(held_texts) > 0
     expected_val = sum(len(ids) + 1 for ids in tokenizer.encode_batch(held_texts))
@@ -152,10 +150,10 @@ def test_data_list_parsing(tmp_path):
 
 def test_build_data_is_the_one_entry_point_for_a_corpus_and_a_mix(small_corpus, corpus_dir, tokenizer,
                                                                   tmp_path):
-    from scratchlm.data import DataRequest, build_data
+    from scratchlm.data.pipeline import DataRequest, build_data
 
-    request = DataRequest(str(small_corpus), block_size=64, batch_size=4, eval_blocks=6,
-                          reading=HELD_OUT_5PC)
+    request = DataRequest(str(small_corpus), block_size=64, batch_size=4, eval_blocks=6, seed=1,
+                          verify_cache=False, reading=HELD_OUT_5PC)
     one = build_data(request, tokenizer)
     try:
         assert one.kind == "corpus" and one.eval_set.shape == (6, 65) and not one.eval_groups
@@ -173,15 +171,15 @@ def test_build_data_is_the_one_entry_point_for_a_corpus_and_a_mix(small_corpus, 
 
     code = tmp_path / "code.txt"
     code.write_bytes((corpus_dir / "code" / "python_click.txt").read_bytes())
-    mix = build_data(DataRequest(f"{small_corpus}:3,{code}:1", 64, 4, 8, reading=HELD_OUT_5PC), tokenizer)
+    mixed = DataRequest(f"{small_corpus}:3,{code}:1", 64, 4, 8, 1, False, reading=HELD_OUT_5PC)
+    mix = build_data(mixed, tokenizer)
     try:
         assert mix.kind == "mix" and mix.eval_groups == {small_corpus.name: (0, 6), "code.txt": (6, 8)}
         assert next(mix.batches).position["kind"] == "mix"
     finally:
         mix.close()
     with pytest.raises(DataError, match="saved training on one corpus .* same --data list"):
-        build_data(DataRequest(f"{small_corpus}:3,{code}:1", 64, 4, 8, reading=HELD_OUT_5PC), tokenizer,
-                   position=first.position)
+        build_data(mixed, tokenizer, position=first.position)
 
 
 @pytest.mark.slow
@@ -198,7 +196,7 @@ def test_hostile_corpora(tmp_path):
     (root / "link.txt").symlink_to(outside)
     assert (root / "bomb.zip").stat().st_size < 2**20
     stats = CorpusStats()
-    docs = list(iter_documents(root, chunk_chars=8000, stats=stats))
+    docs = list(iter_documents(root, stats=stats))
     assert docs and all(len(t) <= 8000 for _, t in docs)  # the huge line is served in pieces
     assert sum(len(t) for _, t in docs) >= 1_999_000
     assert all("never to be read" not in t for _, t in docs)

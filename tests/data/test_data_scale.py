@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scratchlm.data import DataError, corpus_units, iter_documents, tokenize_corpus
+from scratchlm.data import CorpusReading, DataError, corpus_units, iter_documents, tokenize_corpus
 from scratchlm.data import token_cache as token_cache_module
 
 pa = pytest.importorskip("pyarrow")
@@ -69,8 +69,8 @@ def peak_rss_mib():
 """
 _PEAK_RSS_OF_READING = _PEAK_RSS + """
 import sys
-from scratchlm.data import iter_documents
-n = sum(1 for _ in iter_documents(sys.argv[1], text_field="content"))
+from scratchlm.data import CorpusReading, iter_documents
+n = sum(1 for _ in iter_documents(sys.argv[1], CorpusReading(text_field="content")))
 print(n, peak_rss_mib())
 """
 
@@ -115,12 +115,13 @@ def test_hf_datasets_are_read_from_a_local_folder(tmp_path, tokenizer, paragraph
 
     for spec, expected in ((f"hf:{saved}", records), (f"hf:{saved}@validation", records[:3]),
                            (f"hf:{shards}", records)):
-        texts = [t for _, t in iter_documents(spec, chunk_chars=10**6, text_field="content")]
+        texts = [t for _, t in iter_documents(spec, CorpusReading(chunk_chars=10**6, text_field="content"))]
         assert texts == expected, spec
     with pytest.raises(DataError, match="does not exist"):
         list(iter_documents(f"hf:{tmp_path / 'missing'}"))
-    corpus = tokenize_corpus(f"hf:{saved}", tokenizer, chunk_chars=10**6, eval_fraction=0.0, progress=False,
-                             text_field="content")
+    # a library caller may hold out nothing (eval_fraction 0), which no command allows: unvalidated settings
+    whole = CorpusReading.model_construct(chunk_chars=10**6, eval_fraction=0.0, text_field="content")
+    corpus = tokenize_corpus(f"hf:{saved}", tokenizer, whole, progress=False)
     expected_ids = [i for r in records for i in tokenizer.encode(r) + [tokenizer.eot_id]]
     assert np.array_equal(corpus.train[0 : len(corpus.train)], np.asarray(expected_ids, dtype=np.uint16))
 
@@ -148,8 +149,8 @@ def _shards(cache: Path) -> dict[str, bytes]:
 
 def test_two_processes_write_the_same_shards_as_one(mixed_corpus, tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(token_cache_module, "IN_PROCESS_BYTES", 0)  # a small corpus still uses workers
-    one = tokenize_corpus(mixed_corpus, tokenizer, tmp_path / "one", progress=False, num_proc=1)
-    two = tokenize_corpus(mixed_corpus, tokenizer, tmp_path / "two", progress=False, num_proc=2)
+    one = tokenize_corpus(mixed_corpus, tokenizer, cache_dir=tmp_path / "one", progress=False, num_proc=1)
+    two = tokenize_corpus(mixed_corpus, tokenizer, cache_dir=tmp_path / "two", progress=False, num_proc=2)
     assert len(corpus_units(mixed_corpus)) == 2 + 5 + 2  # files, row groups: the work is cut finer than files
     assert one.meta == two.meta
     assert _shards(tmp_path / "one") == _shards(tmp_path / "two")
@@ -169,7 +170,7 @@ def test_an_interrupted_tokenization_keeps_its_finished_shards(mixed_corpus, tok
 
     monkeypatch.setattr(token_cache_module, "_tokenize_unit", interrupted_at_unit_4)
     with pytest.raises(KeyboardInterrupt):
-        tokenize_corpus(mixed_corpus, tokenizer, tmp_path / "cache", progress=False, num_proc=1)
+        tokenize_corpus(mixed_corpus, tokenizer, cache_dir=tmp_path / "cache", progress=False, num_proc=1)
     assert tokenized == [0, 1, 2, 3]
     (partial,) = (tmp_path / "cache" / "tokens").glob("*.partial")
     finished = {p.name: p.stat().st_mtime_ns for p in partial.iterdir()}
@@ -180,18 +181,20 @@ def test_an_interrupted_tokenization_keeps_its_finished_shards(mixed_corpus, tok
 
     tokenized.clear()
     monkeypatch.setattr(token_cache_module, "_tokenize_unit", counted)
-    resumed = tokenize_corpus(mixed_corpus, tokenizer, tmp_path / "cache", progress=False, num_proc=1)
+    resumed = tokenize_corpus(mixed_corpus, tokenizer, cache_dir=tmp_path / "cache", progress=False,
+                              num_proc=1)
     assert tokenized == [4, 5, 6, 7, 8]
     (folder,) = [p for p in (tmp_path / "cache" / "tokens").iterdir()]
     assert all((folder / name).stat().st_mtime_ns == when for name, when in finished.items())
-    fresh = tokenize_corpus(mixed_corpus, tokenizer, tmp_path / "fresh", progress=False, num_proc=1)
+    fresh = tokenize_corpus(mixed_corpus, tokenizer, cache_dir=tmp_path / "fresh", progress=False, num_proc=1)
     assert resumed.meta == fresh.meta and _shards(tmp_path / "cache") == _shards(tmp_path / "fresh")
 
 
 _FEED_RSS = _PEAK_RSS + """
 import sys
+from scratchlm.data import CorpusReading
 from scratchlm.feed.corpus import CorpusSource, Cursor
-corpus = CorpusSource(sys.argv[1], text_field="content")
+corpus = CorpusSource(sys.argv[1], 1337, CorpusReading(text_field="content"))
 before = peak_rss_mib()
 cursor, served = Cursor(0, 0), 0
 for _ in range(200):

@@ -14,7 +14,8 @@ import pytest
 import torch
 from servers import random_model_folder
 
-from scratchlm.data.soft_labels import FAULT_PIECE_SLEEP_ENV
+from scratchlm import faults
+from scratchlm.data.reading import SoftLabelReading
 from scratchlm.model.config import ModelConfig
 
 # A one-layer teacher with Phi-2's vocabulary: quick to score with, a real distribution all the same.
@@ -49,7 +50,7 @@ def _soft_files(cache: Path) -> dict[str, bytes]:
 
 
 def test_prepare_killed_midway_and_run_again_gives_the_bytes_of_one_run(two_files, small_teacher, tmp_path):
-    first = _prepare(two_files, small_teacher, tmp_path / "killed", **{FAULT_PIECE_SLEEP_ENV: "30"})
+    first = _prepare(two_files, small_teacher, tmp_path / "killed", **{faults.ENV: "soft-label-piece=30"})
     deadline = time.monotonic() + 120
     while not list((tmp_path / "killed" / "tokens").glob("*/soft/*-k8/*.json")):
         assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
@@ -81,7 +82,8 @@ LOGPROB_TOL = 0.05
 def prepared_batch(two_files, small_teacher, tmp_path_factory, tokenizer):
     """prepare's soft labels read by a run's loader, with no teacher running; the run's first batch, the index
     of its first row's block in the stream, and the teacher's float32 rescoring of the stream."""
-    from scratchlm.data import DataRequest, build_data, tokenize_corpus
+    from scratchlm.data import tokenize_corpus
+    from scratchlm.data.pipeline import DataRequest, build_data
     from scratchlm.teacher.backends import LocalTeacher
 
     cache = tmp_path_factory.mktemp("prepared") / "cache"
@@ -89,7 +91,8 @@ def prepared_batch(two_files, small_teacher, tmp_path_factory, tokenizer):
     prepared = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SCRATCHLM_CACHE", str(cache))
-        request = DataRequest(str(two_files), block_size=64, batch_size=4, eval_blocks=1, soft_labels=5)
+        request = DataRequest(str(two_files), block_size=64, batch_size=4, eval_blocks=1, seed=1337,
+                              verify_cache=False, soft=SoftLabelReading(soft_labels=5))
         data = build_data(request, tokenizer)
         batch = next(data.batches)
         data.close()
@@ -104,12 +107,12 @@ def prepared_batch(two_files, small_teacher, tmp_path_factory, tokenizer):
     # Each shard scored alone, as prepare did.
     scored = teacher.score([a.astype(np.int64).tolist() for a in arrays], RESCORED)
     teacher.close()
-    return batch, b, scored
+    return batch, b, scored, cache
 
 
 @pytest.mark.parametrize("shift", [0, 1], ids=["aligned", "shifted-by-one-fails"])
 def test_a_run_reads_prepared_soft_labels_with_no_teacher_running(prepared_batch, shift):
-    batch, b, scored = prepared_batch
+    batch, b, scored, _ = prepared_batch
     assert batch.soft.ids.shape == (4, 64, 5) and batch.soft.mask.float().mean() > 0.95
     # Each target's row is the teacher's distribution at that token of the stream: the same as scoring the
     # stream again in float32.
@@ -131,3 +134,59 @@ def test_a_run_reads_prepared_soft_labels_with_no_teacher_running(prepared_batch
         # The values a row holds, in its own order, are float32's top 5 values (a swap of near-tied ids keeps
         # the sorted values).
         assert np.allclose(got_lps[mask], lps[targets][:, :5][mask], atol=LOGPROB_TOL)
+
+
+def test_a_damaged_soft_label_shard_is_named_and_prepare_scores_it_again(prepared_batch, two_files,
+                                                                         small_teacher, tmp_path, tokenizer,
+                                                                         monkeypatch):
+    """Pieces are checked as token shards are: a piece cut short is named at the open, NaN written over one
+    when a batch reads it, flipped bytes by its checksum (--verify-cache); prepare scores what is damaged
+    again, to the bytes of the first build."""
+    import shutil
+
+    from scratchlm.data import DataError
+    from scratchlm.data.pipeline import DataRequest, build_data
+
+    cache = tmp_path / "cache"
+    shutil.copytree(prepared_batch[3], cache)
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(cache))
+    (folder,) = cache.glob("tokens/*/soft/*-k8")
+    first = sorted(folder.glob("*.logprobs.bin"))[0]
+    piece = first.name.split(".logprobs")[0]
+    original = {p.name: p.read_bytes() for p in folder.glob("*.bin")}
+
+    def first_batch(verify: bool = False) -> None:
+        request = DataRequest(str(two_files), block_size=64, batch_size=64, eval_blocks=1, seed=1337,
+                              verify_cache=verify, soft=SoftLabelReading(soft_labels=8))
+        data = build_data(request, tokenizer)
+        try:
+            for _ in range(8):  # far enough into the epoch to read every piece
+                next(data.batches)
+        finally:
+            data.close()
+
+    first.write_bytes(original[first.name][: len(original[first.name]) // 2])
+    with pytest.raises(DataError, match=rf"piece {piece}: {first.name} holds .* bytes.*scratchlm prepare"):
+        first_batch()
+    nan = np.frombuffer(original[first.name], np.float16).copy().reshape(-1, 8)
+    nan[:, 1:] = np.nan  # every column but the first: the mask still says "labelled"
+    first.write_bytes(nan.tobytes())
+    with pytest.raises(DataError, match=rf"piece {piece} holds NaN"):
+        first_batch()
+    flipped = bytearray(original[first.name])
+    flipped[4096:8192] = bytes(b ^ 0x01 for b in flipped[4096:8192])  # values still plausible
+    first.write_bytes(bytes(flipped))
+    first_batch()  # sizes and values pass; only the checksum can tell
+    with pytest.raises(DataError, match=rf"piece {piece}: {first.name} differs from its checksum"):
+        first_batch(verify=True)
+    assert _prepare(two_files, small_teacher, cache).wait(timeout=300) == 0
+    assert {p.name: p.read_bytes() for p in folder.glob("*.bin")} == original
+
+
+def test_prepare_refuses_a_top_k_beyond_its_bound_and_leaves_nothing(two_files, small_teacher, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "scratchlm", "prepare", "--data", str(two_files),
+                           "--teacher", f"local:{small_teacher}", "--soft-labels", "1000000"],
+                          capture_output=True, text=True,
+                          env={**os.environ, "SCRATCHLM_CACHE": str(tmp_path / "cache")}, timeout=120)
+    assert done.returncode != 0 and "100" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*-k1000000"))

@@ -24,9 +24,10 @@ from schemathesis.checks import not_a_server_error
 from servers import FeedThread, UvicornThread
 
 from scratchlm.config import ConfigError
+from scratchlm.data.reading import FeedReading
 from scratchlm.data.remote import FeedClient, FeedError
 from scratchlm.feed.server import ServeConfig, build
-from scratchlm.train import TrainConfig, train
+from scratchlm.training import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -218,10 +219,11 @@ def test_teacher_mix_holds_ratio_and_never_starves(small_corpus):
 
 def test_training_from_the_feed_resumes_exactly_with_its_shuffle_buffer(open_server, tmp_path):
     # The buffer's blocks, the tokens not yet cut and the number of draws are in the checkpoint: a resumed run
-    # sees the same batches as an uninterrupted one.
+    # sees the same batches as an uninterrupted one. The buffer is in tokens (the default budget), held to the
+    # 20 steps the schedule plans: each run draws from all 80 of its blocks at once, then fewer.
     common = dict(model="phi-tiny", data=open_server.url, block_size=64, micro_batch_size=4, eval_batches=1,
                   lr_decay_steps=20, warmup_steps=2, eval_interval=100, checkpoint_interval=10, device="cpu",
-                  feed_texts_per_request=2, feed_shuffle_blocks=64)
+                  feed_texts_per_request=2)
     train(TrainConfig(**common, out=str(tmp_path / "straight"), max_steps=20))
     train(TrainConfig(**common, out=str(tmp_path / "resumed"), max_steps=10))
     saved = tmp_path / "resumed" / "checkpoints" / "step-00000010"
@@ -252,8 +254,9 @@ def test_ranks_draw_from_disjoint_streams_and_batches_mix_documents(open_server)
     try:
         blocks = {}
         for rank in (0, 1):
-            loader = iter(FeedBlockLoader(FeedClient(open_server.url), 64, 8, rank=rank, world_size=2,
-                                          shuffle_blocks=256, seed=5, prefetch=1))
+            loader = iter(FeedBlockLoader(FeedClient(open_server.url), 64, 8, 5,
+                                          FeedReading(feed_shuffle_tokens=256 * 65), 0, rank=rank,
+                                          world_size=2, prefetch=1))
             blocks[rank] = [next(loader).inputs for _ in range(5)]
             loader.close()
     finally:
@@ -267,6 +270,45 @@ def test_ranks_draw_from_disjoint_streams_and_batches_mix_documents(open_server)
     order = [tuple(b[:-1].tolist()) for b in stream[: len(stream) // 65 * 65].view(-1, 65)]
     where = [order.index(tuple(row.tolist())) for row in blocks[0][0]]
     assert max(where) - min(where) > 64, where
+
+
+@pytest.mark.parametrize("block_size,batch_size", [(64, 32), (4096, 2)])
+def test_the_shuffle_buffer_holds_its_token_budget_at_any_block_size(open_server, block_size, batch_size):
+    """The default buffer, in tokens: within its stated memory (5 bytes a token, and at most one reply over
+    the budget) at a small block and a large one; at block 64 a batch's blocks come from nearly as many
+    documents as it has rows, as from a corpus."""
+    from scratchlm.data.blocks import FEED_SHUFFLE_TOKENS
+    from scratchlm.data.remote import FeedBlockLoader
+
+    served, batch = [], open_server.feed.batch
+
+    def recording(*args, **kwargs):
+        served.append(batch(*args, **kwargs))
+        return served[-1]
+
+    open_server.feed.batch = recording
+    try:
+        loader = FeedBlockLoader(FeedClient(open_server.url), block_size, batch_size, 1337, FeedReading(), 0)
+        batches = iter(loader)
+        first = next(batches)
+        batches.close()
+    finally:
+        open_server.feed.batch = batch
+    drawn = first.inputs.shape[0] * (block_size + 1) * 5
+    held = sum(v.nbytes for v in loader.buffer.columns.values()) + drawn
+    one_reply = max(len(r.token_ids) for r in served)
+    assert held <= (FEED_SHUFFLE_TOKENS + one_reply) * 5, held
+    assert len(loader.buffer) + batch_size >= FEED_SHUFFLE_TOKENS // (block_size + 1)
+    if block_size == 64:
+        # Which document each row began in: the served stream, token by token.
+        stream = np.concatenate([r.token_ids for r in served]).astype(np.int64)
+        doc = np.repeat(np.arange(sum(len(r.meta.ids) for r in served)),
+                        np.concatenate([r.meta.tokens for r in served]))
+        blocks = stream[: len(stream) // 65 * 65].reshape(-1, 65)
+        starts = {tuple(b[:-1].tolist()): i * 65 for i, b in enumerate(blocks)}
+        rows = first.inputs.numpy()
+        documents = {int(doc[starts[tuple(row.tolist())]]) for row in rows}
+        assert len(documents) >= 0.8 * batch_size, len(documents)
 
 
 def test_wait_ready_waits_for_a_cold_teacher_and_gives_up_on_a_dead_one(small_corpus):

@@ -18,7 +18,7 @@ from servers import FeedThread, UvicornThread, slow_completions_app
 
 from scratchlm.data.remote import FeedClient
 from scratchlm.feed.server import ServeConfig, build
-from scratchlm.train import TrainConfig, train
+from scratchlm.training import TrainConfig, train
 
 
 class Records(logging.Handler):
@@ -155,7 +155,7 @@ def test_training_from_a_strict_feed_records_its_teacher_token_share(small_corpu
             # No shuffling: the batches are the stream's consecutive blocks, so each step's share is known.
             train(TrainConfig(model="phi-tiny", data=feed.url, out=str(tmp_path / "run"), block_size=64,
                               micro_batch_size=8, max_steps=30, eval_interval=1000, eval_batches=1,
-                              device="cpu", feed_texts_per_request=4, feed_shuffle_blocks=0, log_interval=10))
+                              device="cpu", feed_texts_per_request=4, feed_shuffle_tokens=0, log_interval=10))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r["teacher_token_share"] for r in records if "loss" in r]
     # The stream the trainer packed: every reply's tokens in order (the ids the feed sent: never tokenized

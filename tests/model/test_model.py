@@ -161,16 +161,16 @@ def test_chunked_head_and_loss_equal_autograd_through_the_full_logits(chunk_rows
     targets = torch.randint(0, 1000, (3, 50))
     plain = F.cross_entropy(F.linear(hidden, weight, bias).flatten(0, 1), targets.flatten())
     expected = torch.autograd.grad(plain * 0.25, (hidden, weight, bias))  # a scaled loss: grad_accum's 1/K
-    chunked = linear_cross_entropy(hidden, weight, bias, targets, chunk_rows)
+    chunked = linear_cross_entropy(hidden, weight, bias, targets, chunk_rows).loss
     got = torch.autograd.grad(chunked * 0.25, (hidden, weight, bias))
     torch.testing.assert_close(chunked, plain, rtol=0, atol=1e-5)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
     with torch.no_grad():  # evaluation: the loss alone
-        torch.testing.assert_close(linear_cross_entropy(hidden, weight, bias, targets, chunk_rows), plain,
-                                   rtol=0, atol=1e-5)
+        evaluated = linear_cross_entropy(hidden, weight, bias, targets, chunk_rows).loss
+        torch.testing.assert_close(evaluated, plain, rtol=0, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, float32 loss and accumulators
-        low = linear_cross_entropy(hidden, weight, bias, targets, chunk_rows)
+        low = linear_cross_entropy(hidden, weight, bias, targets, chunk_rows).loss
         low_grads = torch.autograd.grad(low, (hidden, weight, bias))
     assert low.dtype == torch.float32 and abs(low.item() - plain.item()) < 0.05
     assert [g.dtype for g in low_grads] == [torch.float32] * 3
@@ -184,4 +184,4 @@ def test_model_loss_with_targets_equals_transformers_cross_entropy(tmp_path):
     idx = torch.randint(0, TINY.vocab_size, (2, 41))
     with torch.no_grad():
         ref = F.cross_entropy(theirs(idx[:, :-1]).logits.flatten(0, 1), idx[:, 1:].flatten())
-        torch.testing.assert_close(model(idx[:, :-1], targets=idx[:, 1:]), ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(idx[:, :-1], targets=idx[:, 1:]).loss, ref, rtol=0, atol=1e-5)

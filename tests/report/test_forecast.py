@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from scratchlm.model.config import get_preset
-from scratchlm.report.backtest import backtest_end, backtest_runs
-from scratchlm.report.command import ReportConfig, build_report, run_report
-from scratchlm.report.forecast import forecast
-from scratchlm.report.ladder import fit_ladder
-from scratchlm.report.law import Curve, LossLaw, final_areas, fit_loss_law, predict_end, schedule_areas
-from scratchlm.report.runs import EvalRecord, Run, TrainRecord
-from scratchlm.train import TrainConfig, train
-from scratchlm.train.optim import schedule_for
+from scratchlm.reporting.backtest import backtest_end, backtest_runs
+from scratchlm.reporting.command import ReportConfig, ReportRequest, build_report, run_report
+from scratchlm.reporting.forecast import forecast
+from scratchlm.reporting.ladder import fit_ladder
+from scratchlm.reporting.law import Curve, LossLaw, final_areas, fit_loss_law, predict_end, schedule_areas
+from scratchlm.reporting.runs import EvalRecord, Run, TrainRecord
+from scratchlm.training import TrainConfig, train
+from scratchlm.training.optim import schedule_for
 
 
 def test_areas_by_hand():
@@ -166,8 +166,8 @@ REAL = dict(model="phi-tiny", block_size=64, micro_batch_size=4, eval_batches=2,
 def runs(small_corpus, tmp_path_factory):
     """A constant-rate run of 160 steps and two wsd runs made from it (the README's schedule for this
     question): 50 steps (its decay of 10 branched off step 40) and 200 steps (40 off step 160). A branch is
-    the wsd run of its length to the last bit (tests/train/test_train.py checks that); branching saves the CPU
-    the shared part."""
+    the wsd run of its length to the last bit (tests/training/test_train.py checks that); branching saves the
+    CPU the shared part."""
     root = tmp_path_factory.mktemp("scaling-runs")
     common = dict(REAL, data=str(small_corpus))
     train(TrainConfig(**common, out=str(root / "constant"), max_steps=160, lr_schedule="constant",
@@ -210,7 +210,7 @@ def test_the_short_run_predicts_the_long_run(runs, capsys):
 def test_a_decay_is_predicted_from_a_constant_rate_run(runs):
     """Fit on the constant-rate run alone, predict the run that decays off its end: the law counts the rate
     the decay gives up (S1); the constant run shows no decay, so its gain is held at zero, and said so."""
-    (outlook,) = build_report([runs / "constant"], None)["forecasts"].values()
+    (outlook,) = build_report(ReportRequest([runs / "constant"]))["forecasts"].values()
     law = LossLaw.from_dict(outlook["params"])
     assert not law.annealing_seen and law.C == 0.0
     decayed = json.loads((runs / "long" / "summary.json").read_text())
@@ -223,7 +223,7 @@ def test_a_decay_is_predicted_from_a_constant_rate_run(runs):
 def test_report_over_three_runs(runs, tmp_path):
     out = tmp_path / "report"
     names = ("short", "long", "constant")
-    report = build_report([runs / n for n in names], out, ("Phi-2", 2.273), predict_tokens=1e6)
+    report = build_report(ReportRequest([runs / n for n in names], out, ("Phi-2", 2.273), predict_tokens=1e6))
     for png in ("loss_curves.png", "forecast.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out / "loss_curves.json").read_text())

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from scratchlm.report.backtest import fit_power_law
-from scratchlm.report.law import TOKEN_UNIT
+from scratchlm.reporting.backtest import fit_power_law
+from scratchlm.reporting.law import TOKEN_UNIT
 
 
 @pytest.mark.parametrize("E,B,beta", [(3.0, 4.0, 0.35), (2.0, 1.5, 0.6), (4.5, 8.0, 0.2)])

@@ -1,35 +1,28 @@
-"""Training data: one entry point, ``build_data`` (in ``pipeline``), that turns a data setting into batches
-and a held-out set.
+"""Training data: one entry point, ``pipeline.build_data``, that turns a data setting into batches and a
+held-out set.
 
 A data setting is a corpus (``documents``: a folder, zip, txt, jsonl, parquet, or a Hugging Face dataset), a
 weighted list of corpora (``sources``), or a feed server's URL (``remote``). Corpora are tokenized once, in
 parallel, into a cache of shards (``token_cache``) and read as blocks of T+1 tokens (``loaders``).
 
-Names are imported when first used, so that reading or tokenizing a corpus (in a worker process, say) does not
-import torch.
+The names below come from modules that need no torch, so that reading or tokenizing a corpus (in a worker
+process, say) does not import it; the loaders and the pipeline, which do, are imported from their modules
+(``from scratchlm.data.pipeline import build_data``).
 """
 
 from __future__ import annotations
 
-import importlib
+from .blocks import block_span
+from .documents import CorpusStats, DataError, Unit, corpus_units, iter_documents, unit_documents
+from .held_out import held_out_documents, is_held_out
+from .reading import CorpusReading, FeedReading, SoftLabelReading
+from .sources import DataSource, corpus_from_env, is_feed_url, parse_data_list
+from .splitting import split_paragraphs
+from .text_store import DocumentStore, TextStore, open_text_store
+from .token_cache import ShardedTokens, TokenizedCorpus, tokenize_corpus
 
-_EXPORTS = {
-    "documents": ["CorpusStats", "DataError", "Unit", "corpus_units", "iter_documents", "unit_documents"],
-    "held_out": ["held_out_documents", "is_held_out"],
-    "reading": ["CorpusReading"],
-    "splitting": ["split_paragraphs"],
-    "sources": ["DataSource", "corpus_from_env", "is_feed_url", "parse_data_list"],
-    "token_cache": ["ShardedTokens", "TokenizedCorpus", "tokenize_corpus"],
-    "loaders": ["Batch", "BlockLoader", "DataPosition", "EpochOrder", "MixedBlockLoader", "TokenBlocks",
-                "block_span", "eval_blocks", "prefetch"],
-    "text_store": ["DocumentStore", "TextStore", "open_text_store"],
-    "pipeline": ["DataRequest", "TrainData", "build_data", "data_kind"],
-}
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+__all__ = ["CorpusReading", "CorpusStats", "DataError", "DataSource", "DocumentStore", "FeedReading",
+           "ShardedTokens", "SoftLabelReading", "TextStore", "TokenizedCorpus", "Unit", "block_span",
+           "corpus_from_env", "corpus_units", "held_out_documents", "is_feed_url", "is_held_out",
+           "iter_documents", "open_text_store", "parse_data_list", "split_paragraphs", "tokenize_corpus",
+           "unit_documents"]

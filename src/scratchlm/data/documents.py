@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 from ..errors import UserError
 from .hf_spec import HF_PREFIX, parse_hf
+from .reading import CorpusReading
 from .splitting import Splitter, split_paragraphs
 
 log = logging.getLogger(__name__)
@@ -368,9 +369,12 @@ def _opened(unit: Unit) -> Iterator[BinaryIO]:
         yield io.BytesIO(member.read()) if unit.label.endswith(".parquet") else member
 
 
-def unit_documents(unit: Unit, chunk_chars: int = 8000, stats: CorpusStats | None = None,
-                   text_field: str = "text") -> Iterator[tuple[str, str]]:
-    """(document id, text) for every document of one unit; a bad unit is skipped and counted."""
+def unit_documents(unit: Unit, reading: CorpusReading | None = None,
+                   stats: CorpusStats | None = None) -> Iterator[tuple[str, str]]:
+    """(document id, text) for every document of one unit, cut as ``reading`` says (default: its defaults);
+    a bad unit is skipped and counted."""
+    reading = reading or CorpusReading()
+    chunk_chars, text_field = reading.chunk_chars, reading.text_field
     stats = stats if stats is not None else CorpusStats()
     if unit.member == HF_PREFIX:
         yield from _documents(_hf_texts(unit, stats, text_field), unit, chunk_chars, stats)
@@ -385,10 +389,10 @@ def unit_documents(unit: Unit, chunk_chars: int = 8000, stats: CorpusStats | Non
         stats.skip(unit.label, f"unreadable ({err.strerror or err})")
 
 
-def iter_documents(source: str | Path, chunk_chars: int = 8000, stats: CorpusStats | None = None,
-                   text_field: str = "text") -> Iterator[tuple[str, str]]:
-    """(document id, text) for every document of a corpus, in a fixed order. Bad files are skipped and
-    counted; files are streamed, so their size does not matter."""
+def iter_documents(source: str | Path, reading: CorpusReading | None = None,
+                   stats: CorpusStats | None = None) -> Iterator[tuple[str, str]]:
+    """(document id, text) for every document of a corpus, cut as ``reading`` says, in a fixed order. Bad
+    files are skipped and counted; files are streamed, so their size does not matter."""
     stats = stats if stats is not None else CorpusStats()
     for unit in corpus_units(source, stats):
-        yield from unit_documents(unit, chunk_chars, stats, text_field)
+        yield from unit_documents(unit, reading, stats)

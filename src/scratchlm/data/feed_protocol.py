@@ -19,6 +19,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from ..config import MAX_SOFT_LABELS
+
 TOKEN_BATCH_MEDIA_TYPE = "application/vnd.scratchlm.token-batch+safetensors"
 Source = Literal["corpus", "teacher"]
 
@@ -32,7 +34,7 @@ class BatchQuery(BaseModel):
     world_size: int = Field(1, ge=1, le=65536)
     tokens: bool = False
     """Answer with every text's token ids (a ``TokenBatch`` body) instead of the texts."""
-    soft_labels: int = Field(0, ge=0, le=1024)
+    soft_labels: int = Field(0, ge=0, le=MAX_SOFT_LABELS)
     """With the ids (implies ``tokens``): the teacher's top-k at every token that has them (k at most the
     feed's --soft-labels)."""
 
@@ -46,7 +48,10 @@ class FeedBatch(BaseModel):
     ids: list[str]
     """Corpus document ids (``file#chunk``), or ``teacher:...`` for a teacher's text."""
     cursor: str | None
-    """Ask again from here for the corpus texts that follow (None for the server's own stream)."""
+    """Ask again from here for the corpus texts that follow (None for the server's own stream). Opaque: its
+    format is the feed's; what a client needs to know of it comes in the fields beside it."""
+    epoch: int = 0
+    """The passes over the corpus before the texts that follow (a trainer logs it)."""
     tokens: list[int] | None = None
     """Each text's tokens with the ``<|endoftext|>`` that follows it, when the feed counted them."""
 
@@ -55,6 +60,11 @@ class HeldOut(BaseModel):
     """``GET /v1/heldout``: fixed held-out documents, never in the training stream."""
 
     texts: list[str]
+
+
+LOGPROB_SLACK = 1e-3
+"""How far above zero a log-probability may be and still count as one: rounding in a server's float (a
+probability of 1 printed as 0.0001). Soft labels above it are refused, at the feed and at the trainer."""
 
 
 @dataclass
@@ -79,11 +89,13 @@ class TokenBatch:
     def to_bytes(self) -> bytes:
         from safetensors.numpy import save
 
-        wide = len(self.token_ids) and int(self.token_ids.max()) >= 2**16
-        arrays = {"token_ids": np.ascontiguousarray(self.token_ids, dtype=np.uint32 if wide else np.uint16)}
+        # Ids travel in 16 bits while every one fits, else in 32: none is ever cut.
+        largest = max((int(a.max()) for a in (self.token_ids, self.soft_ids) if a is not None and a.size),
+                      default=0)
+        width = np.uint32 if largest >= 2**16 else np.uint16
+        arrays = {"token_ids": np.ascontiguousarray(self.token_ids, dtype=width)}
         if self.soft_ids is not None:
-            arrays.update(soft_ids=np.ascontiguousarray(self.soft_ids, dtype=np.uint32 if wide else
-            np.uint16),
+            arrays.update(soft_ids=np.ascontiguousarray(self.soft_ids, dtype=width),
                           soft_logprobs=np.ascontiguousarray(self.soft_logprobs, dtype=np.float16),
                           soft_mask=np.ascontiguousarray(self.soft_mask, dtype=bool))
         return save(arrays, metadata={"feed_batch": self.meta.model_dump_json()})

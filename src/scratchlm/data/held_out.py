@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 
 from .documents import iter_documents
+from .reading import CorpusReading
 
 
 def is_held_out(doc_id: str, fraction: float) -> bool:
@@ -15,8 +16,9 @@ def is_held_out(doc_id: str, fraction: float) -> bool:
     return h < fraction * 2**64
 
 
-def held_out_documents(source: str | Path, chunk_chars: int = 8000, eval_fraction: float = 0.005,
-                       text_field: str = "text") -> list[str]:
-    """The documents a training run on ``source`` holds out (with the same settings), in corpus order."""
-    return [text for doc_id, text in iter_documents(source, chunk_chars, text_field=text_field)
-            if is_held_out(doc_id, eval_fraction)]
+def held_out_documents(source: str | Path, reading: CorpusReading | None = None) -> list[str]:
+    """The documents a training run on ``source`` holds out (read with the same settings), in corpus
+    order."""
+    reading = reading or CorpusReading()
+    return [text for doc_id, text in iter_documents(source, reading)
+            if is_held_out(doc_id, reading.eval_fraction)]

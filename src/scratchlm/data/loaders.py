@@ -19,37 +19,11 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from ..model.soft_labels import SoftLabels, predicted_rows
+from .blocks import block_span
 from .documents import DataError
 
 T = TypeVar("T")
-
-
-def block_span(block_size: int) -> int:
-    """Tokens a training sequence of ``block_size`` takes from the stream: its inputs plus one more target."""
-    return block_size + 1
-
-
-@dataclass
-class SoftLabels:
-    """A teacher's distribution at each target of a batch, truncated to its top k (raw log-probabilities),
-    where it has one. Kept in the shards' and the wire's compact types (80 bytes a token at k 20, not 240)
-    until the loss widens them on the training device: the loader, its prefetch and the copy to a GPU move a
-    third of the bytes."""
-
-    ids: torch.Tensor  # (B, T, k) uint16 (the loss takes them as int64)
-    logprobs: torch.Tensor  # (B, T, k) float16 (the loss takes them as float32)
-    mask: torch.Tensor  # (B, T) bool: which targets have a row
-
-    @staticmethod
-    def of_blocks(ids: np.ndarray, logprobs: np.ndarray, mask: np.ndarray) -> SoftLabels:
-        """Rows of (B, T+1) blocks → the rows of their targets (every token but each block's first)."""
-        return SoftLabels(torch.from_numpy(np.ascontiguousarray(ids[:, 1:], dtype=np.uint16)),
-                          torch.from_numpy(np.ascontiguousarray(logprobs[:, 1:], dtype=np.float16)),
-                          torch.from_numpy(np.ascontiguousarray(mask[:, 1:], dtype=bool)))
-
-    def to(self, device: torch.device) -> SoftLabels:
-        return SoftLabels(self.ids.to(device, non_blocking=True), self.logprobs.to(device, non_blocking=True),
-                          self.mask.to(device, non_blocking=True))
 
 
 @dataclass
@@ -145,10 +119,11 @@ class BlockSoftLabels:
         """The soft labels at the targets of blocks ``ids`` (every token but each block's first), read
         straight into the batch's arrays: ``SoftLabels.of_blocks(*self.stack(ids))`` without its three
         copies (the loader's rate with soft labels is a benchmark target)."""
-        shape = (len(ids), self.span - 1, self.k)
+        targets = predicted_rows(self.span)
+        shape = (len(ids), targets.stop - targets.start, self.k)
         soft_ids, logprobs = np.empty(shape, np.uint16), np.empty(shape, np.float16)
         for row, i in enumerate(ids):
-            self.shards.read_into(int(i) * self.span + 1, soft_ids[row], logprobs[row])
+            self.shards.read_into(int(i) * self.span + targets.start, soft_ids[row], logprobs[row])
         return SoftLabels(torch.from_numpy(soft_ids), torch.from_numpy(logprobs),
                           torch.from_numpy(np.isfinite(logprobs[..., 0])))
 

@@ -11,6 +11,7 @@ import torch
 
 from .. import distributed
 from ..tokenizer import Tokenizer
+from .blocks import block_span
 from .documents import DataError
 from .loaders import (
     Batch,
@@ -21,7 +22,7 @@ from .loaders import (
     eval_blocks,
     prefetch,
 )
-from .reading import CorpusReading
+from .reading import CorpusReading, FeedReading, SoftLabelReading
 from .sources import DataSource, is_feed_url, parse_data_list
 from .token_cache import TokenizedCorpus, tokenize_corpus
 
@@ -30,7 +31,8 @@ log = logging.getLogger("scratchlm.data")
 
 @dataclass(frozen=True)
 class DataRequest:
-    """What a training run asks of its data."""
+    """What a training run asks of its data: sizes, and the settings it reads with, as the objects they are
+    declared in (``reading``, ``feed``, ``soft``: their defaults are theirs)."""
 
     source: str
     """A corpus path, a ``PATH:WEIGHT,...`` list of corpora, or a feed URL."""
@@ -40,24 +42,21 @@ class DataRequest:
     """Sequences per batch on each rank."""
     eval_blocks: int
     """Blocks in the fixed held-out evaluation set."""
-    seed: int = 1337
+    seed: int
     """Seed of the block order."""
+    verify_cache: bool
+    """Check every shard against its checksum (sizes are checked at every open)."""
     reading: CorpusReading = field(default_factory=CorpusReading)
     """How a corpus is cut into documents and split (the same settings a feed or ``prepare`` used)."""
+    feed: FeedReading = field(default_factory=FeedReading)
+    """How a feed is read (its key, request size, shuffle buffer)."""
+    soft: SoftLabelReading = field(default_factory=SoftLabelReading)
+    """Which soft labels are read beside each token."""
     num_proc: int | None = None
     """Processes that tokenize a corpus (default: every core)."""
-    feed_api_key_file: str | None = None
-    """The feed's API key file (else $SCRATCHLM_API_KEY)."""
-    feed_texts_per_request: int = 16
-    """Texts asked of the feed per request."""
-    feed_shuffle_blocks: int = 1024
-    """Blocks a feed's loader keeps to draw batches from at random (at most the batch: no shuffling)."""
-    soft_labels: int = 0
-    """The teacher's top-k to read beside each token (0: none)."""
-    soft_label_teacher: str | None = None
-    """Whose prepared soft labels a corpus run reads (default: the only set prepared)."""
-    verify_cache: bool = False
-    """Check every token shard against its checksum (sizes are checked at every open)."""
+    run_batches: int | None = None
+    """Batches this rank draws over the whole run, when known: a feed's buffer never holds more than the
+    rest of the run trains on."""
     progress: bool = False
     """Show a progress bar while tokenizing."""
 
@@ -110,7 +109,7 @@ def _feed_data(request: DataRequest, tokenizer: Tokenizer, env: distributed.Dist
                position: dict) -> TrainData:
     from .remote import FeedBlockLoader, client_from_env
 
-    client = client_from_env(request.source, request.feed_api_key_file)
+    client = client_from_env(request.source, request.feed.feed_api_key_file)
     served = client.health().get("tokenizer")
     if served != tokenizer.digest:  # the feed sends token ids: they must be this run's tokenizer's
         raise DataError(f"the feed at {request.source} tokenizes with another tokenizer ({served}) than this "
@@ -119,12 +118,14 @@ def _feed_data(request: DataRequest, tokenizer: Tokenizer, env: distributed.Dist
     # Held-out documents come from the server: never part of its training stream.
     val_tokens = tokenizer.encode_documents(client.heldout(size=1024))
     eval_set = eval_blocks(val_tokens, request.block_size, request.eval_blocks)
-    log.info("data: feed %s; %s held-out tokens from the server; batches drawn from %d blocks",
-             request.source, f"{len(val_tokens):,}", max(request.feed_shuffle_blocks, request.batch_size))
-    loader = FeedBlockLoader(client, request.block_size, request.batch_size, position,
-                             request.feed_texts_per_request, rank=env.rank, world_size=env.world_size,
-                             shuffle_blocks=request.feed_shuffle_blocks, seed=request.seed,
-                             soft_labels=request.soft_labels)
+    loader = FeedBlockLoader(client, request.block_size, request.batch_size, request.seed, request.feed,
+                             request.soft.soft_labels, position, rank=env.rank, world_size=env.world_size,
+                             run_batches=request.run_batches, vocab_size=tokenizer.vocab_size)
+    held = loader.held_blocks()
+    log.info("data: feed %s; %s held-out tokens from the server; batches drawn from a buffer of %s blocks "
+             "(%s tokens%s)", request.source, f"{len(val_tokens):,}", f"{held:,}",
+             f"{held * block_span(request.block_size):,}",
+             ": all the run reads" if held < loader.buffer_blocks else "")
     return TrainData(FEED_KIND, iter(loader), eval_set)
 
 
@@ -132,11 +133,8 @@ def _tokenize_all(request: DataRequest, tokenizer: Tokenizer, env: distributed.D
                   sources: list[DataSource]) -> list[TokenizedCorpus]:
     if not env.is_main:
         distributed.wait_for_all(env)  # rank 0 tokenizes into the cache first (as long as it takes)
-    reading = request.reading
-    corpora = [tokenize_corpus(s.path, tokenizer, chunk_chars=reading.chunk_chars,
-                               eval_fraction=reading.eval_fraction, progress=request.progress and env.is_main,
-                               num_proc=request.num_proc, text_field=reading.text_field,
-                               verify=request.verify_cache)
+    corpora = [tokenize_corpus(s.path, tokenizer, request.reading, progress=request.progress and env.is_main,
+                               num_proc=request.num_proc, verify=request.verify_cache)
                for s in sources]
     if env.is_main:
         distributed.wait_for_all(env)
@@ -147,14 +145,15 @@ def _soft_labels(request: DataRequest, corpora: list[TokenizedCorpus],
                  sources: list[DataSource]) -> list[BlockSoftLabels | None]:
     """Each source's prepared soft labels, when the run reads them: in a mix, a source without any trains
     on plain cross-entropy (said in the log); one corpus must have them."""
-    if not request.soft_labels:
+    if not request.soft.soft_labels:
         return [None] * len(corpora)
     from .soft_labels import open_soft_labels
 
     found: list[BlockSoftLabels | None] = []
     for source, corpus in zip(sources, corpora, strict=True):
         try:
-            shards = open_soft_labels(corpus, request.soft_labels, request.soft_label_teacher)
+            shards = open_soft_labels(corpus, request.soft.soft_labels, request.soft.soft_label_teacher,
+                                      request.verify_cache)
         except DataError as err:
             if len(corpora) == 1:
                 raise
@@ -163,8 +162,8 @@ def _soft_labels(request: DataRequest, corpora: list[TokenizedCorpus],
             found.append(None)
             continue
         log.info("data: %s: soft labels of %s (top %d of %d kept)", source.path, shards.meta["teacher"],
-                 request.soft_labels, shards.k)
-        found.append(BlockSoftLabels(shards, request.block_size, request.soft_labels))
+                 request.soft.soft_labels, shards.k)
+        found.append(BlockSoftLabels(shards, request.block_size, request.soft.soft_labels))
     return found
 
 

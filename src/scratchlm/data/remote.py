@@ -3,9 +3,14 @@ blocks and shuffles them.
 
 The loader asks the feed for token ids (``/v1/batch?tokens=1``: the feed tokenizes, with the trainer's
 tokenizer, checked at the start), cuts the stream into blocks of T+1 tokens as the corpus loader cuts a
-corpus, and keeps ``shuffle_blocks`` of them in a ``ShuffleBuffer``: each batch is drawn at random from
+corpus, and keeps ``shuffle_tokens`` of them in a ``ShuffleBuffer``: each batch is drawn at random from
 blocks of many documents. Without it a batch was the continuation of one or two documents, step after step,
-and trained measurably worse than the corpus loader on the same text (``bench/stream_fairness.py``).
+and trained measurably worse than the corpus loader on the same text (``bench/stream_fairness.py``). The
+buffer is sized in tokens, not blocks: what it mixes is documents, and a fixed count of blocks held fewer of
+them the smaller the block. It is filled before each draw (fill first, as ``datasets``' shuffle does: a draw
+that took what had arrived by then would depend on timing, and a resumed run would not replay it), up to its
+budget or to what the rest of the run still trains on, whichever is less: a teacher never writes text that no
+step will read, and a short run is drawn from all of its data at once.
 
 Its position (saved in checkpoints) is the cursor from which the next texts are fetched, the tokens fetched
 but not yet cut into blocks, the buffer's blocks and its number of draws: a resumed run continues the stream
@@ -23,10 +28,13 @@ import httpx
 import numpy as np
 from pydantic import ValidationError
 
+from ..model.soft_labels import SoftLabels
 from ..serving import read_api_key
+from .blocks import block_span
 from .documents import DataError
-from .feed_protocol import BatchQuery, FeedBatch, HeldOut, TokenBatch
-from .loaders import Batch, ShuffleBuffer, SoftLabels, block_span, prefetch
+from .feed_protocol import LOGPROB_SLACK, BatchQuery, FeedBatch, HeldOut, TokenBatch
+from .loaders import Batch, ShuffleBuffer, prefetch
+from .reading import FeedReading
 
 log = logging.getLogger("scratchlm.feed")
 
@@ -123,16 +131,25 @@ class FeedBlockLoader:
 
     KIND = "feed"
 
-    def __init__(self, client: FeedClient, block_size: int, batch_size: int, position: dict | None = None,
-                 texts_per_request: int = 16, prefetch: int = 4, rank: int = 0, world_size: int = 1,
-                 shuffle_blocks: int = 1024, seed: int = 1337, soft_labels: int = 0) -> None:
+    def __init__(self, client: FeedClient, block_size: int, batch_size: int, seed: int, feed: FeedReading,
+                 top_k: int, position: dict | None = None, prefetch: int = 4, rank: int = 0,
+                 world_size: int = 1, run_batches: int | None = None, vocab_size: int = 2**16) -> None:
+        """``feed``: how the feed is read (request size, shuffle budget); ``top_k``: the soft labels read
+        beside each token (0: none); ``run_batches``: the batches this rank draws over the whole run, when
+        known (the buffer never holds more than the rest of them); ``vocab_size``: the tokenizer's ids (a
+        reply with another is refused)."""
         self.client, self.block_size, self.batch_size = client, block_size, batch_size
-        self.texts_per_request, self.prefetch = texts_per_request, prefetch
-        self.rank, self.world_size, self.shuffle_blocks = rank, world_size, shuffle_blocks
-        self.soft_labels = soft_labels
+        self.texts_per_request, self.prefetch = feed.feed_texts_per_request, prefetch
+        self.rank, self.world_size = rank, world_size
+        soft_labels, shuffle_tokens = top_k, feed.shuffle_budget(block_size)
         span = block_span(block_size)
+        self.buffer_blocks = max(batch_size, shuffle_tokens // span)
+        """Blocks held before each draw (the budget in whole blocks, one batch at least)."""
+        self.run_batches = run_batches
+        self.soft_labels, self.vocab_size = soft_labels, min(vocab_size, 2**16)
         position = position or {}
         self.cursor: str | None = position.get("cursor")
+        self.epoch: int = position.get("epoch", 0)
         self.columns = {**COLUMNS, **(SOFT_COLUMNS if soft_labels else {})}
         # A column's shape per token: () for the id and the masks, (k,) for the top-k.
         self.shapes = {k: (soft_labels,) if k in ("soft_ids", "soft_logprobs") else () for k in self.columns}
@@ -155,6 +172,16 @@ class FeedBlockLoader:
 
     def _cut(self, reply: TokenBatch) -> None:
         """Add a reply's tokens to the stream and move its whole blocks into the buffer."""
+        for name, ids in (("token", reply.token_ids), ("soft-label", reply.soft_ids)):
+            if ids is not None and ids.size and int(ids.max()) >= self.vocab_size:
+                raise FeedError(f"the feed at {self.client.url} sent {name} id {int(ids.max())}, outside the "
+                                f"tokenizer's {self.vocab_size} ids: it passed on a teacher's answer "
+                                "unchecked")
+        if reply.soft_logprobs is not None:
+            rows = reply.soft_logprobs[reply.soft_mask]
+            if np.isnan(rows).any() or (rows > LOGPROB_SLACK).any():
+                raise FeedError(f"the feed at {self.client.url} sent NaN or positive soft-label "
+                                "log-probabilities: it passed on a teacher's answer unchecked")
         span = block_span(self.block_size)
         stream = {"tokens": reply.token_ids, "teacher": reply.teacher_mask(), "soft_ids": reply.soft_ids,
                   "soft_logprobs": reply.soft_logprobs, "soft_mask": reply.soft_mask}
@@ -166,13 +193,12 @@ class FeedBlockLoader:
     def __iter__(self) -> Iterator[Batch]:
         # A short join: the fetching thread may be inside a request, and ends at its next check.
         replies = prefetch(self._replies(self.cursor), self.prefetch, join_timeout_s=1.0)
-        shuffle = self.shuffle_blocks > self.batch_size
-        held = max(self.shuffle_blocks, self.batch_size)
+        shuffle = self.buffer_blocks > self.batch_size
         try:
             while True:
-                while len(self.buffer) < held:
+                while len(self.buffer) < self.held_blocks():
                     reply = next(replies)
-                    self.cursor = reply.meta.cursor
+                    self.cursor, self.epoch = reply.meta.cursor, reply.meta.epoch
                     self._cut(reply)
                 rows = self.buffer.draw(self.batch_size, shuffle)
                 position = self.position()
@@ -182,9 +208,16 @@ class FeedBlockLoader:
         finally:
             replies.close()
 
+    def held_blocks(self) -> int:
+        """Blocks the buffer holds before the next draw: its budget, or what the rest of the run draws if that
+        is less (at least one batch). A function of the draws so far, so a resumed run fills as it did."""
+        if self.run_batches is None:
+            return self.buffer_blocks
+        left = (self.run_batches - self.buffer.draws) * self.batch_size
+        return max(self.batch_size, min(self.buffer_blocks, left))
+
     def position(self) -> dict:
         """Where the stream stands (its arrays are never changed in place, so they are not copied)."""
-        epoch = int(self.cursor.split("-")[2]) if self.cursor else 0
-        return {"kind": self.KIND, "cursor": self.cursor, "epoch": epoch, "draws": self.buffer.draws,
+        return {"kind": self.KIND, "cursor": self.cursor, "epoch": self.epoch, "draws": self.buffer.draws,
                 **{f"pending_{k}": v for k, v in self.pending.items()},
                 **{f"buffer_{k}": v for k, v in self.buffer.columns.items()}}

@@ -6,11 +6,17 @@ For every training token the teacher's top-k next-token distribution at it (raw 
 ids), predicted from the tokens before it. The token stream (each token shard of the cache) is cut into pieces
 of ``PIECE_TOKENS``; a piece is scored as one sequence, with the token before it as context, in windows of the
 teacher's context (the first token of a window is predicted from the window before). A piece is the unit of
-work: written to ``PIECE.ids.bin`` (uint16, k per token) and ``PIECE.logprobs.bin`` (float16), then marked
-done (``PIECE.json``, last), so a killed build keeps its finished pieces and the next run scores only the
-rest; a piece is scored alone in its process's teacher, so its bytes do not depend on what else ran. The very
-first token of each shard has no row (its log-probabilities are -inf). Builds of one set are claimed with
-``files.build_lock``, as the token cache's are.
+work: its rows checked (ids inside the vocabulary, log-probabilities neither NaN nor positive: a broken
+teacher stops the build naming the piece), written to ``PIECE.ids.bin`` (uint16, k per token) and
+``PIECE.logprobs.bin`` (float16), then marked done (``PIECE.json``, last, with the files' checksums), so a
+killed build keeps its finished pieces and the next run scores only the rest; a piece is scored alone in its
+process's teacher, so its bytes do not depend on what else ran. The very first token of each shard has no row
+(its log-probabilities are -inf). Builds of one set are claimed with ``files.build_lock``, as the token
+cache's are.
+
+As token shards are, the pieces are checked: their sizes at every open, their checksums with
+``--verify-cache``, and the values a batch reads as it reads them. ``prepare`` scores a damaged piece again;
+a training run names it and stops.
 
 Layout: ``CACHE/tokens/KEY/soft/NAME-kK/`` (NAME from the teacher spec), with ``meta.json`` (the teacher spec,
 k, pieces, the seconds the teacher spent) written when every piece is done.
@@ -21,19 +27,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
-import os
 import re
-import time
-from concurrent.futures import ProcessPoolExecutor
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from ..files import atomic_file, atomic_write, build_lock
 from .documents import DataError
+from .feed_protocol import LOGPROB_SLACK
 from .token_cache import ShardedTokens, TokenizedCorpus
 
 log = logging.getLogger("scratchlm.data")
@@ -41,8 +43,6 @@ log = logging.getLogger("scratchlm.data")
 PIECE_TOKENS = 2**18
 """Tokens scored as one unit of work (about 40 MB of soft labels at k = 20)."""
 SOFT_FORMAT = 1
-FAULT_PIECE_SLEEP_ENV = "SCRATCHLM_FAULT_PIECE_SLEEP"
-"""Fault injection for tests: seconds to pause after each piece, so that a test can kill a build midway."""
 
 
 def set_name(teacher: str, k: int) -> str:
@@ -52,7 +52,7 @@ def set_name(teacher: str, k: int) -> str:
 
 
 @dataclass(frozen=True)
-class _Piece:
+class Piece:
     array: int  # which array of the corpus's train tokens (a non-empty shard)
     start: int
     stop: int
@@ -62,99 +62,62 @@ class _Piece:
         return f"{self.array:06d}.{self.start // PIECE_TOKENS:05d}"
 
 
-def _pieces(train: ShardedTokens) -> list[_Piece]:
-    return [_Piece(a, start, min(start + PIECE_TOKENS, len(array))) for a, array in enumerate(train.arrays)
+def pieces_of(train: ShardedTokens) -> list[Piece]:
+    """The units of work of a corpus's training tokens: each shard cut into pieces of ``PIECE_TOKENS``."""
+    return [Piece(a, start, min(start + PIECE_TOKENS, len(array))) for a, array in enumerate(train.arrays)
             for start in range(0, len(array), PIECE_TOKENS)]
 
 
-_worker: dict = {}
+def damaged_pieces(folder: Path, k: int, checksums: bool = False) -> list[tuple[str, str]]:
+    """(piece, what is wrong) for each piece of a finished set whose files are missing or of another size than
+    its tokens give (cheap: every open), or, with ``checksums``, whose bytes differ from what was written (a
+    full read)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    damaged = []
+    for name in meta["pieces"]:
+        try:
+            done = json.loads((folder / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            damaged.append((name, f"{name}.json missing or unreadable"))
+            continue
+        for suffix in ("ids", "logprobs"):
+            path = folder / f"{name}.{suffix}.bin"
+            size = path.stat().st_size if path.exists() else None
+            if size != 2 * k * done["tokens"]:
+                damaged.append((name, f"{path.name} holds {size} bytes, its {done['tokens']} tokens take "
+                                      f"{2 * k * done['tokens']}"))
+            elif checksums and f"{suffix}_crc32" in done and _crc32(path) != done[f"{suffix}_crc32"]:
+                damaged.append((name, f"{path.name} differs from its checksum"))
+    return damaged
 
 
-def _start_worker(teacher: str, device: str, threads: int | None) -> None:
-    """A scoring process: its own teacher, loaded once (and its share of the cores)."""
-    import torch
-
-    from ..teacher.backends import load_teacher
-
-    if threads:
-        torch.set_num_threads(threads)
-    _worker["teacher"] = load_teacher(teacher, device=device)
-
-
-def _score_piece(tokens: np.ndarray, piece: _Piece, k: int, out: Path, teacher=None) -> int:
-    """Score one piece (with the token before it as context) and write its files; returns its tokens."""
-    teacher = teacher or _worker["teacher"]
-    started = time.perf_counter()
-    first = max(piece.start - 1, 0)
-    sequence = tokens[first : piece.stop].astype(np.int64).tolist()
-    (rows,) = teacher.score([sequence], k)
-    n = piece.stop - piece.start
-    ids = np.zeros((n, k), np.uint16)
-    logprobs = np.full((n, k), -np.inf, np.float16)
-    at = 1 if piece.start == 0 else 0  # a shard's first token: nothing before it to predict it from
-    ids[at:], logprobs[at:] = rows.ids, rows.logprobs
-    for suffix, array in (("ids", ids), ("logprobs", logprobs)):
-        with atomic_file(out / f"{piece.name}.{suffix}.bin", fsync=False) as tmp:
-            array.tofile(tmp)
-    done = {"tokens": n, "seconds": time.perf_counter() - started}
-    atomic_write(out / f"{piece.name}.json", json.dumps(done), fsync=False)  # last: the piece is done
-    if os.environ.get(FAULT_PIECE_SLEEP_ENV):
-        time.sleep(float(os.environ[FAULT_PIECE_SLEEP_ENV]))
-    return n
-
-
-def _score_in_worker(array_path: str, piece: _Piece, k: int, out: str) -> int:
-    tokens = np.memmap(array_path, dtype=np.uint16, mode="r")
-    return _score_piece(tokens, piece, k, Path(out))
-
-
-def build_soft_labels(corpus: TokenizedCorpus, teacher: str, k: int, num_proc: int = 1, device: str = "auto",
-                      progress: bool = True, teacher_object=None) -> Path:
-    """Score every training token of ``corpus`` with ``teacher`` (a spec) into soft-label shards; resumable.
-    ``teacher_object``: an already loaded teacher to score with in this process (tests, notebooks)."""
-    folder = corpus.folder / "soft" / set_name(teacher, k)
-    pieces = _pieces(corpus.train)
-    with build_lock(folder.with_name(folder.name + ".lock"), f"the soft labels of {teacher}"):
-        folder.mkdir(parents=True, exist_ok=True)
-        if (folder / "meta.json").exists():
-            return folder
-        todo = [p for p in pieces if not (folder / f"{p.name}.json").exists()]
-        done_tokens = sum(p.stop - p.start for p in pieces if p not in todo)
-        bar = tqdm(total=len(corpus.train), initial=done_tokens, unit="tok", unit_scale=True,
-                   desc=f"soft labels (top {k}, {teacher})", disable=not progress or None)
-        if num_proc <= 1 or len(todo) <= 1 or teacher_object is not None:
-            if teacher_object is None:
-                _start_worker(teacher, device, None)
-            for p in todo:
-                bar.update(_score_piece(corpus.train.arrays[p.array], p, k, folder, teacher_object))
-        else:
-            threads = max(1, (os.cpu_count() or 1) // num_proc)
-            with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_start_worker, initargs=(teacher, device, threads)) as pool:
-                paths = [a.filename for a in corpus.train.arrays]
-                futures = [pool.submit(_score_in_worker, paths[p.array], p, k, str(folder)) for p in todo]
-                for future in futures:
-                    bar.update(future.result())
-        bar.close()
-        seconds = sum(json.loads((folder / f"{p.name}.json").read_text())["seconds"] for p in pieces)
-        meta = {"format": SOFT_FORMAT, "teacher": teacher, "k": k, "tokens": len(corpus.train),
-                "seconds": seconds, "pieces": [p.name for p in pieces]}
-        atomic_write(folder / "meta.json", json.dumps(meta, indent=1))
-    _worker.clear()
-    return folder
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(16 * 2**20):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 class SoftLabelShards:
-    """A corpus's soft labels, memory-mapped, addressed like its training tokens: ``rows(start, stop)``."""
+    """A corpus's soft labels, memory-mapped, addressed like its training tokens: ``rows(start, stop)``.
+    Opening checks every piece's size (and, with ``verify``, its checksum); a damaged one is named."""
 
-    def __init__(self, folder: Path, train: ShardedTokens) -> None:
+    def __init__(self, folder: Path, train: ShardedTokens, verify: bool = False) -> None:
         self.folder = folder
         self.meta = json.loads((folder / "meta.json").read_text())
         self.k = self.meta["k"]
-        pieces = _pieces(train)
+        pieces = pieces_of(train)
         if self.meta["pieces"] != [p.name for p in pieces]:
             raise DataError(f"soft labels {folder} were made for another tokenization of this corpus: "
                             "prepare them again")
+        damaged = damaged_pieces(folder, self.k, verify)
+        if damaged:
+            raise DataError(f"soft labels {folder}: " + "; ".join(f"piece {n}: {why}" for n, why in damaged)
+                            + f". Run scratchlm prepare --data CORPUS --teacher {self.meta['teacher']} "
+                            f"--soft-labels {self.k} to score the damaged pieces again")
+        self.names = [p.name for p in pieces]
+        self.vocab_size = self.meta.get("vocab_size", 2**16)
         # plain arrays over the maps: np.memmap's own slicing costs more than the copy of a block's rows
         self.ids = [np.asarray(np.memmap(folder / f"{p.name}.ids.bin", dtype=np.uint16, mode="r"))
                     .reshape(-1, self.k) for p in pieces]
@@ -179,12 +142,20 @@ class SoftLabelShards:
             at = start - self.starts[i]
             ids[done : done + take] = self.ids[i][at : at + take, :k]
             logprobs[done : done + take] = self.logprobs[i][at : at + take, :k]
+            read = logprobs[done : done + take]  # as written: -inf, or finite and at most 0
+            if (np.isnan(read).any() or (read > LOGPROB_SLACK).any()
+                    or int(ids[done : done + take].max(initial=0)) >= self.vocab_size):
+                raise DataError(f"soft labels {self.folder}: piece {self.names[i]} holds NaN or positive "
+                                f"log-probabilities, or ids beyond the vocabulary, at training tokens "
+                                f"{start:,}..{start + take:,}: damaged after it was written. Run scratchlm "
+                                "prepare again (it checks every piece's checksum) to score it again")
             start, done, i = start + take, done + take, i + 1
 
 
-def open_soft_labels(corpus: TokenizedCorpus, k: int, teacher: str | None = None) -> SoftLabelShards:
+def open_soft_labels(corpus: TokenizedCorpus, k: int, teacher: str | None = None,
+                     verify: bool = False) -> SoftLabelShards:
     """The soft labels prepared for ``corpus`` with at least ``k`` entries per token: those of ``teacher``,
-    or the only set there is."""
+    or the only set there is; checked as ``SoftLabelShards`` opens them."""
     root = corpus.folder / "soft"
     found = [f for f in sorted(root.glob("*-k*")) if (f / "meta.json").exists()] if root.is_dir() else []
     sets = {f: json.loads((f / "meta.json").read_text()) for f in found}
@@ -194,7 +165,10 @@ def open_soft_labels(corpus: TokenizedCorpus, k: int, teacher: str | None = None
         raise DataError(f"no soft labels of top {k}{f' by {teacher}' if teacher else ''} for this corpus "
                         f"(prepared: {have}): run scratchlm prepare --data CORPUS --teacher SPEC "
                         f"--soft-labels {k}")
-    if len(usable) > 1:
+    teachers = {m["teacher"] for m in usable.values()}
+    if len(teachers) > 1:
         raise DataError("several teachers' soft labels fit: choose one with --soft-label-teacher ("
-                        + ", ".join(m["teacher"] for m in usable.values()) + ")")
-    return SoftLabelShards(next(iter(usable)), corpus.train)
+                        + ", ".join(sorted(teachers)) + ")")
+    # one teacher's sets of several k: the smallest that holds the k asked for reads the fewest bytes
+    folder = min(usable, key=lambda f: usable[f]["k"])
+    return SoftLabelShards(folder, corpus.train, verify)

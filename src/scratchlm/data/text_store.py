@@ -22,6 +22,7 @@ import numpy as np
 from ..files import atomic_dir, build_lock
 from .documents import CorpusStats, DataError, iter_documents
 from .held_out import is_held_out
+from .reading import CorpusReading
 from .token_cache import default_cache_dir, remove_abandoned, source_key
 
 log = logging.getLogger("scratchlm.data")
@@ -89,12 +90,13 @@ class TextStore:
         return stats
 
 
-def open_text_store(source: str | Path, chunk_chars: int = 8000, eval_fraction: float = 0.005,
-                    text_field: str = "text", cache_dir: str | Path | None = None) -> TextStore:
-    """The corpus's documents on disk, written on first use (streamed: memory is a document at a time), by one
-    process at a time (``files.build_lock``); a store whose files are not the size its offsets say is written
-    again, with a warning."""
-    key = source_key(source, [STORE_FORMAT, chunk_chars, eval_fraction, text_field])
+def open_text_store(source: str | Path, reading: CorpusReading | None = None,
+                    cache_dir: str | Path | None = None) -> TextStore:
+    """The corpus's documents (read as ``reading`` says) on disk, written on first use (streamed: memory is a
+    document at a time), by one process at a time (``files.build_lock``); a store whose files are not the size
+    its offsets say is written again, with a warning."""
+    reading = reading or CorpusReading()
+    key = source_key(source, [STORE_FORMAT, reading.chunk_chars, reading.eval_fraction, reading.text_field])
     folder = Path(cache_dir or default_cache_dir()) / "texts" / key
     if damage(folder) is not None:
         with build_lock(folder.with_name(key + ".lock"), f"the text store of {source}"):
@@ -104,7 +106,7 @@ def open_text_store(source: str | Path, chunk_chars: int = 8000, eval_fraction: 
                     log.warning("text store %s is damaged (%s): writing it again", folder, why)
                 remove_abandoned(folder.parent)
                 with atomic_dir(folder, folder.with_name(f"{key}.tmp{os.getpid()}")) as tmp:
-                    _write(source, tmp, chunk_chars, eval_fraction, text_field)
+                    _write(source, tmp, reading)
     return TextStore(folder)
 
 
@@ -124,14 +126,14 @@ def damage(folder: Path) -> str | None:
     return None
 
 
-def _write(source: str | Path, out: Path, chunk_chars: int, eval_fraction: float, text_field: str) -> None:
+def _write(source: str | Path, out: Path, reading: CorpusReading) -> None:
     stats = CorpusStats()
     train, ids, held_out = _Writer(out, "train"), _Writer(out, "ids"), _Writer(out, "heldout")
     digest = hashlib.blake2b(digest_size=8)  # of the ids joined by newlines: what names the corpus's order
-    for doc_id, text in iter_documents(source, chunk_chars, stats, text_field):
+    for doc_id, text in iter_documents(source, reading, stats):
         stats.documents += 1
         stats.bytes += len(text)
-        if is_held_out(doc_id, eval_fraction):
+        if is_held_out(doc_id, reading.eval_fraction):
             held_out.add(text)
             continue
         digest.update(("\n" if len(ids.offsets) > 1 else "").encode() + doc_id.encode())

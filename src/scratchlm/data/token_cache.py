@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..files import atomic_file, atomic_write, build_lock
+from .. import faults
+from ..files import atomic_file, atomic_write, build_lock, pid_alive
 from ..tokenizer import Tokenizer
 from .documents import (
     CorpusStats,
@@ -55,11 +56,6 @@ ABANDONED_AFTER_S = 7 * 24 * 3600
 SHARD_KEYS = ("train_tokens", "val_tokens", "train_crc32", "val_crc32")
 """What the index keeps of each shard: its sizes (checked at every open) and checksums (``verify``; caches
 built before checksums have none)."""
-FAULT_SHARD_SLEEP_ENV = "SCRATCHLM_FAULT_SHARD_SLEEP"
-"""Fault injection for tests: seconds to pause before a shard is marked complete, so that a test can start a
-second builder while the first is still at work."""
-
-
 class ShardedTokens:
     """Token arrays (one per shard) seen as one: its length, slices across shard boundaries,
     ``np.asarray``."""
@@ -133,26 +129,24 @@ def _memmap(path: Path, n_tokens: int) -> np.ndarray:
     return np.memmap(path, dtype=np.uint16, mode="r") if n_tokens else np.zeros(0, np.uint16)
 
 
-def tokenize_corpus(source: str | Path, tokenizer: Tokenizer, cache_dir: str | Path | None = None,
-                    chunk_chars: int = 8000, eval_fraction: float = 0.005, batch_docs: int = 256,
-                    progress: bool = True, num_proc: int | None = None, text_field: str = "text",
-                    verify: bool = False) -> TokenizedCorpus:
-    """Tokenize a corpus once into token shards (``num_proc`` processes; default: every core) and reuse the
-    cache afterwards. Every open checks each shard's size against the index; ``verify`` also checks each
-    shard's checksum. A damaged shard is tokenized again, with a warning naming it."""
+def tokenize_corpus(source: str | Path, tokenizer: Tokenizer, reading: CorpusReading | None = None,
+                    cache_dir: str | Path | None = None, batch_docs: int = 256, progress: bool = True,
+                    num_proc: int | None = None, verify: bool = False) -> TokenizedCorpus:
+    """Tokenize a corpus (its documents as ``reading`` cuts and splits them) once into token shards
+    (``num_proc`` processes; default: every core) and reuse the cache afterwards. Every open checks each
+    shard's size against the index; ``verify`` also checks each shard's checksum. A damaged shard is tokenized
+    again, with a warning naming it."""
+    reading = reading or CorpusReading()
     if not str(source).startswith(HF_PREFIX):
         source = Path(source).expanduser()
         if not source.exists():
             raise DataError(f"corpus '{source}' does not exist")
     if tokenizer.vocab_size > 2**16:
         raise DataError("token cache stores uint16 ids; this tokenizer has more than 65536")
-    key = source_key(source, [CACHE_FORMAT, chunk_chars, eval_fraction, text_field, tokenizer.digest])
+    key = source_key(source, [CACHE_FORMAT, reading.chunk_chars, reading.eval_fraction, reading.text_field,
+                              tokenizer.digest])
     cache = Path(cache_dir or default_cache_dir()) / "tokens" / key
     if not (cache / "index.json").exists() or damaged_shards(cache, verify):
-        # unvalidated: a command's flags are checked where they are read, and a library caller may hold out
-        # nothing (eval_fraction 0), which no command allows
-        reading = CorpusReading.model_construct(chunk_chars=chunk_chars, eval_fraction=eval_fraction,
-                                                text_field=text_field)
         job = _Job(tokenizer.backend.to_str(), tokenizer.eot_id, reading, batch_docs)
         with build_lock(cache.with_name(key + ".lock"), f"the token cache of {source}"):
             built = (cache / "index.json").exists()  # looked at again: another process may have done it
@@ -270,7 +264,7 @@ def _tokenize_unit(job: _Job, unit: Unit, out: Path, k: int) -> dict:
                 counts[f"{split}_documents"] += 1
 
         batch: list[tuple[str, str]] = []
-        for doc in unit_documents(unit, job.reading.chunk_chars, stats, job.reading.text_field):
+        for doc in unit_documents(unit, job.reading, stats):
             stats.documents += 1
             stats.bytes += len(doc[1].encode("utf-8"))
             batch.append(doc)
@@ -280,8 +274,7 @@ def _tokenize_unit(job: _Job, unit: Unit, out: Path, k: int) -> dict:
         if batch:
             flush(batch)
     meta = {**counts, **crcs, "unit": unit.label, "bytes": unit.bytes, "stats": stats.to_dict()}
-    if os.environ.get(FAULT_SHARD_SLEEP_ENV):
-        time.sleep(float(os.environ[FAULT_SHARD_SLEEP_ENV]))
+    faults.pause("token-shard")
     atomic_write(out / f"{name}.json", json.dumps(meta))  # last: the shard is complete
     return meta
 
@@ -331,18 +324,9 @@ def remove_abandoned(tokens_dir: Path) -> None:
     process gone) and unfinished caches untouched for a week (a recent one is resumed by the next run)."""
     for tmp in tokens_dir.glob("*.tmp*") if tokens_dir.is_dir() else []:
         pid = tmp.name.rpartition(".tmp")[2]
-        if pid.isdecimal() and not _alive(int(pid)):
+        if pid.isdecimal() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
     for partial in tokens_dir.glob("*.partial") if tokens_dir.is_dir() else []:
         if time.time() - partial.stat().st_mtime > ABANDONED_AFTER_S:
             shutil.rmtree(partial, ignore_errors=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True

@@ -15,7 +15,6 @@ Every route but ``/health`` needs ``Authorization: Bearer KEY`` when a key is se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
@@ -29,19 +28,12 @@ from ..data.feed_protocol import TOKEN_BATCH_MEDIA_TYPE, BatchQuery, FeedBatch, 
 from ..serving import harden
 from .corpus import Cursor, CursorError
 from .mixer import Feed, NoSoftLabels, TeacherBehind
+from .settings import FeedLimits
 
 MAX_BODY_BYTES = 64 * 2**10
 """The feed's routes take no body: anything bigger than a form is refused."""
 RETRY_AFTER_S = 5
 """What a 503 from a strict feed whose teachers are behind tells the client to wait."""
-
-
-@dataclass(frozen=True)
-class FeedLimits:
-    generate_size: int = 16
-    """Texts per /generate answer."""
-    max_batch_size: int = 1024
-    """Largest size a request may ask for."""
 
 
 def get_feed(request: Request) -> Feed:
@@ -83,7 +75,7 @@ def health(feed: FeedDep) -> dict:
 
 @router.get("/generate", response_model=list[str])
 def generate(feed: FeedDep, limits: LimitsDep):
-    return _json(feed.batch(limits.generate_size, None).texts)
+    return _json(feed.batch(limits.batch_size, None).texts)
 
 
 @router.get("/v1/batch", response_model=FeedBatch,
@@ -130,10 +122,10 @@ def docs():
     return get_swagger_ui_html(openapi_url="/openapi.json", title="scratchlm feed")
 
 
-def create_app(feed: Feed, api_key: str | None, limits: FeedLimits = FeedLimits()) -> FastAPI:
+def create_app(feed: Feed, api_key: str | None, limits: FeedLimits | None = None) -> FastAPI:
     app = FastAPI(title="scratchlm feed", docs_url=None, redoc_url=None, openapi_url=None,
                   description=__doc__)
-    app.state.feed, app.state.limits = feed, limits
+    app.state.feed, app.state.limits = feed, limits or FeedLimits()
     app.include_router(router)
 
     @app.exception_handler(TeacherBehind)

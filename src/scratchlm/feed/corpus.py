@@ -13,7 +13,8 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..data import EpochOrder, open_text_store
+from ..data import CorpusReading, open_text_store
+from ..data.loaders import EpochOrder
 
 
 class CursorError(ValueError):
@@ -43,14 +44,14 @@ class CorpusSource:
     """Training documents in a seeded, resumable order; held-out documents apart. The documents stay on disk
     (``data.text_store``): the server's memory does not grow with its corpus."""
 
-    def __init__(self, path: str, seed: int = 1337, chunk_chars: int = 8000, eval_fraction: float = 0.005,
-                 text_field: str = "text") -> None:
-        store = open_text_store(path, chunk_chars, eval_fraction, text_field)
+    def __init__(self, path: str, seed: int, reading: CorpusReading) -> None:
+        store = open_text_store(path, reading)
         self.texts, self.ids, self.held_out = store.train, store.ids, store.held_out
         self.stats = store.stats
         self.seed = seed
         self.fingerprint = hashlib.blake2b(
-            f"{seed}|{chunk_chars}|{eval_fraction}|{len(self.texts)}|{store.meta['ids_digest']}".encode(),
+            f"{seed}|{reading.chunk_chars}|{reading.eval_fraction}|{len(self.texts)}|"
+            f"{store.meta['ids_digest']}".encode(),
             digest_size=4).hexdigest()
         self.order = EpochOrder(len(self.texts), seed)
         self.stream = Cursor(0, 0)

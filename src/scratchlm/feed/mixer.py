@@ -21,48 +21,28 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from ..data.feed_protocol import FeedBatch, Source, TokenBatch
-from ..teacher.protocol import TopK
+from ..model.soft_labels import predicted_rows
+from ..teacher.protocol import TeacherAnswerError, TopK, topk_problem
 from ..tokenizer import Tokenizer
 from .corpus import CorpusSource, Cursor
+from .settings import CorpusScoring, TeacherMix
 from .teachers import TeacherPool, TeacherText
 
 log = logging.getLogger("scratchlm.feed")
 
-TeacherMode = Literal["strict", "best-effort"]
-ShareUnit = Literal["tokens", "texts"]
 SHARE_WINDOW = 1000
 SHARE_SLACK = 0.05
 
 
 class TeacherBehind(RuntimeError):
     """Strict mode: the teachers did not write a response's share in time (the route answers 503)."""
-
-
-@dataclass(frozen=True)
-class MixSettings:
-    ratio: float = 0.0
-    """Share of what is served that comes from the teachers, in ``unit``."""
-    mode: TeacherMode = "strict"
-    wait_s: float = 20.0
-    """Strict: the longest a request waits for its teacher texts."""
-    deadline_s: float = 0.05
-    """Best-effort: the longest a request waits for teacher texts before taking corpus text instead."""
-    unit: ShareUnit = "tokens"
-    """What the share counts: tokens (what a trainer eats) or texts."""
-
-
-@dataclass(frozen=True)
-class SoftLabelSettings:
-    top_k: int = 0
-    """The teachers' top-k kept per token (what an answer may ask for, at most); 0: none."""
-    score_corpus: bool = False
-    """Corpus text is scored by the first teacher as it is served."""
 
 
 class NoSoftLabels(ValueError):
@@ -86,11 +66,12 @@ class Feed:
     """Corpus + optional teachers, mixed to a target share, with counters for /metrics."""
 
     def __init__(self, corpus: CorpusSource, teachers: TeacherPool | None = None,
-                 mix: MixSettings = MixSettings(), tokenizer: Tokenizer | None = None,
-                 soft: SoftLabelSettings = SoftLabelSettings()) -> None:
+                 mix: TeacherMix | None = None, tokenizer: Tokenizer | None = None,
+                 soft: CorpusScoring | None = None) -> None:
+        mix, soft = mix or TeacherMix(), soft or CorpusScoring()
         self.corpus, self.teachers, self.mix, self.tokenizer = corpus, teachers, mix, tokenizer
         self.soft = soft
-        if self.mixing and mix.unit == "tokens" and tokenizer is None:
+        if self.mixing and mix.ratio_unit == "tokens" and tokenizer is None:
             raise ValueError("a share of tokens needs the feed's tokenizer")
         self._texts = {"corpus": 0, "teacher": 0}
         self._tokens = {"corpus": 0, "teacher": 0}
@@ -148,6 +129,8 @@ class Feed:
             gauge = Gauge(f"scratchlm_teacher_backend_{name}", doc, ["teacher"], registry=registry)
             for worker in teachers.workers if teachers else []:
                 gauge.labels(worker.name).set_function(lambda w=worker, value=value: value(w))
+        if teachers:
+            registry.register(_DroppedAnswers(teachers))
 
     @staticmethod
     def _share(counts: dict[str, int]) -> float:
@@ -156,13 +139,13 @@ class Feed:
 
     def realised_ratio(self) -> float:
         """The teachers' share of everything served so far, in the unit the target is set in."""
-        return self._share(self._tokens if self.mix.unit == "tokens" else self._texts)
+        return self._share(self._tokens if self.mix.ratio_unit == "tokens" else self._texts)
 
     def _compose(self, n: int, cursor: Cursor, rank: int, world_size: int) -> tuple[list[Piece], Cursor]:
         """n texts in order, each from the source behind its share (module docstring), and the corpus cursor
         after them. Strict mode raises ``TeacherBehind`` (the teacher texts taken go back) when the teachers
         do not deliver in time. Called under the lock."""
-        mix, teachers, counting = self.mix, self.teachers, self.mix.unit == "tokens"
+        mix, teachers, counting = self.mix, self.teachers, self.mix.ratio_unit == "tokens"
         teacher, total = (self._tokens if counting else self._texts)["teacher"], sum(
             (self._tokens if counting else self._texts).values())
         deadline = time.monotonic() + (mix.wait_s if mix.mode == "strict" else mix.deadline_s)
@@ -200,7 +183,7 @@ class Feed:
             texts[p.source] += 1
             text_bytes[p.source] += len(p.text.encode("utf-8"))
             units = len(p.token_ids) + 1 if p.token_ids is not None else 0
-            self._recent.append((p.source == "teacher", units if self.mix.unit == "tokens" else 1))
+            self._recent.append((p.source == "teacher", units if self.mix.ratio_unit == "tokens" else 1))
         for source, n in texts.items():  # one metric update a source and answer, not one a text
             self._texts[source] += n
             self.texts_served.labels(source).inc(n)
@@ -220,7 +203,8 @@ class Feed:
         behind = len(self._recent) == SHARE_WINDOW and recent_share < self.mix.ratio - SHARE_SLACK
         if behind and self.warning is None:
             self.warning = (f"teacher share over the last {SHARE_WINDOW:,} texts is {recent_share:.1%} of "
-                            f"{self.mix.unit}, target {self.mix.ratio:.0%}: the teachers are behind, and "
+                            f"{self.mix.ratio_unit}, target {self.mix.ratio:.0%}: the teachers are behind, "
+                            "and "
                             "best-effort mode serves corpus text in their place")
             log.warning(self.warning)
         elif not behind and self.warning is not None:
@@ -233,9 +217,9 @@ class Feed:
         """n texts: the teachers' share, the rest from the corpus (from ``cursor``, or the server's own
         stream); with ``tokens``, their token ids instead of their texts, and with ``soft_labels`` k, the
         teachers' top-k at every token that has one."""
-        if soft_labels > self.soft.top_k:
+        if soft_labels > self.soft.soft_labels:
             raise NoSoftLabels(f"soft_labels {soft_labels} asked of a feed that keeps "
-                               + (f"the top {self.soft.top_k}" if self.soft.top_k else "none")
+                               + (f"the top {self.soft.soft_labels}" if self.soft.soft_labels else "none")
                                + ": start it with --soft-labels K (and --score-corpus for corpus text)")
         tokens = tokens or soft_labels > 0
         with self._lock:
@@ -251,7 +235,7 @@ class Feed:
         meta = FeedBatch(texts=[] if tokens else [p.text for p in pieces], sources=[p.source for p in pieces],
                          ids=[p.id for p in pieces],
                          cursor=after.encode(self.corpus.fingerprint) if cursor is not None else None,
-                         tokens=[len(p.token_ids) + 1 for p in pieces]
+                         epoch=after.epoch, tokens=[len(p.token_ids) + 1 for p in pieces]
                          if all(p.token_ids is not None for p in pieces) else None)
         if not tokens:
             return meta
@@ -269,14 +253,23 @@ class Feed:
         (one scoring request for all: the teacher batches them with what else it is doing)."""
         if not pieces:
             return
-        scorer = self.teachers.workers[0].backend
-        eot = self.tokenizer.eot_id
+        worker = self.teachers.workers[0]
+        eot, k = self.tokenizer.eot_id, self.soft.soft_labels
         try:
-            scored = scorer.score([p.token_ids + [eot] for p in pieces], self.soft.top_k)
+            scored = worker.backend.score([p.token_ids + [eot] for p in pieces], k)
+        except TeacherAnswerError as err:  # an answer that cannot be read: the texts go unlabelled
+            for _ in pieces:
+                worker.stats.drop(worker.name, str(err), "a corpus text's scores")
+            return
         except Exception as err:  # a teacher down: the client retries, as when a strict share lags
             raise TeacherBehind(f"the teacher could not score corpus text ({type(err).__name__}: {err})") \
                 from None
         for p, rows in zip(pieces, scored, strict=True):
+            # the rows of every token after the first, and of the <|endoftext|> after them
+            problem = topk_problem(rows, len(p.token_ids), k, self.tokenizer.vocab_size)
+            if problem:
+                worker.stats.drop(worker.name, problem, "a corpus text's scores")
+                continue
             p.soft = rows
 
     def _tokenize(self, pieces: list[Piece]) -> None:
@@ -292,12 +285,30 @@ class Feed:
         if self.teachers is None:
             return {**state, "teacher": "none"}
         state.update(teacher="up" if self.teachers.up else "down", teacher_mode=self.mix.mode,
-                     teacher_ratio=self.mix.ratio, teacher_ratio_unit=self.mix.unit,
+                     teacher_ratio=self.mix.ratio, teacher_ratio_unit=self.mix.ratio_unit,
                      teacher_ratio_realised=round(self.realised_ratio(), 4),
                      teacher_token_share_realised=round(self._share(self._tokens), 4),
                      teacher_text_share_realised=round(self._share(self._texts), 4),
                      teachers=[w.health() for w in self.teachers.workers])
         return {**state, "warning": self.warning} if self.warning else state
+
+
+class _DroppedAnswers(Collector):
+    """``scratchlm_teacher_answers_dropped_total{teacher, reason}``: answers refused where they entered the
+    feed (read from the workers' counts when scraped)."""
+
+    def __init__(self, teachers: TeacherPool) -> None:
+        self.teachers = teachers
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "scratchlm_teacher_answers_dropped", "Teacher answers refused where they entered the feed (ids "
+            "outside the vocabulary, NaN or positive log-probabilities, rows that are not one a token, keys "
+            "that are no ids)", labels=["teacher", "reason"])
+        for worker in self.teachers.workers:
+            for reason, n in list(worker.stats.dropped.items()):
+                family.add_metric([worker.name, reason], n)
+        yield family
 
 
 def _soft_rows(pieces: list[Piece], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -311,10 +322,10 @@ def _soft_rows(pieces: list[Piece], k: int) -> tuple[np.ndarray, np.ndarray, np.
     for p in pieces:
         n = len(p.token_ids) + 1
         if p.soft is not None and len(p.soft):
-            # A teacher's text: its tokens (the <|endoftext|> after them was never sampled). Scored corpus
-            # text: every token after the first, and the <|endoftext|>.
-            first = at if p.source == "teacher" else at + 1
-            rows = slice(first, first + len(p.soft))
+            # A teacher's text: a row for each of its tokens (the <|endoftext|> after them was never sampled).
+            # Scored corpus text, the text and its <|endoftext|> read alone: its predicted rows.
+            own = slice(0, len(p.soft)) if p.source == "teacher" else predicted_rows(n)
+            rows = slice(at + own.start, at + own.stop)
             ids[rows], logprobs[rows], mask[rows] = p.soft.ids[:, :k], p.soft.logprobs[:, :k], True
         at += n
     return ids, logprobs, mask

@@ -12,10 +12,7 @@ from pydantic import field_validator
 from ..config import (
     ConfigError,
     Count,
-    NonNegative,
-    NonNegativeInt,
     Positive,
-    Share,
 )
 from ..data import corpus_from_env
 from ..data.reading import CorpusReading
@@ -25,45 +22,29 @@ from ..teacher.prompts import PromptSource, PromptStrategy
 from ..teacher.sampling import SamplingParams
 from ..teacher.settings import TeacherSampling
 from ..tokenizer import Tokenizer, load_tokenizer
-from .app import FeedLimits, create_app
+from .app import create_app
 from .corpus import CorpusSource
-from .mixer import Feed, MixSettings, ShareUnit, SoftLabelSettings, TeacherMode
+from .mixer import Feed
+from .settings import CorpusScoring, FeedLimits, TeacherMixing
 from .teachers import TeacherPool, TeacherWorker, TextPool, WorkerSettings
 
 log = logging.getLogger("scratchlm.feed")
 
 
-class ServeConfig(ServerConfig, CorpusReading, TeacherSampling):
+class ServeConfig(ServerConfig, CorpusReading, FeedLimits, TeacherSampling, TeacherMixing, CorpusScoring):
     """The data-feed server: corpus texts (and teacher texts) over HTTP."""
 
     corpus: str | None = None
     """Corpus to serve: folder, .zip, .txt, .jsonl(.gz/.zst), .parquet, hf:NAME[:CONFIG][@SPLIT] (default:
     $SCRATCHLM_DATA)."""
-    batch_size: Count = 16
-    """Texts per /generate answer."""
-    max_batch_size: Count = 1024
-    """Largest size a request may ask for."""
     seed: int = 1337
     """Seed of the corpus order."""
     teacher: list[str] = []
     """Teacher spec, local:PATH_OR_HUB_ID or openai:URL[#model]; give several (--teacher A --teacher B) to
     spread the work over several teachers (none = corpus only)."""
-    teacher_ratio: Share = 0.0
-    """Share of what is served that should come from the teachers, when there are any: of tokens (what a
-    trainer eats), or of texts with --teacher-ratio-unit texts."""
-    teacher_ratio_unit: ShareUnit = "tokens"
-    """What --teacher-ratio counts: tokens (each text's tokens and its <|endoftext|>), or texts (the seed's
-    meaning; teacher texts are short, so 30% of texts is a few percent of tokens)."""
     tokenizer: str | None = None
     """Tokenizer folder or hub id, the trainer's (default: $SCRATCHLM_TOKENIZER, else microsoft/phi-2): counts
     tokens for the share and serves token ids."""
-    teacher_mode: TeacherMode = "strict"
-    """strict: every response carries the share, waiting for the teachers (up to --teacher-wait-s, then 503);
-    best-effort: never waits, fills from the corpus, and warns when the share falls behind."""
-    teacher_wait_s: Positive = 20.0
-    """strict: the longest a request waits for its teacher texts before a 503 with Retry-After."""
-    teacher_deadline_s: NonNegative = 0.05
-    """best-effort: how long a request waits for teacher texts before answering from the corpus instead."""
     teacher_api_key_file: str | None = None
     """API key file of openai: teachers (else $SCRATCHLM_API_KEY)."""
     teacher_concurrency: Count = 16
@@ -78,13 +59,6 @@ class ServeConfig(ServerConfig, CorpusReading, TeacherSampling):
     """Teacher texts kept ready (a bounded pool shared by the teachers)."""
     teacher_stall_s: Positive = 120.0
     """A teacher request running longer than this marks the teacher down (hung) until it answers."""
-    soft_labels: NonNegativeInt = 0
-    """The teachers' top-k log-probabilities kept for every token they write (their raw distribution) and,
-    with --score-corpus, for corpus text: what /v1/batch?soft_labels=K serves, for K up to this (0: none; 20
-    is what vLLM and OpenAI allow by default)."""
-    score_corpus: bool = False
-    """Score corpus text with the first teacher as it is served (a prefill, no sampling), so that a soft-label
-    answer has a teacher's distribution at corpus tokens too (needs --soft-labels)."""
     public: bool = False
     """Open an ngrok tunnel (needs pyngrok and NGROK_AUTHTOKEN, and an API key)."""
 
@@ -117,7 +91,7 @@ def _teachers(cfg: ServeConfig, corpus: CorpusSource, tokenizer: Tokenizer, extr
         strategies = prompts.strategies
         settings = WorkerSettings(params, backend.max_in_flight, backend.prompts_per_request,
                                   cfg.teacher_stall_s, diversity, tokenizer.encode_batch,
-                                  generate=cfg.teacher_ratio > 0)
+                                  generate=cfg.teacher_ratio > 0, vocab_size=tokenizer.vocab_size)
         owns = owned or backend is not extra
         workers.append(TeacherWorker(backend, prompts, settings, texts, owns_backend=owns))
         log.info("teacher %s: %d sequences in flight, %d prompts per request, prompts %s", workers[-1].name,
@@ -139,20 +113,22 @@ def build(cfg: ServeConfig, teacher=None) -> tuple[FastAPI, Feed]:
     corpus_path = corpus_from_env(cfg.corpus, "--corpus")
     if cfg.score_corpus and not cfg.soft_labels:
         raise ConfigError("--score-corpus keeps the teacher's top-k at corpus tokens: give --soft-labels K")
+    if cfg.soft_labels and not cfg.teacher and teacher is None:
+        raise ConfigError(f"--soft-labels {cfg.soft_labels} keeps a teacher's top-k: give --teacher (with "
+                          "--score-corpus for corpus text); without one every row would be served unlabelled")
     tokenizer = load_tokenizer(cfg.tokenizer)
-    corpus = CorpusSource(corpus_path, cfg.seed, cfg.chunk_chars, cfg.eval_fraction, cfg.text_field)
-    mix = MixSettings(cfg.teacher_ratio, cfg.teacher_mode, cfg.teacher_wait_s, cfg.teacher_deadline_s,
-                      cfg.teacher_ratio_unit)
+    corpus = CorpusSource(corpus_path, cfg.seed, cfg.part(CorpusReading))
+    mix = TeacherMixing.read(cfg)
     if callable(teacher) and not hasattr(teacher, "submit"):  # a function: wrapped here, so closed here
         teachers = _teachers(cfg, corpus, tokenizer, FunctionTeacher(teacher), owned=True)
     else:
         teachers = _teachers(cfg, corpus, tokenizer, teacher)
     if cfg.score_corpus and teachers is None:
         raise ConfigError("--score-corpus needs a teacher to score with: give --teacher")
-    feed = Feed(corpus, teachers, mix, tokenizer, SoftLabelSettings(cfg.soft_labels, cfg.score_corpus))
+    feed = Feed(corpus, teachers, mix, tokenizer, cfg.part(CorpusScoring))
     log.info("corpus %s: %d documents (%d held out), files skipped: %s", corpus_path, len(corpus.texts),
              len(corpus.held_out), dict(corpus.stats.skipped) or "none")
-    return create_app(feed, api_key, FeedLimits(cfg.batch_size, cfg.max_batch_size)), feed
+    return create_app(feed, api_key, cfg.part(FeedLimits)), feed
 
 
 def open_tunnel(port: int) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from ..teacher.diversity import DiversityMeter
 from ..teacher.prompts import PromptSource
-from ..teacher.protocol import Completion, TopK
+from ..teacher.protocol import Completion, TopK, completion_problem
 from ..teacher.sampling import SamplingParams
 
 log = logging.getLogger("scratchlm.feed")
@@ -96,6 +96,15 @@ class TeacherStats:
     errors: int = 0
     busy_s: float = 0.0
     """Seconds with at least one request in flight."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Answers refused where they entered the feed, by reason (``protocol.completion_problem``)."""
+
+    def drop(self, teacher: str, reason: str, what: str) -> None:
+        """Count an answer refused for ``reason``; the first of each reason and every 100th after it are
+        logged, naming the teacher."""
+        n = self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if n == 1 or n % 100 == 0:
+            log.warning("teacher %s: %s dropped (%s; %d so far)", teacher, what, reason, n)
 
 
 @dataclass
@@ -112,6 +121,8 @@ class WorkerSettings:
     generate: bool = True
     """False when the feed serves no teacher text (a teacher kept only to score the corpus): nothing is asked
     of the teacher in the background."""
+    vocab_size: int | None = None
+    """The feed's tokenizer's ids: a teacher's answer with an id outside them is dropped."""
 
 
 class TeacherWorker:
@@ -149,7 +160,8 @@ class TeacherWorker:
 
     def health(self) -> dict:
         return {"name": self.name, "up": self.up, "tokens_per_s": round(self.tokens_per_s, 1),
-                "in_flight": self.in_flight, "texts": self.stats.texts, "errors": self.stats.errors}
+                "in_flight": self.in_flight, "texts": self.stats.texts, "errors": self.stats.errors,
+                "dropped": dict(self.stats.dropped)}
 
     def _room(self) -> int:
         """Sequences this worker may still submit: all of them when answering, a single probe when down."""
@@ -203,12 +215,18 @@ class TeacherWorker:
     def _texts(self, completions: list[Completion]) -> list[TeacherText]:
         """What the teacher wrote, as the feed keeps it: the teacher's own ids and their distributions where
         it gave them (nothing tokenized again); else the text, stripped, and its ids from the feed's
-        tokenizer."""
+        tokenizer. An answer that cannot be trained on (ids outside the vocabulary, rows that are not one a
+        token, NaN or positive log-probabilities: ``completion_problem``) is dropped and counted."""
         out = []
+        settings = self.settings
         for c in completions:
+            problem = c.problem or (completion_problem(c, settings.params.logprobs, settings.vocab_size)
+                                    if settings.vocab_size else None)
+            if problem:
+                self.stats.drop(self.name, problem, "a completion")
+                continue
             if c.token_ids is not None:
-                soft = c.logprobs if c.logprobs is not None and len(c.logprobs) == len(c.token_ids) else None
-                out.append(TeacherText(c.text, list(c.token_ids), soft))
+                out.append(TeacherText(c.text, list(c.token_ids), c.logprobs))
                 continue
             text = c.text.strip()
             tokenize = self.settings.tokenize

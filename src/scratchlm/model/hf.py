@@ -149,16 +149,25 @@ def phi_from_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> Phi:
     return model
 
 
-def save_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+TRAINED_BLOCK_KEY = "scratchlm_trained_block_size"
+"""config.json's record of the sequence length a model was trained at (its positions beyond were never
+trained: a teacher scores in windows of it); transformers keeps it as an attribute and ignores it."""
+
+
+def save_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None,
+            trained_block_size: int | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors``, which ``PhiForCausalLM.from_pretrained`` loads
-    strictly."""
+    strictly; ``trained_block_size``, where known, is recorded in the config."""
     model = unwrap(model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k,
                v in to_hf_state_dict(model).items()}
     actual_dtype = next(iter(tensors.values())).dtype
-    atomic_write(out_dir / "config.json", json.dumps(hf_config(model.config, actual_dtype), indent=2))
+    config = hf_config(model.config, actual_dtype)
+    if trained_block_size is not None:
+        config[TRAINED_BLOCK_KEY] = trained_block_size
+    atomic_write(out_dir / "config.json", json.dumps(config, indent=2))
     with atomic_file(out_dir / HF_WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     return out_dir

@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .loss import Distill, linear_cross_entropy
+from .loss import Distill, LossTerms, linear_cross_entropy
+from .soft_labels import SoftLabels
 
 
 def rope_cache(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,15 +140,15 @@ class Phi(nn.Module):
         cos, sin = rope_cache(self.config, device=self.embed.weight.device)
         self.rope_cos, self.rope_sin = cos, sin
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, soft=None,
-                distill: Distill | None = None):
-        """idx (B, T) token ids → logits (B, T, padded_vocab_size).
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                soft: SoftLabels | None = None, distill: Distill | None = None) -> torch.Tensor | LossTerms:
+        """idx (B, T) token ids → logits (B, T, padded_vocab_size), for inference.
 
-        With ``targets`` (B, T), the mean cross-entropy loss instead, through the chunked head + loss of
-        ``loss.linear_cross_entropy`` (the logits are never held whole); with a teacher's ``soft`` labels (a
-        batch's ``SoftLabels``) and ``distill``, the distillation loss and its parts (``LossTerms``). Training
-        calls it this way, through the model's own forward, so that DDP and FSDP wrappers see the head's
-        parameters used as usual.
+        With ``targets`` (B, T), the loss instead, always as ``LossTerms`` (the loss, its cross-entropy and
+        its KL), through the chunked head + loss of ``loss.linear_cross_entropy`` (the logits are never held
+        whole): the mean cross-entropy, or with a teacher's ``soft`` labels and ``distill``, the distillation
+        loss. Training calls it this way, through the model's own forward, so that DDP and FSDP wrappers see
+        the head's parameters used as usual.
         """
         T = idx.shape[1]
         if T > self.config.block_size:

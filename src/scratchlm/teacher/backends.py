@@ -8,6 +8,7 @@ llama.cpp's server, or ``scratchlm serve-model``; key from $SCRATCHLM_API_KEY or
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import torch
 
 from ..config import ConfigError
 from ..devices import pick_device
-from ..model.hf import load_hf, resolve_model_dir
+from ..model.hf import TRAINED_BLOCK_KEY, load_hf, resolve_model_dir
 from ..serving import read_api_key
 from ..tokenizer import Tokenizer, load_tokenizer
 from .engine import GenerationEngine, default_batch_size
@@ -34,11 +35,25 @@ __all__ = ["Completion", "FunctionTeacher", "LocalTeacher", "OpenAITeacher", "Te
 
 
 def generation_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU, and on a CPU with native bf16 matmuls (AVX512-BF16/AMX: faster decoding with
-    oneDNN-packed weights, see bench/RESULTS.md, and half the memory); fp32 on other CPUs."""
-    if device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    """bf16 on a GPU; on a CPU, bf16 where its bf16 matmuls are the faster (AMX tiles, or AMD's AVX512-BF16:
+    bf16 won on both), fp32 elsewhere (an Intel Xeon with AVX512-BF16 but no AMX ran fp32 faster: 1,214
+    against 874 sampled tokens/s, bench/RESULTS.md). Decided from what the CPU is, never from a timing: a
+    timing taken while another job runs can flip, and prepared soft labels would change with it."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() and (
+            torch.cpu._is_amx_tile_supported() or _cpu_vendor() == "AuthenticAMD"):
         return torch.bfloat16
     return torch.float32
+
+
+@functools.cache
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
 
 
 class LocalTeacher:
@@ -62,6 +77,11 @@ class LocalTeacher:
             self.engine: GenerationEngine | None = GenerationEngine(model, self.tokenizer.eot_id,
                                                                     self.batch_size,
                                                                     max_seq_len)
+            # Score in windows of the length it was trained at: positions beyond it were never trained
+            # (measured: 0.09 nats worse where a phi-tiny trained at 256 scored at 256-511).
+            trained = config.get(TRAINED_BLOCK_KEY)
+            if trained:
+                self.engine.score_window = min(self.engine.max_seq_len, trained)
         # any other causal LM with a compatible tokenizer: transformers' own generate, one call at a time
         else:
             from transformers import AutoModelForCausalLM

@@ -41,7 +41,7 @@ def _key(text: str) -> str:
 
 
 def build_corpus(teacher, out: Path, size_bytes: int, prompts: PromptSource, params: SamplingParams,
-                 batch_size: int = 64, seed: int = 0, progress: bool = True) -> dict:
+                 batch_size: int, seed: int = 0, progress: bool = True) -> dict:
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import atexit
 import logging
 import random
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -66,6 +67,8 @@ class GenerationEngine:
     def __init__(self, model: Phi, eot_id: int, batch_size: int = 32, max_seq_len: int | None = None) -> None:
         self.model, self.eot_id, self.batch_size = model.eval(), eot_id, batch_size
         self.max_seq_len = min(max_seq_len or model.config.block_size, model.config.block_size)
+        self.score_window = self.max_seq_len
+        """Tokens a scoring window holds (at most the cache's; the model's trained length, where known)."""
         self.vocab_size = model.config.vocab_size
         self.device = model.lm_head.weight.device
         # The LM head restricted to real token ids: padding rows are never sampled, so never computed.
@@ -139,8 +142,9 @@ class GenerationEngine:
         if not 1 <= k <= self.vocab_size:
             raise ValueError(f"k must be in [1, {self.vocab_size}] (got {k})")
         future: Future = Future()
+        width = self.score_window
         windows = [(i, start) for i, seq in enumerate(sequences) if len(seq) > 1
-                   for start in range(0, len(seq) - 1, self.max_seq_len)]
+                   for start in range(0, len(seq) - 1, width)]
         request = Request(SamplingParams(max_new_tokens=1, temperature=0), future, [None] * len(windows),
                            len(windows), score_k=k, owners=[i for i, _ in windows], sequences=len(sequences),
                            ranks=ranks)
@@ -149,8 +153,8 @@ class GenerationEngine:
             return future
         for j, (i, start) in enumerate(windows):
             seq = sequences[i]
-            window = Sequence(request, j, list(seq[start : start + self.max_seq_len]), None)
-            window.targets = list(seq[start + 1 : start + self.max_seq_len + 1])
+            window = Sequence(request, j, list(seq[start : start + width]), None)
+            window.targets = list(seq[start + 1 : start + width + 1])
             request.waiting.append(window)
         self._enqueue(request)
         return future
@@ -192,6 +196,8 @@ class GenerationEngine:
                 if self._closed:
                     self._fail_all(RuntimeError("the generation engine was closed"))
                     return
+            started = time.perf_counter()
+            self._drop_cancelled()
             try:
                 with torch.inference_mode():
                     self._score_waiting()
@@ -200,6 +206,18 @@ class GenerationEngine:
             except Exception as err:  # fail the requests in flight, keep serving new ones
                 log.exception("generation failed")
                 self._fail_all(err)
+            self.stats.busy_s += time.perf_counter() - started
+
+    def _drop_cancelled(self) -> None:
+        """Requests whose callers cancelled them (a client that went away): their waiting sequences leave the
+        queue and their slots are freed, before the next step spends anything on them."""
+        with self._cond:
+            if any(r.future.cancelled() for r in self._pending):
+                self._pending = deque(r for r in self._pending if not r.future.cancelled())
+        for row, seq in enumerate(self.slots):
+            if seq is not None and seq.request.future.cancelled():
+                self.slots[row] = None
+                self.stats.cancelled += 1
 
     def _fail_all(self, err: BaseException) -> None:
         with self._cond:

@@ -69,6 +69,10 @@ class EngineStats:
     before a decode count with it)."""
     scored: int = 0
     """Positions scored (prefill only: no decoding)."""
+    busy_s: float = 0.0
+    """Seconds spent in steps (scoring, prefilling, decoding): the teacher's cost, apart from waiting."""
+    cancelled: int = 0
+    """Sequences dropped from the batch because their request was cancelled (its client went away)."""
 
 
 def scores_of(request: Request) -> list[TopK]:

@@ -41,6 +41,8 @@ class ModelMetrics:
              lambda e: sum(s is not None for s in e.slots) / e.batch_size),
             ("tokens_per_second", f"Tokens generated a second, over the last {RATE_WINDOW_S:.0f} s",
              lambda e: self._rate(e.stats.tokens)),
+            ("busy_seconds", "Seconds the engine has spent in steps (scoring, prefilling, decoding) since it "
+             "started: the teacher's cost, apart from its idle time", lambda e: e.stats.busy_s),
         ]
         for name, doc, value in engine_gauges:
             Gauge(f"scratchlm_model_{name}", doc, registry=registry).set_function(

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 
 from ..tokenizer import Tokenizer
-from .protocol import Completion, TopK, chain, gather
+from .protocol import Completion, TeacherAnswerError, TopK, chain, gather
 from .sampling import SamplingParams
 
 log = logging.getLogger("scratchlm.teacher")
@@ -47,6 +47,7 @@ class OpenAITeacher:
         self.scoring: str | None = None
         """How this server scores: 'prompt_logprobs' (vLLM's) or 'echo' (found at the first score)."""
         self._lock = threading.Lock()
+        self._told: set[str] = set()
 
     def _model(self) -> str:
         if self.model is None:  # the server's first model, as vLLM and our serve-model list it
@@ -101,11 +102,22 @@ class OpenAITeacher:
     def _completions(self, r: httpx.Response, k: int) -> list[Completion]:
         out = []
         for c in self._choices(r):
-            rows, ids = (_openai_rows(c["logprobs"], k) if k and c.get("logprobs") else (None, None))
+            rows, ids, problem = None, None, None
+            if k and c.get("logprobs"):
+                try:
+                    rows, ids = _openai_rows(c["logprobs"], k, tokenizer=self.tokenizer, said=self._said)
+                except TeacherAnswerError as err:
+                    problem = str(err)
             if ids is None and self.tokenizer is not None:
                 ids = self.tokenizer.encode(c["text"])
-            out.append(Completion(ids, c["text"], c.get("finish_reason") == "stop", rows))
+            out.append(Completion(ids, c["text"], c.get("finish_reason") == "stop", rows, problem))
         return out
+
+    def _said(self, what: str) -> None:
+        """Log once per teacher how its answers are read (token strings mapped to ids, say)."""
+        if what not in self._told:
+            self._told.add(what)
+            log.warning("teacher %s %s", self.name, what)
 
     def submit(self, prompts: list, params: SamplingParams, seed: int | None = None) -> Future:
         step = self.prompts_per_request
@@ -123,9 +135,10 @@ class OpenAITeacher:
 
     def submit_score(self, sequences: list[list[int]], k: int) -> Future:
         """Each sequence in windows the server's context takes (one position left for the token it must
-        generate), the windows' rows put back together."""
+        generate), the windows' rows put back together. A window of ``width + 1`` tokens scores its last
+        ``width``; the next starts at its last token."""
         self._model()
-        width = max(2, self.context_length - 1)
+        width = max(2, self.context_length - 2)
         windows = [(i, seq[start : start + width + 1]) for i, seq in enumerate(sequences)
                    for start in range(0, max(0, len(seq) - 1), width)]
         futures = [self.pool.submit(self._score_one, window, k) for _, window in windows]
@@ -150,12 +163,14 @@ class OpenAITeacher:
                 if self.scoring is None:
                     log.info("teacher %s scores with vLLM's prompt_logprobs", self.url)
                 self.scoring = "prompt_logprobs"
-                return _prompt_logprobs_rows(choice["prompt_logprobs"][1:], ids[1:], k)
+                return _prompt_logprobs_rows(choice["prompt_logprobs"][1:], ids[1:], k, self.tokenizer,
+                                             self._said)
             log.info("teacher %s does not answer prompt_logprobs: scoring with echo + logprobs", self.url)
         self.scoring = "echo"
         r = self.http.post(self.url + "/v1/completions", json={**base, "echo": True, "logprobs": k,
                                                                "return_tokens_as_token_ids": True})
-        rows, _ = _openai_rows(self._choices(r)[0]["logprobs"], k, skip=1, keep=len(ids) - 1)
+        rows, _ = _openai_rows(self._choices(r)[0]["logprobs"], k, skip=1, keep=len(ids) - 1,
+                               tokenizer=self.tokenizer, said=self._said)
         return rows
 
     def close(self) -> None:
@@ -168,33 +183,66 @@ def _token_id(token: str) -> int | None:
     return int(token[9:]) if token.startswith("token_id:") and token[9:].isdigit() else None
 
 
-def _openai_rows(logprobs: dict, k: int, skip: int = 0, keep: int | None = None) -> tuple[TopK, list | None]:
+STRING_KEYS = ("keys its log-probabilities by token text, not ids (it ignores return_tokens_as_token_ids, as "
+               "OpenAI's, TGI's and llama.cpp's servers do): each is mapped to the one token id that decodes "
+               "to it; an answer with text that maps to none, or to several, is dropped (counted)")
+
+
+def _ids_of(keys: list[str], tokenizer: Tokenizer | None, said: Callable[[str], None] | None) -> list[int]:
+    """Token ids of a server's keys: ``token_id:N``, or token text mapped exactly through ``tokenizer``."""
+    ids = [_token_id(key) for key in keys]
+    if None not in ids:
+        return ids
+    if said is not None:
+        said(STRING_KEYS)
+    mapped = [i if i is not None else (tokenizer.id_of_piece(key) if tokenizer else None)
+              for i, key in zip(ids, keys, strict=True)]
+    unmapped = [key for key, i in zip(keys, mapped, strict=True) if i is None]
+    if unmapped:
+        raise TeacherAnswerError(f"token text {unmapped[0]!r} maps to no single token id"
+                                 + ("" if tokenizer else " (no tokenizer to map it with)"))
+    return mapped
+
+
+def _openai_rows(logprobs: dict, k: int, skip: int = 0, keep: int | None = None,
+                 tokenizer: Tokenizer | None = None,
+                 said: Callable[[str], None] | None = None) -> tuple[TopK, list[int]]:
     """OpenAI's ``logprobs`` (``tokens``, ``token_logprobs``, ``top_logprobs``) of positions ``skip`` to
-    ``skip + keep`` as a ``TopK`` (top entries keyed ``token_id:N``), and the token ids when the server gave
-    them."""
+    ``skip + keep`` as a ``TopK`` and the tokens' ids: keys ``token_id:N``, or token text mapped through
+    ``tokenizer`` (``_ids_of``). ``TeacherAnswerError`` when the lists disagree in length or a key maps to no
+    id."""
     end = None if keep is None else skip + keep
-    tokens = logprobs["tokens"][skip:end]
-    ids = [_token_id(t) for t in tokens]
-    tops = logprobs.get("top_logprobs") or [{}] * len(tokens)
-    top_ids = np.zeros((len(tokens), k), np.int32)
+    tokens, token_lps = logprobs["tokens"][skip:end], logprobs["token_logprobs"][skip:end]
+    tops = (logprobs.get("top_logprobs") or [{}] * len(logprobs["tokens"]))[skip:end]
+    if not len(tokens) == len(token_lps) == len(tops):
+        raise TeacherAnswerError(f"an answer of {len(tokens)} tokens, {len(token_lps)} token_logprobs and "
+                                 f"{len(tops)} top_logprobs")
+    top_ids = np.zeros((len(tokens), k), np.int64)
     top_lps = np.full((len(tokens), k), -np.inf, np.float32)
-    for n, top in enumerate(tops[skip:end]):
+    for n, top in enumerate(tops):
         best = sorted((top or {}).items(), key=lambda kv: -kv[1])[:k]
-        for j, (token, lp) in enumerate(best):
-            top_ids[n, j], top_lps[n, j] = _token_id(token) or 0, lp
-    token_lps = np.array(logprobs["token_logprobs"][skip:end], dtype=np.float32)
-    return TopK(top_ids, top_lps, token_lps), None if None in ids else ids
+        top_ids[n, : len(best)] = _ids_of([key for key, _ in best], tokenizer, said)
+        top_lps[n, : len(best)] = [lp for _, lp in best]
+    ids = _ids_of(tokens, tokenizer, said)
+    return TopK(top_ids, top_lps, np.array(token_lps, dtype=np.float32)), ids
 
 
-def _prompt_logprobs_rows(positions: list[dict], targets: list[int], k: int) -> TopK:
+def _prompt_logprobs_rows(positions: list[dict], targets: list[int], k: int,
+                          tokenizer: Tokenizer | None = None,
+                          said: Callable[[str], None] | None = None) -> TopK:
     """vLLM's ``prompt_logprobs`` (per position: token id → {logprob, rank}) as a ``TopK``."""
-    top_ids = np.zeros((len(targets), k), np.int32)
+    if len(positions) != len(targets):
+        raise TeacherAnswerError(f"prompt_logprobs for {len(positions)} positions of {len(targets)}")
+    top_ids = np.zeros((len(targets), k), np.int64)
     top_lps = np.full((len(targets), k), -np.inf, np.float32)
     token_lps = np.zeros(len(targets), np.float32)
     for n, (entry, target) in enumerate(zip(positions, targets, strict=True)):
-        ranked = sorted(((int(t), v) for t, v in entry.items()), key=lambda kv: kv[1].get("rank", 0))
-        best = sorted(ranked, key=lambda kv: -kv[1]["logprob"])[:k]
-        for j, (token, v) in enumerate(best):
-            top_ids[n, j], top_lps[n, j] = token, v["logprob"]
-        token_lps[n] = entry[str(target)]["logprob"]
+        keyed = dict(zip(_ids_of([f"token_id:{t}" if t.isdigit() else t for t in entry], tokenizer, said),
+                         entry.values(), strict=True))
+        best = sorted(keyed.items(), key=lambda kv: -kv[1]["logprob"])[:k]
+        top_ids[n, : len(best)] = [token for token, _ in best]
+        top_lps[n, : len(best)] = [v["logprob"] for _, v in best]
+        if target not in keyed:
+            raise TeacherAnswerError(f"prompt_logprobs without the given token at position {n + 1}")
+        token_lps[n] = keyed[target]["logprob"]
     return TopK(top_ids, top_lps, token_lps)

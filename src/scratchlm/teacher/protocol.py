@@ -17,6 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from ..data.feed_protocol import LOGPROB_SLACK
 from .sampling import SamplingParams
 
 
@@ -51,6 +52,40 @@ class TopK:
                     None if any(r is None for r in ranks) else np.concatenate(ranks))
 
 
+def topk_problem(rows: TopK | None, n: int, k: int, vocab_size: int) -> str | None:
+    """Why a teacher's top-k for ``n`` positions cannot be trained on, or None: rows for each position, k
+    entries each, ids inside the vocabulary, log-probabilities not NaN, not +inf and not above zero (-inf is
+    an entry the teacher did not give: probability 0)."""
+    if rows is None:
+        return None
+    if rows.ids.shape != (n, k) or rows.logprobs.shape != (n, k) or len(rows.token_logprobs) != n:
+        width = rows.ids.shape[-1] if rows.ids.ndim == 2 else "?"
+        return f"{len(rows.token_logprobs)} positions of {width} entries for {n} tokens at k {k}"
+    if n and (int(rows.ids.min()) < 0 or int(rows.ids.max()) >= vocab_size):
+        return f"token ids outside the vocabulary [0, {vocab_size})"
+    for name, values in (("top-k", rows.logprobs), ("sampled-token", rows.token_logprobs)):
+        if np.isnan(values).any() or np.isposinf(values).any():
+            return f"{name} log-probabilities that are NaN or +inf"
+        if (values > LOGPROB_SLACK).any():
+            return f"positive {name} log-probabilities"
+    return None
+
+
+def completion_problem(c: Completion, k: int, vocab_size: int) -> str | None:
+    """Why a teacher's completion cannot be trained on, or None: its token ids inside the vocabulary, and
+    with ``k`` > 0 its top-k rows one a token (``topk_problem``)."""
+    ids = c.token_ids
+    if ids is not None and ids and (min(ids) < 0 or max(ids) >= vocab_size):
+        return f"token ids outside the vocabulary [0, {vocab_size})"
+    if k and c.logprobs is not None:
+        return topk_problem(c.logprobs, len(ids) if ids is not None else len(c.logprobs), k, vocab_size)
+    return None
+
+
+class TeacherAnswerError(ValueError):
+    """A teacher's answer that cannot be read as what was asked (the reason in the message)."""
+
+
 @dataclass
 class Completion:
     """What a teacher wrote for one prompt."""
@@ -64,6 +99,9 @@ class Completion:
     """Stopped at <|endoftext|> rather than at max tokens."""
     logprobs: TopK | None = None
     """With ``SamplingParams.logprobs`` = k: the distribution each token was drawn from, one row per token."""
+    problem: str | None = None
+    """Why the teacher's answer could not be read as ids and rows (a feed drops such a completion and counts
+    the reason)."""
 
     @property
     def tokens(self) -> int:
@@ -103,16 +141,20 @@ class Teacher(Protocol):
 
 
 def chain(future: Future, then: Callable) -> Future:
-    """A future of ``then(future's result)``; failures pass through."""
+    """A future of ``then(future's result)``; failures pass through, and cancelling it cancels ``future`` (an
+    engine drops a cancelled request's sequences at its next step)."""
     out: Future = Future()
 
     def done(f: Future) -> None:
+        if out.done():  # cancelled by its caller
+            return
         try:
             out.set_result(then(f.result()))
         except Exception as err:
             out.set_exception(err)
 
     future.add_done_callback(done)
+    out.add_done_callback(lambda f: future.cancel() if f.cancelled() else None)
     return out
 
 
@@ -124,6 +166,9 @@ def gather(futures: list[Future]) -> Future:
 
     def done(i: int, f: Future) -> None:
         if out.done():
+            return
+        if f.cancelled():
+            out.cancel()
             return
         if f.exception() is not None:
             out.set_exception(f.exception())
@@ -137,4 +182,5 @@ def gather(futures: list[Future]) -> Future:
         out.set_result([])
     for i, f in enumerate(futures):
         f.add_done_callback(lambda f, i=i: done(i, f))
+    out.add_done_callback(lambda o: [f.cancel() for f in futures] if o.cancelled() else None)
     return out

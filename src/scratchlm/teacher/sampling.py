@@ -2,8 +2,10 @@
 vocabulary at every step.
 
 Every row of a batch has its own settings (rows belong to different requests) and its own uniform random
-numbers, drawn from that sequence's own seeded generator: a seeded sequence samples the same tokens whatever
-else shares its batch.
+numbers, drawn from that sequence's own seeded generator: a seeded sequence draws the same numbers whatever
+else shares its batch. Its tokens are the same as long as its logits are; in fp32 on a CPU the last bits of
+a product depend on the batch's size (the order in which oneDNN sums), and where the probabilities are nearly
+flat a draw that lands on a boundary between two tokens can take the other one.
 
 - top-k rows: ``torch.topk`` picks the k candidates (a partial selection, not a sort); top-p then applies
   among them.
