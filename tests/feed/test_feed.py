@@ -3,6 +3,7 @@ client."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -240,7 +241,43 @@ def test_training_from_the_feed_resumes_exactly_with_its_shuffle_buffer(open_ser
     assert all(abs(a[s] - b[s]) <= 1e-6 for s in range(1, 21)), (a, b)
 
 
-def test_ranks_draw_from_disjoint_streams_and_batches_mix_documents(open_server):
+def test_corpus_texts_come_as_seeded_windows_met_in_proportion_to_their_tokens(open_server, tokenizer):
+    # A trainer asks for windows of its block's span: each corpus text is a window of the corpus stream
+    # (documents end to end, each followed by <|endoftext|>) from a seeded place in its document, the same on
+    # every asking; over an epoch each document comes once per window of its tokens, as corpus blocks meet it.
+    client, eot, corpus = FeedClient(open_server.url), tokenizer.eot_id, open_server.feed.corpus
+    windowed, again = (client.batch(24, None, window=65) for _ in range(2))
+    assert np.array_equal(windowed.token_ids, again.token_ids) and windowed.meta.cursor == again.meta.cursor
+    assert windowed.meta.tokens == [65] * 24  # whole windows: the loader's blocks stay aligned with them
+    index = {doc_id: i for i, doc_id in enumerate(corpus.ids)}
+    pieces = np.split(windowed.token_ids, np.cumsum(windowed.meta.tokens)[:-1])
+
+    def stream_from(i: int, documents: int) -> tuple[int, np.ndarray]:
+        """Document i's tokens and those of the documents after it, each followed by <|endoftext|>."""
+        docs = [tokenizer.encode(corpus.texts[(i + j) % len(corpus.texts)]) + [eot] for j in range(documents)]
+        return len(docs[0]), np.concatenate(docs)
+
+    starts = []
+    for doc_id, piece in zip(windowed.meta.ids, pieces, strict=True):
+        first, stream = stream_from(index[doc_id], 2)
+        starts.append(next(a for a in range(first) if np.array_equal(stream[a : a + 65], piece)))
+    assert len(set(starts)) > 3, starts  # seeded places, not each document's start
+    # A window longer than its document runs on past its <|endoftext|> into the next ones, as a block does.
+    long = client.batch(3, None, window=5000)
+    for doc_id, piece in zip(long.meta.ids, np.split(long.token_ids, 3), strict=True):
+        first, stream = stream_from(index[doc_id], 6)
+        assert len(piece) == 5000 and any(np.array_equal(stream[a : a + 5000], piece) for a in range(first))
+    lengths = np.array([len(ids) + 1 for ids in tokenizer.encode_batch(list(corpus.texts))])
+    assert np.array_equal(np.bincount(corpus.slots(65, tokenizer), minlength=len(lengths)), -(-lengths // 65))
+    # the walk over windows is another order: a cursor of one is refused by the other
+    whole = client.batch(2, None, tokens=True)
+    with pytest.raises(FeedError, match="another corpus or seed"):
+        client.batch(2, whole.meta.cursor, window=65)
+    with pytest.raises(FeedError, match="window"):
+        client.batch(2, None, window=-1)
+
+
+def test_ranks_draw_from_disjoint_streams_and_batches_mix_documents(open_server, tokenizer):
     from scratchlm.data.remote import FeedBlockLoader
 
     served: dict[int, list] = {0: [], 1: []}
@@ -261,8 +298,16 @@ def test_ranks_draw_from_disjoint_streams_and_batches_mix_documents(open_server)
             loader.close()
     finally:
         open_server.feed.batch = batch
-    ids = {rank: [i for reply in replies for i in reply.meta.ids] for rank, replies in served.items()}
-    assert ids[0] and ids[1] and not set(ids[0]) & set(ids[1])
+    assert all(len(replies) > 8 for replies in served.values())
+    # Disjoint: the ranks walk alternate slots of each epoch's order (a slot a window of a document; two
+    # slots of one document may cut overlapping windows, as a corpus run's sampling may meet a place twice).
+    from scratchlm.feed.corpus import Cursor
+
+    corpus = open_server.feed.corpus
+    n = len(corpus.slots(65, tokenizer))
+    places = [{place for _, place, _ in itertools.islice(corpus.walk(Cursor(0, 0), rank, 2, 65), n // 2)}
+              for rank in (0, 1)]
+    assert not places[0] & places[1] and places[0] | places[1] == {(0, i) for i in range(n // 2 * 2)}
     rows = {rank: {tuple(row.tolist()) for b in bs for row in b} for rank, bs in blocks.items()}
     assert len(rows[0]) == len(rows[1]) == 40 and not rows[0] & rows[1]
     # Drawn at random from 256 blocks, a batch's rows come from far apart in the stream, not from one place.

@@ -126,6 +126,20 @@ def test_token_id_prompts_and_streaming(model_server):
 
 
 
+@pytest.mark.parametrize("max_tokens", [0, 2])
+def test_an_empty_prompt_echoed_has_one_entry_a_token_as_openai_shapes_it(model_server, max_tokens):
+    # [[]] is a prompt of no tokens (the engine starts it from <|endoftext|>): echoed, its logprobs lists stay
+    # parallel, one entry a token of the text, the first token's log-probability null as for any prompt.
+    body = {"prompt": [[]], "echo": True, "max_tokens": max_tokens, "logprobs": 1, "temperature": 0}
+    r = httpx.post(model_server.url + "/v1/completions", headers=KEY, json=body)
+    assert r.status_code == 200, r.text
+    logprobs = r.json()["choices"][0]["logprobs"]
+    n = len(logprobs["tokens"])
+    assert n >= max_tokens
+    parallel = ("token_logprobs", "top_logprobs", "text_offset")
+    assert all(len(logprobs[key]) == n for key in parallel), logprobs
+
+
 def test_serve_model_schema_fuzzing_finds_no_server_error(model_server):
     schema = schemathesis.openapi.from_url(model_server.url + "/openapi.json", headers=KEY)
     operations = [result.ok() for result in schema.get_all_operations()]

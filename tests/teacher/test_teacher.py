@@ -160,9 +160,9 @@ def test_serve_model_decodes_concurrent_clients_together(teacher_dir):
             "temperature": 0.8, "top_p": 0.95, "seed": 3}
     with UvicornThread(create_app(teacher, "phi-tiny-test", None)) as s, httpx.Client(timeout=120) as http:
         http.post(s.url + "/v1/completions", json=body)  # warm-up
-        t0 = time.perf_counter()
+        steps = teacher.engine.stats.steps
         alone = http.post(s.url + "/v1/completions", json=body).json()
-        one = time.perf_counter() - t0
+        one = teacher.engine.stats.steps - steps
         replies, health = [], []
 
         def client() -> None:
@@ -170,7 +170,7 @@ def test_serve_model_decodes_concurrent_clients_together(teacher_dir):
                 replies.append(own.post(s.url + "/v1/completions", json=body).json())
 
         threads = [threading.Thread(target=client) for _ in range(8)]
-        t0 = time.perf_counter()
+        steps = teacher.engine.stats.steps
         for t in threads:
             t.start()
         h0 = time.perf_counter()
@@ -178,9 +178,11 @@ def test_serve_model_decodes_concurrent_clients_together(teacher_dir):
         health_s = time.perf_counter() - h0
         for t in threads:
             t.join()
-        eight = time.perf_counter() - t0
+        eight = teacher.engine.stats.steps - steps
     assert len(replies) == 8 and all(r["choices"] == alone["choices"] for r in replies)  # seeded: same texts
-    assert eight < 4 * one, (eight, one)  # decoded together, not one after another
+    # Decoded together, not one after another: in about the decoding steps of one request, not eight times
+    # them (counted, not timed: a timing on a shared 2-core machine says little).
+    assert eight < 3 * one, (eight, one)
     assert health == [200] and health_s < 1.0
     assert teacher.engine.stats.most_requests_in_a_step > 1
     teacher.close()

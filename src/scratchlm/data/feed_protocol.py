@@ -23,6 +23,8 @@ from ..config import MAX_SOFT_LABELS
 
 TOKEN_BATCH_MEDIA_TYPE = "application/vnd.scratchlm.token-batch+safetensors"
 Source = Literal["corpus", "teacher"]
+MAX_WINDOW = 1 << 20
+"""The longest corpus window a client may ask for, in tokens (past any block a model here trains on)."""
 
 
 class BatchQuery(BaseModel):
@@ -37,6 +39,10 @@ class BatchQuery(BaseModel):
     soft_labels: int = Field(0, ge=0, le=MAX_SOFT_LABELS)
     """With the ids (implies ``tokens``): the teacher's top-k at every token that has them (k at most the
     feed's --soft-labels)."""
+    window: int = Field(0, ge=0, le=MAX_WINDOW)
+    """Each corpus text as one window of this many tokens of the corpus stream (documents end to end, each
+    followed by <|endoftext|>) from a seeded place in its document (a trainer's block span; implies
+    ``tokens``); 0: whole documents."""
 
 
 class FeedBatch(BaseModel):
@@ -53,7 +59,8 @@ class FeedBatch(BaseModel):
     epoch: int = 0
     """The passes over the corpus before the texts that follow (a trainer logs it)."""
     tokens: list[int] | None = None
-    """Each text's tokens with the ``<|endoftext|>`` that follows it, when the feed counted them."""
+    """Each text's tokens with the ``<|endoftext|>`` that follows it (none after a window that stops inside
+    its document), when the feed counted them."""
 
 
 class HeldOut(BaseModel):
@@ -70,10 +77,10 @@ probability of 1 printed as 0.0001). Soft labels above it are refused, at the fe
 @dataclass
 class TokenBatch:
     """A ``FeedBatch`` with every text's token ids: ``token_ids`` holds them end to end, each text followed by
-    ``<|endoftext|>`` (``meta.tokens`` says how many each took). With soft labels, each token's row of the
-    teacher's top-k: ``soft_ids`` and ``soft_logprobs`` (total, k), and ``soft_mask`` (total,), false where
-    there is none (a corpus text's first token, the <|endoftext|> after a teacher's text, corpus text not
-    scored)."""
+    ``<|endoftext|>`` where it ends (``meta.tokens`` says how many each took). With soft labels, each token's
+    row of the teacher's top-k: ``soft_ids`` and ``soft_logprobs`` (total, k), and ``soft_mask`` (total,),
+    false where there is none (a corpus text's first token, the <|endoftext|> after a teacher's text, corpus
+    text not scored)."""
 
     meta: FeedBatch
     token_ids: np.ndarray  # (total,) uint16 (uint32 for a vocabulary beyond 65,536)

@@ -33,6 +33,11 @@ class FeedReading(ConfigBase):
     (a feed with no teacher serves 1M tokens in seconds; with one, at its pace), never beyond what the rest
     of the run trains on. Memory: 5 bytes a token, and 4k + 1 more with --soft-labels k (1M tokens: 5 MB,
     91 MB at k 20). 0: no shuffling."""
+    feed_whole_documents: bool = False
+    """Read every corpus text the feed serves whole. By default each is one window of a block's span at a
+    seeded place in its document, as a corpus run's blocks are places in the corpus: a run then reads as many
+    documents as a corpus run does, not the few whose every token it takes (the feed's mixer docstring).
+    Teacher texts are always whole."""
     feed_shuffle_blocks: NonNegativeInt | None = None
     """Replaced by --feed-shuffle-tokens (what a buffer of blocks mixes shrank with the block size); when
     given, the buffer holds this many blocks instead."""

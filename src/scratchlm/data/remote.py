@@ -82,13 +82,14 @@ class FeedClient:
         return r
 
     def batch(self, size: int, cursor: str | None = None, rank: int = 0, world_size: int = 1,
-              tokens: bool = False, soft_labels: int = 0) -> FeedBatch | TokenBatch:
+              tokens: bool = False, soft_labels: int = 0, window: int = 0) -> FeedBatch | TokenBatch:
         """``/v1/batch``: texts (a ``FeedBatch``), or with ``tokens`` their token ids (a ``TokenBatch``), with
-        ``soft_labels`` k the teacher's top-k beside them."""
-        tokens = tokens or soft_labels > 0
+        ``soft_labels`` k the teacher's top-k beside them, with ``window`` each corpus text cut to one window
+        of that many tokens."""
+        tokens = tokens or soft_labels > 0 or window > 0
         try:
             query = BatchQuery(size=size, cursor=cursor, rank=rank, world_size=world_size, tokens=tokens,
-                               soft_labels=soft_labels)
+                               soft_labels=soft_labels, window=window)
         except ValidationError as err:  # the contract is shared: refused here as the feed would refuse it
             raise FeedError(f"a request the feed would refuse (422): {err.errors()[0]['loc'][0]} "
                             f"{err.errors()[0]['msg']}") from None
@@ -143,6 +144,7 @@ class FeedBlockLoader:
         self.rank, self.world_size = rank, world_size
         soft_labels, shuffle_tokens = top_k, feed.shuffle_budget(block_size)
         span = block_span(block_size)
+        self.window = 0 if feed.feed_whole_documents else span
         self.buffer_blocks = max(batch_size, shuffle_tokens // span)
         """Blocks held before each draw (the budget in whole blocks, one batch at least)."""
         self.run_batches = run_batches
@@ -166,7 +168,7 @@ class FeedBlockLoader:
         """The feed's answers from ``cursor`` on, as token ids (and soft labels)."""
         while True:
             reply = self.client.batch(self.texts_per_request, cursor, self.rank, self.world_size, tokens=True,
-                                      soft_labels=self.soft_labels)
+                                      soft_labels=self.soft_labels, window=self.window)
             cursor = reply.meta.cursor
             yield reply
 

@@ -90,11 +90,13 @@ def batch(feed: FeedDep, limits: LimitsDep, query: Annotated[BatchQuery, Query()
         raise HTTPException(status_code=422, detail=f"world_size {query.world_size} exceeds the corpus's "
                                                     f"{len(feed.corpus.texts)} documents")
     try:
-        start = Cursor.decode(query.cursor, feed.corpus.fingerprint) if query.cursor else Cursor(0, 0)
+        start = (Cursor.decode(query.cursor, feed.corpus.fingerprint_for(query.window)) if query.cursor
+                 else Cursor(0, 0))
     except CursorError as err:
         raise HTTPException(status_code=400, detail=str(err)) from None
     try:
-        answer = feed.batch(query.size, start, query.rank, query.world_size, query.tokens, query.soft_labels)
+        answer = feed.batch(query.size, start, query.rank, query.world_size, query.tokens, query.soft_labels,
+                            query.window)
     except NoSoftLabels as err:
         raise HTTPException(status_code=400, detail=str(err)) from None
     if isinstance(answer, TokenBatch):

@@ -7,6 +7,15 @@ the stream and within one text in every answer. Counting tokens needs the feed's
 corpus documents are tokenized as they are served. What happens when the teachers are behind depends on the
 mode:
 
+A trainer may ask for each corpus text as one window of its block's span (``window``) rather than the whole
+document: the cursor then walks the documents' window slots (``CorpusSource.slots``: each document once per
+window of its tokens), and each slot is a window of the corpus stream (documents end to end, each followed
+by <|endoftext|>) from a seeded place in its document (seeded by the corpus seed and the slot's place in the
+epoch's order, so a replica or a resumed run cuts the same one). A corpus loader's blocks are places
+anywhere in the corpus; whole documents gave a short run the blocks of few of them (200 steps of 2,048 tokens
+read about 200 documents whole, against thousands of places), and its loss then depended on which documents
+it drew (``bench/stream_fairness.py``).
+
 - ``strict``: the request waits for its teacher texts (up to ``wait_s``), then fails with 503 and
   ``Retry-After``; the trainer's client retries, so training runs at the teachers' pace and its data-wait
   figure says so.
@@ -60,6 +69,21 @@ class Piece:
     id: str
     token_ids: list[int] | None = None
     soft: TopK | None = None
+    ends: bool = True
+    """An <|endoftext|> follows the tokens: the text's end (a window of the corpus stream carries its own)."""
+    place: tuple[int, int] | None = None
+    """A corpus text: its place in the corpus walk (epoch, position), which seeds where its window starts."""
+    doc: int | None = None
+    """A corpus text: its document's index in the corpus."""
+
+    @property
+    def length(self) -> int:
+        """Tokens on the wire: the ids and the <|endoftext|> after them, if the text ends there."""
+        return len(self.token_ids) + self.ends
+
+    def served(self, eot: int) -> list[int]:
+        return [*self.token_ids, eot] if self.ends else list(self.token_ids)
+
 
 
 class Feed:
@@ -141,15 +165,17 @@ class Feed:
         """The teachers' share of everything served so far, in the unit the target is set in."""
         return self._share(self._tokens if self.mix.ratio_unit == "tokens" else self._texts)
 
-    def _compose(self, n: int, cursor: Cursor, rank: int, world_size: int) -> tuple[list[Piece], Cursor]:
+    def _compose(self, n: int, cursor: Cursor, rank: int, world_size: int,
+                 window: int = 0) -> tuple[list[Piece], Cursor]:
         """n texts in order, each from the source behind its share (module docstring), and the corpus cursor
-        after them. Strict mode raises ``TeacherBehind`` (the teacher texts taken go back) when the teachers
-        do not deliver in time. Called under the lock."""
+        after them (corpus texts cut to a ``window`` of tokens, where asked). Strict mode raises
+        ``TeacherBehind`` (the teacher texts taken go back) when the teachers do not deliver in time. Called
+        under the lock."""
         mix, teachers, counting = self.mix, self.teachers, self.mix.ratio_unit == "tokens"
         teacher, total = (self._tokens if counting else self._texts)["teacher"], sum(
             (self._tokens if counting else self._texts).values())
         deadline = time.monotonic() + (mix.wait_s if mix.mode == "strict" else mix.deadline_s)
-        walk, after = self.corpus.walk(cursor, rank, world_size), cursor
+        walk, after = self.corpus.walk(cursor, rank, world_size, window), cursor
         pieces: list[Piece] = []
         taken: list[TeacherText] = []
         behind = False  # best-effort: once the teachers miss, the rest of the answer is corpus text
@@ -169,12 +195,33 @@ class Feed:
                                         f"{mix.wait_s:.0f} s for this answer's share (strict mode); retry, "
                                         "or serve with --teacher-mode best-effort")
                 behind = True
-            index, after = next(walk)
+            index, place, after = next(walk)
             text = self.corpus.texts[index]
-            ids = self.tokenizer.encode(text) if counting and self.mixing else None
-            pieces.append(Piece(text, "corpus", self.corpus.ids[index], ids))
-            total += len(ids) + 1 if ids is not None else 1
+            piece = Piece(text, "corpus", self.corpus.ids[index], place=place, doc=index)
+            if counting and self.mixing:
+                piece.token_ids = self.tokenizer.encode(text)
+                self._cut_window(piece, window)
+            pieces.append(piece)
+            total += piece.length if piece.token_ids is not None else 1
         return pieces, after
+
+    def _cut_window(self, piece: Piece, window: int) -> None:
+        """Keep one window of ``window`` tokens of the corpus stream (documents end to end, each followed by
+        <|endoftext|>, as the corpus loader reads them) from a seeded place inside a corpus piece's document:
+        a window that reaches its document's end runs on into the documents after it. Every window is then
+        whole (the loader's blocks stay aligned with them) and every boundary between two documents has its
+        <|endoftext|> (a window cut short would join the next one's text without it)."""
+        if window <= 0 or piece.place is None:  # not asked, or a teacher's text: whole
+            return
+        eot = self.tokenizer.eot_id
+        stream = piece.served(eot)
+        start = int(np.random.default_rng([self.corpus.seed, *piece.place]).integers(0, len(stream)))
+        following = piece.doc + 1
+        while len(stream) < start + window:
+            following %= len(self.corpus.texts)
+            stream += [*self.tokenizer.encode(self.corpus.texts[following]), eot]
+            following += 1
+        piece.token_ids, piece.ends = stream[start : start + window], False
 
     def _count(self, pieces: list[Piece]) -> None:
         """Count an answer's texts (and the tokens of those already tokenized); called under the lock."""
@@ -182,7 +229,7 @@ class Feed:
         for p in pieces:
             texts[p.source] += 1
             text_bytes[p.source] += len(p.text.encode("utf-8"))
-            units = len(p.token_ids) + 1 if p.token_ids is not None else 0
+            units = p.length if p.token_ids is not None else 0
             self._recent.append((p.source == "teacher", units if self.mix.ratio_unit == "tokens" else 1))
         for source, n in texts.items():  # one metric update a source and answer, not one a text
             self._texts[source] += n
@@ -194,8 +241,8 @@ class Feed:
 
     def _count_tokens(self, pieces: list[Piece]) -> None:
         for p in pieces:
-            self._tokens[p.source] += len(p.token_ids) + 1
-            self.tokens_served.labels(p.source).inc(len(p.token_ids) + 1)
+            self._tokens[p.source] += p.length
+            self.tokens_served.labels(p.source).inc(p.length)
 
     def _watch_share(self) -> None:
         teacher = sum(units for is_teacher, units in self._recent if is_teacher)
@@ -213,35 +260,42 @@ class Feed:
             self.warning = None
 
     def batch(self, n: int, cursor: Cursor | None, rank: int = 0, world_size: int = 1,
-              tokens: bool = False, soft_labels: int = 0) -> FeedBatch | TokenBatch:
+              tokens: bool = False, soft_labels: int = 0, window: int = 0) -> FeedBatch | TokenBatch:
         """n texts: the teachers' share, the rest from the corpus (from ``cursor``, or the server's own
         stream); with ``tokens``, their token ids instead of their texts, and with ``soft_labels`` k, the
-        teachers' top-k at every token that has one."""
+        teachers' top-k at every token that has one; with ``window``, each corpus text as one window of that
+        many tokens (module docstring)."""
         if soft_labels > self.soft.soft_labels:
             raise NoSoftLabels(f"soft_labels {soft_labels} asked of a feed that keeps "
                                + (f"the top {self.soft.soft_labels}" if self.soft.soft_labels else "none")
                                + ": start it with --soft-labels K (and --score-corpus for corpus text)")
-        tokens = tokens or soft_labels > 0
+        tokens = tokens or soft_labels > 0 or window > 0
+        if window:
+            if cursor is None:
+                raise ValueError("windows are read from a cursor (the server's own stream walks documents)")
+            self.corpus.slots(window, self.tokenizer)  # made once: the documents' tokens counted
         with self._lock:
-            pieces, after = self._compose(n, cursor or self.corpus.stream, rank, world_size)
+            pieces, after = self._compose(n, cursor or self.corpus.stream, rank, world_size, window)
             if cursor is None:
                 self.corpus.stream = after
             self._count(pieces)
         if tokens:  # outside the lock: other answers are composed meanwhile
             fresh = [p for p in pieces if p.token_ids is None]
             self._tokenize(fresh)
+            for p in fresh:
+                self._cut_window(p, window)
             with self._lock:
                 self._count_tokens(fresh)
         meta = FeedBatch(texts=[] if tokens else [p.text for p in pieces], sources=[p.source for p in pieces],
                          ids=[p.id for p in pieces],
-                         cursor=after.encode(self.corpus.fingerprint) if cursor is not None else None,
-                         epoch=after.epoch, tokens=[len(p.token_ids) + 1 for p in pieces]
+                         cursor=after.encode(self.corpus.fingerprint_for(window)) if cursor is not None
+                         else None,
+                         epoch=after.epoch, tokens=[p.length for p in pieces]
                          if all(p.token_ids is not None for p in pieces) else None)
         if not tokens:
             return meta
         eot = self.tokenizer.eot_id
-        ids = np.fromiter((t for p in pieces for t in (*p.token_ids, eot)), dtype=np.uint32,
-                          count=sum(meta.tokens))
+        ids = np.fromiter((t for p in pieces for t in p.served(eot)), dtype=np.uint32, count=sum(meta.tokens))
         if not soft_labels:
             return TokenBatch(meta, ids)
         if self.soft.score_corpus:
@@ -249,14 +303,14 @@ class Feed:
         return TokenBatch(meta, ids, *_soft_rows(pieces, soft_labels))
 
     def _score(self, pieces: list[Piece]) -> None:
-        """The first teacher's distribution over each corpus piece's tokens and the <|endoftext|> after them
-        (one scoring request for all: the teacher batches them with what else it is doing)."""
+        """The first teacher's distribution over each corpus piece's tokens as served (one scoring request
+        for all: the teacher batches them with what else it is doing)."""
         if not pieces:
             return
         worker = self.teachers.workers[0]
         eot, k = self.tokenizer.eot_id, self.soft.soft_labels
         try:
-            scored = worker.backend.score([p.token_ids + [eot] for p in pieces], k)
+            scored = worker.backend.score([p.served(eot) for p in pieces], k)
         except TeacherAnswerError as err:  # an answer that cannot be read: the texts go unlabelled
             for _ in pieces:
                 worker.stats.drop(worker.name, str(err), "a corpus text's scores")
@@ -265,8 +319,8 @@ class Feed:
             raise TeacherBehind(f"the teacher could not score corpus text ({type(err).__name__}: {err})") \
                 from None
         for p, rows in zip(pieces, scored, strict=True):
-            # the rows of every token after the first, and of the <|endoftext|> after them
-            problem = topk_problem(rows, len(p.token_ids), k, self.tokenizer.vocab_size)
+            # the rows of every token served but the first
+            problem = topk_problem(rows, p.length - 1, k, self.tokenizer.vocab_size)
             if problem:
                 worker.stats.drop(worker.name, problem, "a corpus text's scores")
                 continue
@@ -312,15 +366,15 @@ class _DroppedAnswers(Collector):
 
 
 def _soft_rows(pieces: list[Piece], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each token's row of the teachers' top-k, end to end as the token ids are (each text followed by
-    <|endoftext|>): ids, log-probabilities and the mask of the rows that hold one."""
-    total = sum(len(p.token_ids) + 1 for p in pieces)
+    """Each token's row of the teachers' top-k, end to end as the token ids are (``Piece.served``): ids,
+    log-probabilities and the mask of the rows that hold one."""
+    total = sum(p.length for p in pieces)
     ids = np.zeros((total, k), np.uint32)
     logprobs = np.zeros((total, k), np.float32)
     mask = np.zeros(total, bool)
     at = 0
     for p in pieces:
-        n = len(p.token_ids) + 1
+        n = p.length
         if p.soft is not None and len(p.soft):
             # A teacher's text: a row for each of its tokens (the <|endoftext|> after them was never sampled).
             # Scored corpus text, the text and its <|endoftext|> read alone: its predicted rows.

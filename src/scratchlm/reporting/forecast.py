@@ -89,9 +89,11 @@ def forecast(runs: list[Run], predict_tokens: float | None = None, predict_model
     if ladder is not None:
         budgets = _budgets(usable, count)
         out["ladder"] = {**ladder.to_dict(), "iso_flops": iso_flops(ladder, schedule, budgets)}
-    # One law answers every question of this group, and the plot draws it: the runs' own, or, where their
-    # curve shows no floor and a ladder read before gives their size one, the ladder's L(N, D) at their size.
-    use_ladder = size_ladder is not None and law.floor is None and floor is not None
+    # One law answers every question of this group, and the plot draws it: the runs' own, or, where a ladder
+    # read before gives their size a floor and their curve shows none, or one above the ladder's (a short
+    # curve's fit, not the model's: the ladder's longer runs of that size went below it), the ladder's L(N, D)
+    # at their size.
+    use_ladder = size_ladder is not None and floor is not None and (law.floor is None or law.floor > floor)
     answer_law, answer_n = (size_ladder.law, size_ladder.size(model)) if use_ladder else (law, parameters)
     out["answer_law"] = {"params": answer_law.to_dict(), "parameters": answer_n,
                          "from": size_ladder.source if use_ladder else "these runs' law"}

@@ -28,8 +28,9 @@ def plot_runs(runs: list[Run], reference: tuple[str, float] | None, out: Path) -
     data: dict = {}
     for run in runs:
         tr, ev = run.train, run.evals
-        data[run.name] = {
-            "train": {**{x: [getattr(r, x) for r in tr] for x in AXES}, "loss": [r.loss for r in tr]},
+        data[run.name] = {  # a distilled run's training curve is its cross-entropy: comparable with the rest
+            "train": {**{x: [getattr(r, x) for r in tr] for x in AXES},
+                      "loss": [r.next_token_loss for r in tr]},
             "eval": {**{x: [getattr(r, x) for r in ev] for x in AXES}, "loss": [r.eval_loss for r in ev]}}
         d = data[run.name]
         label = run.label
@@ -46,7 +47,7 @@ def plot_runs(runs: list[Run], reference: tuple[str, float] | None, out: Path) -
         if reference:
             ax.axhline(reference[1], color="k", ls="--", lw=1, label=reference[0])
     names = {"step": "steps", "tokens": "tokens", "elapsed_s": "wall time (s)"}
-    for i, kind in enumerate(("training", "evaluation")):
+    for i, kind in enumerate(("training (cross-entropy)", "evaluation")):
         for j, x in enumerate(AXES):
             axes[i][j].set_title(f"{kind} loss vs {names[x]}")
             axes[i][j].set_xlabel(names[x])

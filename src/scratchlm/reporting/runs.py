@@ -157,6 +157,13 @@ class TrainRecord:
     elapsed_s: float | None = None
     lr: float | None = None
     teacher_token_share: float | None = None
+    ce_loss: float | None = None
+    """A distilled step's cross-entropy on the real next token (its ``loss`` mixes in the KL)."""
+
+    @property
+    def next_token_loss(self) -> float:
+        """The step's cross-entropy: what a plain run's ``loss`` is, so runs of both kinds compare."""
+        return self.loss if self.ce_loss is None else self.ce_loss
 
 
 @dataclass(frozen=True)

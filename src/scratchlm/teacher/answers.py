@@ -104,9 +104,9 @@ class Answer:
         if self.req.logprobs is not None:
             own = c.logprobs or TopK.empty(1)
             own = TopK(own.ids[:kept], own.logprobs[:kept], own.token_logprobs[:kept])
-            if self.req.echo:  # the prompt's tokens first; the very first has no log-probability
+            if self.req.echo:  # the prompt's tokens first; its very first has no log-probability
                 ids = prompt + c.token_ids[:kept]
-                out["logprobs"] = self.block_of(ids, [scored, own], min(1, len(ids)))
+                out["logprobs"] = self.block_of(ids, [scored, own], min(1, len(prompt)))
             else:
                 out["logprobs"] = self.block_of(c.token_ids[:kept], [own], 0, len(echoed))
         if self.req.prompt_logprobs is not None:
