@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import subprocess
 import sys
 import time
@@ -104,3 +105,14 @@ def slow_completions_app(seconds_per_token: float, one_prompt_only: bool = False
 
 
 __all__ = ["FeedThread", "UvicornThread", "free_port", "slow_completions_app", "spawn"]
+
+
+class Records(logging.Handler):
+    """scratchlm's log lines, whatever the logging set-up of earlier tests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())

@@ -14,22 +14,11 @@ import time
 import httpx
 import numpy as np
 import pytest
-from servers import FeedThread, UvicornThread, slow_completions_app
+from servers import FeedThread, Records, UvicornThread, slow_completions_app
 
 from scratchlm.data.remote import FeedClient
 from scratchlm.feed.server import ServeConfig, build
 from scratchlm.training import TrainConfig, train
-
-
-class Records(logging.Handler):
-    """scratchlm's log lines, whatever the logging set-up of earlier tests."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 @pytest.fixture

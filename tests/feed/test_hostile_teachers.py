@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI, Request, Response
-from servers import FeedThread, UvicornThread
+from servers import FeedThread, Records, UvicornThread
 
 from scratchlm.data.remote import FeedClient
 from scratchlm.feed.server import ServeConfig
@@ -104,17 +104,6 @@ def _check_rows(batch, vocab_size: int) -> None:
     assert np.isfinite(batch.soft_logprobs[rows][:, 0]).all()
     assert not np.isnan(batch.soft_logprobs[rows]).any() and (batch.soft_logprobs[rows] <= 1e-3).all()
     assert int(batch.soft_ids.max()) < vocab_size and int(batch.token_ids.max()) < vocab_size
-
-
-class Records(logging.Handler):
-    """scratchlm's log lines, whatever the logging set-up of earlier tests."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 def test_every_bad_answer_is_dropped_where_it_enters_counted_and_never_served(small_corpus, tokenizer):

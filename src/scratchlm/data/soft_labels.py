@@ -28,12 +28,12 @@ import hashlib
 import json
 import logging
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..files import file_crc32
 from .documents import DataError
 from .feed_protocol import LOGPROB_SLACK
 from .token_cache import ShardedTokens, TokenizedCorpus
@@ -86,17 +86,10 @@ def damaged_pieces(folder: Path, k: int, checksums: bool = False) -> list[tuple[
             if size != 2 * k * done["tokens"]:
                 damaged.append((name, f"{path.name} holds {size} bytes, its {done['tokens']} tokens take "
                                       f"{2 * k * done['tokens']}"))
-            elif checksums and f"{suffix}_crc32" in done and _crc32(path) != done[f"{suffix}_crc32"]:
+            elif checksums and f"{suffix}_crc32" in done and file_crc32(path) != done[f"{suffix}_crc32"]:
                 damaged.append((name, f"{path.name} differs from its checksum"))
     return damaged
 
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(16 * 2**20):
-            crc = zlib.crc32(block, crc)
-    return crc
 
 
 class SoftLabelShards:

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import faults
-from ..files import atomic_file, atomic_write, build_lock, pid_alive
+from ..files import atomic_file, atomic_write, build_lock, file_crc32, pid_alive
 from ..tokenizer import Tokenizer
 from .documents import (
     CorpusStats,
@@ -176,17 +176,10 @@ def damaged_shards(cache: Path, checksums: bool = False) -> list[tuple[str, str]
             if size != 2 * counts[f"{split}_tokens"]:
                 damaged.append((name, f"{path.name} holds {size} bytes, the index says "
                                       f"{2 * counts[f'{split}_tokens']}"))
-            elif checksums and f"{split}_crc32" in counts and _crc32(path) != counts[f"{split}_crc32"]:
+            elif checksums and f"{split}_crc32" in counts and file_crc32(path) != counts[f"{split}_crc32"]:
                 damaged.append((name, f"{path.name} differs from its checksum"))
     return damaged
 
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(16 * 2**20):
-            crc = zlib.crc32(block, crc)
-    return crc
 
 
 def _rebuild(source: str | Path, job: _Job, cache: Path, damaged: list[tuple[str, str]], num_proc: int,
