@@ -20,8 +20,10 @@ Not part of the test suite. Alone on the machine.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -47,6 +49,25 @@ SETTINGS = {  # name → (server, extra request fields)
 }
 
 
+def fetch_sdist(out: Path) -> Path:
+    """The pinned sdist, from PyPI's simple index (PEP 503), its sha256 checked against the index's. Not `pip
+    download`: preparing an sdist's metadata builds its build requirements, cmake among them, from source."""
+    name = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    path = out / name
+    if not path.exists():
+        index = httpx.get("https://pypi.org/simple/llama-cpp-python/", timeout=60, follow_redirects=True)
+        index.raise_for_status()
+        link = re.search(rf'href="([^"#]*/{re.escape(name)})#sha256=([0-9a-f]{{64}})"', index.text)
+        if link is None:
+            raise RuntimeError(f"{name} is not in PyPI's index")
+        url, sha256 = link.groups()
+        body = httpx.get(url, timeout=600, follow_redirects=True).raise_for_status().content
+        if hashlib.sha256(body).hexdigest() != sha256:
+            raise RuntimeError(f"{name}: its sha256 is not the index's")
+        path.write_bytes(body)
+    return path
+
+
 def build_llama_server(out: Path) -> tuple[Path, Path]:
     """llama-server and the llama.cpp source folder, built once from the pinned sdist."""
     source = out / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
@@ -54,9 +75,7 @@ def build_llama_server(out: Path) -> tuple[Path, Path]:
     if server.exists():
         return server, source
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                    f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(out)], check=True)
-    with tarfile.open(out / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz") as sdist:
+    with tarfile.open(fetch_sdist(out)) as sdist:
         sdist.extractall(out, filter="data")
     subprocess.run(["cmake", "-S", str(source), "-B", str(source / "build"), "-DCMAKE_BUILD_TYPE=Release",
                     "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",

@@ -277,6 +277,29 @@ def test_corpus_texts_come_as_seeded_windows_met_in_proportion_to_their_tokens(o
         client.batch(2, None, window=-1)
 
 
+def test_the_feeds_token_stream_is_kept_and_a_copy_cut_short_is_made_again(open_server, small_corpus,
+                                                                            tokenizer):
+    # Windows are slices of the corpus stream, tokenized once and kept beside the text store; a kept copy cut
+    # short (a full disk, a killed server) is tokenized again, and the same windows come out of it.
+    from scratchlm.data import CorpusReading
+    from scratchlm.feed.corpus import CorpusSource
+
+    served = open_server.feed.corpus
+    served.slots(65, tokenizer)
+    kept = next(served.folder.glob(f"train.stream-{tokenizer.digest}.npy"))
+    whole, written = kept.stat().st_size, kept.stat().st_mtime_ns
+    reading = CorpusReading(eval_fraction=0.05)
+    places = [(d, (0, d)) for d in range(0, len(served.texts), max(1, len(served.texts) // 7))]
+    windows = [served.window(d, place, 65, tokenizer) for d, place in places]
+    again = CorpusSource(str(small_corpus), served.seed, reading)
+    assert [again.window(d, place, 65, tokenizer) for d, place in places] == windows
+    assert kept.stat().st_mtime_ns == written  # read from the kept copy, not tokenized again
+    kept.write_bytes(kept.read_bytes()[: whole // 2])
+    cut = CorpusSource(str(small_corpus), served.seed, reading)
+    assert [cut.window(d, place, 65, tokenizer) for d, place in places] == windows
+    assert kept.stat().st_size == whole
+
+
 def test_ranks_draw_from_disjoint_streams_and_batches_mix_documents(open_server, tokenizer):
     from scratchlm.data.remote import FeedBlockLoader
 

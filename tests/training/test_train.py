@@ -19,6 +19,7 @@ from scratchlm import faults
 from scratchlm.config import ConfigError
 from scratchlm.data import DataError
 from scratchlm.model.config import PRESETS
+from scratchlm.model.hf import load_hf
 from scratchlm.model.model import Phi
 from scratchlm.training import NonFiniteLoss, TrainConfig, train
 from scratchlm.training import checkpoint as ckpt
@@ -59,6 +60,21 @@ def test_reaches_initial_loss_minus_one_and_writes_final(small_corpus, tmp_path)
     model, info = PhiForCausalLM.from_pretrained(run / "final", output_loading_info=True)
     assert not any(info.values())
     assert (run / "final" / "tokenizer.json").exists()
+
+
+def test_a_block_longer_than_the_presets_context_widens_it(small_corpus, tmp_path):
+    """phi-tiny holds 512 positions; a run at 600 trains at 600 (rotary: no position is learned), and its
+    export says so: transformers reads it back and agrees with our model at the positions beyond 512."""
+    run = tmp_path / "run"
+    train(TrainConfig(**{**FAST, "block_size": 600, "micro_batch_size": 1}, data=str(small_corpus),
+                      out=str(run), max_steps=2, eval_interval=100))
+    theirs = PhiForCausalLM.from_pretrained(run / "final").eval()
+    assert theirs.config.max_position_embeddings == 600 == PRESETS["phi-tiny"].block_size + 88
+    ids = torch.randint(0, 50_000, (1, 600), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        ours = load_hf(str(run / "final"))(ids)
+    torch.testing.assert_close(ours[:, 512:, : expected.shape[-1]], expected[:, 512:], atol=1e-4, rtol=1e-4)
 
 
 def test_a_decay_branched_off_a_checkpoint_is_the_wsd_run_of_that_length(small_corpus, tmp_path):

@@ -199,29 +199,22 @@ class Feed:
             text = self.corpus.texts[index]
             piece = Piece(text, "corpus", self.corpus.ids[index], place=place, doc=index)
             if counting and self.mixing:
-                piece.token_ids = self.tokenizer.encode(text)
                 self._cut_window(piece, window)
+                if piece.token_ids is None:
+                    piece.token_ids = self.tokenizer.encode(text)
             pieces.append(piece)
             total += piece.length if piece.token_ids is not None else 1
         return pieces, after
 
     def _cut_window(self, piece: Piece, window: int) -> None:
-        """Keep one window of ``window`` tokens of the corpus stream (documents end to end, each followed by
-        <|endoftext|>, as the corpus loader reads them) from a seeded place inside a corpus piece's document:
-        a window that reaches its document's end runs on into the documents after it. Every window is then
-        whole (the loader's blocks stay aligned with them) and every boundary between two documents has its
-        <|endoftext|> (a window cut short would join the next one's text without it)."""
-        if window <= 0 or piece.place is None:  # not asked, or a teacher's text: whole
-            return
-        eot = self.tokenizer.eot_id
-        stream = piece.served(eot)
-        start = int(np.random.default_rng([self.corpus.seed, *piece.place]).integers(0, len(stream)))
-        following = piece.doc + 1
-        while len(stream) < start + window:
-            following %= len(self.corpus.texts)
-            stream += [*self.tokenizer.encode(self.corpus.texts[following]), eot]
-            following += 1
-        piece.token_ids, piece.ends = stream[start : start + window], False
+        """A corpus piece as one window of ``window`` tokens of the corpus stream (documents end to end, each
+        followed by <|endoftext|>, as the corpus loader reads them) from a seeded place inside its document
+        (``CorpusSource.window``). Every window is then whole (the loader's blocks stay aligned with them) and
+        every boundary between two documents has its <|endoftext|> (a window cut short would join the next
+        one's text without it)."""
+        if window > 0 and piece.place is not None:  # asked, and corpus text (a teacher's text stays whole)
+            piece.token_ids = self.corpus.window(piece.doc, piece.place, window, self.tokenizer)
+            piece.ends = False
 
     def _count(self, pieces: list[Piece]) -> None:
         """Count an answer's texts (and the tokens of those already tokenized); called under the lock."""
@@ -273,7 +266,7 @@ class Feed:
         if window:
             if cursor is None:
                 raise ValueError("windows are read from a cursor (the server's own stream walks documents)")
-            self.corpus.slots(window, self.tokenizer)  # made once: the documents' tokens counted
+            self.corpus.slots(window, self.tokenizer)  # made once: the documents tokenized
         with self._lock:
             pieces, after = self._compose(n, cursor or self.corpus.stream, rank, world_size, window)
             if cursor is None:
@@ -281,9 +274,9 @@ class Feed:
             self._count(pieces)
         if tokens:  # outside the lock: other answers are composed meanwhile
             fresh = [p for p in pieces if p.token_ids is None]
-            self._tokenize(fresh)
             for p in fresh:
-                self._cut_window(p, window)
+                self._cut_window(p, window)  # a slice of the corpus's tokens, nothing to tokenize
+            self._tokenize([p for p in fresh if p.token_ids is None])
             with self._lock:
                 self._count_tokens(fresh)
         meta = FeedBatch(texts=[] if tokens else [p.text for p in pieces], sources=[p.source for p in pieces],

@@ -76,9 +76,9 @@ class KVCache:
             pos = positions.expand(B, T)
             cache_k[b, :, pos] = k.transpose(1, 2).to(cache_k.dtype)  # the indexed view is (B, T, nh, hs)
             cache_v[b, :, pos] = v.transpose(1, 2).to(cache_v.dtype)
-            if rows is not None:
-                cache_k, cache_v = cache_k[rows], cache_v[rows]
         if mask is None:  # a prefill from position 0: causal over the new keys alone
             return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True)
         L = mask.shape[-1]
+        if rows is not None:  # gather the rows' first L positions only, not their whole cache
+            return self.attention(q, cache_k[rows, :, :L], cache_v[rows, :, :L], mask)
         return self.attention(q, cache_k[:, :, :L], cache_v[:, :, :L], mask)

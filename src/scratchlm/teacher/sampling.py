@@ -87,11 +87,13 @@ def _nucleus_of_sorted(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor
     return probs.masked_fill(before >= top_p.unsqueeze(-1), 0.0)
 
 
-def _sample_top_k(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+def _sample_top_k(logits: torch.Tensor, inverse_t: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   u: torch.Tensor) -> torch.Tensor:
-    """Rows with a top-k: among their k most likely tokens (top-p applied there)."""
+    """Rows with a top-k: among their k most likely tokens (top-p applied there). The k are the same at any
+    temperature, so only their k logits are scaled: no pass over the whole vocabulary but the selection."""
     k = int(top_k.max())
-    values, ids = torch.topk(scaled, min(k, scaled.shape[-1]), dim=-1)  # sorted, decreasing
+    values, ids = torch.topk(logits, min(k, logits.shape[-1]), dim=-1)  # sorted, decreasing
+    values = values * inverse_t
     beyond = torch.arange(values.shape[-1], device=values.device).unsqueeze(0) >= top_k.unsqueeze(-1)
     probs = values.masked_fill(beyond, float("-inf")).softmax(dim=-1)
     pick, _ = _inverse_cdf(_nucleus_of_sorted(probs, top_p), u)
@@ -158,12 +160,15 @@ def sample(logits: torch.Tensor, settings: RowSettings, uniforms: torch.Tensor |
     inverse_t = (1.0 / settings.temperature[rows]).unsqueeze(-1)
     top_k, top_p, u = settings.top_k[rows], settings.top_p[rows], uniforms[rows]
     with_k = top_k > 0
+    if bool(with_k.all()):  # the usual case with a top-k: no copy of the rows
+        tokens[rows] = _sample_top_k(chosen, inverse_t, top_k, top_p, u[:, 0])
+        return tokens
     if bool(with_k.any()):
-        tokens[rows[with_k]] = _sample_top_k(chosen[with_k] * inverse_t[with_k], top_k[with_k], top_p[with_k],
+        tokens[rows[with_k]] = _sample_top_k(chosen[with_k], inverse_t[with_k], top_k[with_k], top_p[with_k],
                                              u[with_k, 0])
     if not bool(with_k.any()):
         tokens[rows] = _sample_top_p_in_chunks(chosen, inverse_t, top_p, u)
-    elif not bool(with_k.all()):
+    else:
         rest = ~with_k
         tokens[rows[rest]] = _sample_top_p_in_chunks(chosen[rest], inverse_t[rest], top_p[rest], u[rest])
     return tokens

@@ -62,7 +62,8 @@ class TrainConfig(CorpusReading, FeedReading, SoftLabelReading):
     grad_accum_steps: Count = 1
     """Micro-batches per optimizer step (global batch = micro_batch_size × grad_accum_steps × ranks)."""
     block_size: Count | None = None
-    """Tokens per training sequence (default: the model's block size)."""
+    """Tokens per training sequence (default: the model's context; a longer one widens the model's context, as
+    a rotary model learns no positions)."""
     lr: Positive = 6e-4
     """Peak learning rate, reached after warmup."""
     min_lr: NonNegative = 6e-5
@@ -161,15 +162,16 @@ class TrainConfig(CorpusReading, FeedReading, SoftLabelReading):
                               f"{self.lr_schedule}")
 
     def preset(self) -> ModelConfig:
-        return get_preset(self.model)
+        """The model preset, its context widened to this run's block where the run asks for a longer one: a
+        rotary model learns no positions, so its context is only the length of its rotary table."""
+        model = get_preset(self.model)
+        if self.block_size is not None and self.block_size > model.block_size:
+            return model.model_copy(update={"block_size": self.block_size})
+        return model
 
     def resolved_block_size(self) -> int:
-        """``block_size``, or the model's when unset; longer than the model allows is an error."""
-        limit = self.preset().block_size
-        block_size = self.block_size or limit
-        if block_size > limit:
-            raise ConfigError(f"block_size {block_size} exceeds {self.model}'s maximum of {limit}")
-        return block_size
+        """``block_size``, or the model's context when unset."""
+        return self.block_size or self.preset().block_size
 
     def data_request(self, progress: bool = False, run_batches: int | None = None) -> DataRequest:
         """What this run asks of the data (``build_data``); the data setting falls back to $SCRATCHLM_DATA.
