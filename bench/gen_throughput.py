@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.8, help="the feed's teacher settings by default")
     p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens too, both sides (llama.cpp's default: 40)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -91,11 +93,13 @@ def main() -> None:
         prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len), device=device)
         engine = GenerationEngine(ours, eot_id=50256, batch_size=batch, max_seq_len=args.prompt_len + new)
         runs = {}
-        for case, temperature, top_p in (("sampled", args.temperature, args.top_p), ("greedy", 0.0, None)):
-            params = SamplingParams(max_new_tokens=new, temperature=temperature, top_p=top_p,
+        for case, temperature, top_p, top_k in (("sampled", args.temperature, args.top_p, args.top_k),
+                                                ("greedy", 0.0, None, None)):
+            params = SamplingParams(max_new_tokens=new, temperature=temperature, top_p=top_p, top_k=top_k,
                                     stop_at_eot=False)
             hf_kwargs = dict(max_new_tokens=new, min_new_tokens=new, pad_token_id=50256,
-                             do_sample=temperature > 0, temperature=temperature or None, top_p=top_p)
+                             do_sample=temperature > 0, temperature=temperature or None, top_p=top_p,
+                             **({"top_k": top_k} if top_k else {}))
             if args.hf_static_compile:  # transformers compiles the decoding step itself with a static cache
                 hf_kwargs.update(cache_implementation="static")
 
@@ -121,7 +125,8 @@ def main() -> None:
             print(f"RESULT gen {args.model} b{batch} {dtype_name} {new} new sampled with logprobs "
                   f"{args.logprobs}: ours {med['sampled', 'ours + logprobs']:,.0f} tok/s, "
                   f"{med['sampled', 'ours + logprobs'] / med['sampled', 'ours']:.2f}x ours without")
-        for case, settings in (("sampled", f"T={args.temperature} top-p={args.top_p}"), ("greedy", "greedy")):
+        sampled = f"T={args.temperature} top-p={args.top_p}" + (f" top-k={args.top_k}" if args.top_k else "")
+        for case, settings in (("sampled", sampled), ("greedy", "greedy")):
             ratio = med[case, "ours"] / med[case, "transformers"]
             print(f"RESULT gen {args.model} b{batch} {dtype_name} {new} new {settings}"
                   f"{' vs-static-compile' if args.hf_static_compile else ''}: ours {med[case, 'ours']:,.0f} "
