@@ -9,7 +9,8 @@ students on that text.
 2. The students' text: the first --subset-chars of files from every part of the corpus (wikipedia, books,
    code, arXiv; the same relative paths, so the same documents are held out), scored once by `scratchlm
    prepare --teacher local:TEACHER --soft-labels K` (its time is the offline cost).
-3. Students (--model, from random weights, --steps each, two seeds: model and data order), every run a
+3. Students (--model, from random weights, --steps each, two seeds: model and data order; a constant
+   learning rate after the warmup, so that their curves can be read against each other), every run a
    `scratchlm` command:
    - `plain`: cross-entropy on the text;
    - `feed`: cross-entropy on the same text through a feed (no teacher): the control of every run from a feed;
@@ -49,8 +50,13 @@ from scratchlm.reporting.runs import EvalRecord, reach  # noqa: E402  (the repor
 from scratchlm.serving import free_port  # noqa: E402
 
 COMMON = ["--block-size", "256", "--micro-batch-size", "8", "--lr", "2e-3", "--warmup-steps", "10",
-          "--lr-schedule", "wsd", "--eval-interval", "10", "--eval-batches", "4", "--checkpoint-interval",
-          "1000", "--device", "cpu", "--resume", "auto"]
+          "--eval-interval", "10", "--eval-batches", "4", "--checkpoint-interval", "1000", "--device", "cpu",
+          "--resume", "auto"]
+# Students at a constant learning rate after the warmup: each of a run's evaluations is then of a model
+# trained as its control was at that point, so "tokens to reach the control's final loss" reads off the two
+# curves. Under wsd the control's last 0.2 nats come in its final decay, which a distilled run only has at its
+# own end: the read would measure the schedule. The teacher, trained once to be good, decays (wsd).
+STUDENT_SCHEDULE, TEACHER_SCHEDULE = ["--lr-schedule", "constant"], ["--lr-schedule", "wsd"]
 # The students' text holds out a tenth more than the corpus does (the same hash of each document's id, so a
 # superset of the corpus's held-out documents): their own evaluations, from which the tokens to a loss are
 # read, see about 50k tokens rather than three documents.
@@ -63,11 +69,12 @@ SUBSET = ["wikipedia/enwiki2015_AA_wiki_00.txt", "wikipedia/enwiki2015_AA_wiki_0
 UNSEEN = "wikipedia/enwiki2015_AA_wiki_10.txt"
 
 
-def train(run: Path, data: str, model: str, steps: int, seed: int, *flags: str) -> Path:
+def train(run: Path, data: str, model: str, steps: int, seed: int, *flags: str,
+          schedule: list[str] = STUDENT_SCHEDULE) -> Path:
     """``scratchlm train`` (the students' settings in ``flags``), unless the run finished before."""
     if not (run / "summary.json").exists():
         scratchlm("train", "--data", data, "--out", str(run), "--model", model, "--max-steps", str(steps),
-                  "--seed", str(seed), *COMMON, *flags)
+                  "--seed", str(seed), *COMMON, *schedule, *flags)
     return run
 
 
@@ -158,7 +165,8 @@ def main() -> None:
     args = p.parse_args()
     out, k = Path(args.out), str(args.top_k)
 
-    teacher = train(out / "teacher", args.corpus, args.teacher_model, args.teacher_steps, 1)
+    teacher = train(out / "teacher", args.corpus, args.teacher_model, args.teacher_steps, 1,
+                    schedule=TEACHER_SCHEDULE)
     local = f"local:{teacher / 'final'}"
     text = subset(args.corpus, out, args.subset_files, args.subset_chars)
     prepared = json.loads(scratchlm("prepare", "--data", text, "--teacher", local, "--soft-labels", k,

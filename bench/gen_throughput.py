@@ -14,6 +14,7 @@ without, in the same turns), and ``--score-len N`` our scoring (a prefill, no de
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from functools import partial
@@ -40,6 +41,18 @@ def measure(runs: dict, sync, repeats: int, expect: int) -> dict[str, list[float
     return rates
 
 
+def our_engines(model, batch: int, max_seq_len: int, compiled: bool) -> dict:
+    """Our engine, and with ``compiled`` a second one with its decoding step compiled (warmed up)."""
+    from scratchlm.teacher.engine import GenerationEngine
+
+    engines = {"ours": GenerationEngine(model, eot_id=50256, batch_size=batch, max_seq_len=max_seq_len)}
+    if compiled:
+        engines["ours compiled"] = GenerationEngine(model, eot_id=50256, batch_size=batch,
+                                                    max_seq_len=max_seq_len, compile=True)
+        engines["ours compiled"].warm_up()
+    return engines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="phi-tiny")
@@ -56,6 +69,8 @@ def main() -> None:
                    help="both models' precision (auto: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--hf-static-compile", action="store_true",
                    help="transformers with static cache + compile")
+    p.add_argument("--compile", action="store_true",
+                   help="also time our engine with its decoding step compiled (serve-model's CPU default)")
     p.add_argument("--logprobs", type=int, default=0, metavar="K",
                    help="also time our sampled case with the top K log-probabilities at every new token")
     p.add_argument("--score-len", type=int, default=0, metavar="N",
@@ -68,7 +83,6 @@ def main() -> None:
     from scratchlm.model.config import get_preset
     from scratchlm.model.hf import hf_config, to_hf_state_dict
     from scratchlm.model.model import Phi
-    from scratchlm.teacher.engine import GenerationEngine
     from scratchlm.teacher.sampling import SamplingParams
 
     device = torch.device(args.device)
@@ -91,7 +105,8 @@ def main() -> None:
 
     for batch in args.batch:
         prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len), device=device)
-        engine = GenerationEngine(ours, eot_id=50256, batch_size=batch, max_seq_len=args.prompt_len + new)
+        engines = our_engines(ours, batch, args.prompt_len + new, args.compile)
+        engine = engines["ours"]
         runs = {}
         for case, temperature, top_p, top_k in (("sampled", args.temperature, args.top_p, args.top_k),
                                                 ("greedy", 0.0, None, None)):
@@ -111,7 +126,9 @@ def main() -> None:
                 out = theirs.generate(prompts, attention_mask=torch.ones_like(prompts), **hf_kwargs)
                 return (out.shape[1] - args.prompt_len) * out.shape[0]
 
-            runs[(case, "ours")], runs[(case, "transformers")] = run_ours, run_theirs
+            for name, one in engines.items():
+                runs[(case, name)] = partial(run_ours, engine=one)
+            runs[(case, "transformers")] = run_theirs
         if args.logprobs:
             with_logprobs = SamplingParams(max_new_tokens=new, temperature=args.temperature, top_p=args.top_p,
                                            stop_at_eot=False, logprobs=args.logprobs)
@@ -126,17 +143,19 @@ def main() -> None:
                   f"{args.logprobs}: ours {med['sampled', 'ours + logprobs']:,.0f} tok/s, "
                   f"{med['sampled', 'ours + logprobs'] / med['sampled', 'ours']:.2f}x ours without")
         sampled = f"T={args.temperature} top-p={args.top_p}" + (f" top-k={args.top_k}" if args.top_k else "")
-        for case, settings in (("sampled", sampled), ("greedy", "greedy")):
-            ratio = med[case, "ours"] / med[case, "transformers"]
+        cases = (("sampled", sampled), ("greedy", "greedy"))
+        for (case, settings), name in itertools.product(cases, engines):
+            ratio = med[case, name] / med[case, "transformers"]
             print(f"RESULT gen {args.model} b{batch} {dtype_name} {new} new {settings}"
-                  f"{' vs-static-compile' if args.hf_static_compile else ''}: ours {med[case, 'ours']:,.0f} "
+                  f"{' vs-static-compile' if args.hf_static_compile else ''}: {name} {med[case, name]:,.0f} "
                   f"tok/s, transformers {med[case, 'transformers']:,.0f} tok/s ({cache}), ratio {ratio:.2f}")
         # Sampling's own cost, as the runs took turns: the median of each repeat's greedy / sampled speed.
         cost = statistics.median(g / s for g, s in zip(rates["greedy", "ours"], rates["sampled", "ours"],
                                                        strict=True))
         print(f"RESULT gen {args.model} b{batch} {dtype_name} sampled vs greedy, ours: greedy/sampled speed "
               f"{cost:.2f}", flush=True)
-        engine.close()
+        for one in engines.values():
+            one.close()
     if args.score_len:
         score_rate(ours, args, sync, dtype_name)
 

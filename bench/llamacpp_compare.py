@@ -6,8 +6,8 @@ with llama.cpp's own converter, both servers on loopback, the same clients.
 1. llama.cpp: the vendored source of a pinned `llama-cpp-python` sdist from PyPI (no other network), its
    `llama-server` built with cmake (once, kept under --out), and the model converted to GGUF (f32) by its
    `convert_hf_to_gguf.py`.
-2. `llama-server -t <cores> --cont-batching --parallel 32` and `scratchlm serve-model`, each started alone on
-   loopback, one at a time, in alternated rounds.
+2. `llama-server -t <cores> --cont-batching --parallel 32` and `scratchlm serve-model` (its decoding step
+   compiled, the default on a CPU), each started alone on loopback, one at a time, in alternated rounds.
 3. Loads, --new-tokens each, temperature 0.8 and top-p 0.95: 32 clients × 1 request and 8 clients × 4
    requests in turn; llama.cpp at its default samplers (top-k 40, min-p 0.05) and at ours exactly (top-k 40,
    min-p 0), ours at top-k 40 and over the whole vocabulary. Tokens a second of wall time, medians of the

@@ -136,3 +136,20 @@ def test_a_small_request_is_not_held_behind_a_large_one(engine):
     waited = time.perf_counter() - t0
     assert len(small[0]) == 2 and not big.done()  # answered while the large request is still running
     assert len(big.result(timeout=120)) == 30 and waited < 5
+
+
+def test_the_compiled_decoding_step_writes_what_the_plain_one_writes(engine):
+    # serve-model compiles the decoding step on a CPU by default: the same greedy and seeded tokens as the
+    # plain engine, rows at different positions (prompts of 1 to 11 tokens) and a single row (its own graph).
+    compiled = GenerationEngine(engine.model, EOT, batch_size=6, max_seq_len=96, compile=True)
+    try:
+        compiled.warm_up()
+        greedy = SamplingParams(max_new_tokens=30, temperature=0, stop_at_eot=False)
+        seeded = SamplingParams(max_new_tokens=30, temperature=0.9, top_p=0.9, top_k=20, stop_at_eot=False)
+        for k in range(3):
+            assert compiled.generate(prompts_of(k), greedy) == engine.generate(prompts_of(k), greedy)
+            assert compiled.generate(prompts_of(k), seeded, seed=k) == engine.generate(prompts_of(k), seeded,
+                                                                                      seed=k)
+        assert compiled.generate(prompts_of(7)[:1], greedy) == engine.generate(prompts_of(7)[:1], greedy)
+    finally:
+        compiled.close()

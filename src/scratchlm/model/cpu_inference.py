@@ -44,7 +44,10 @@ class PackedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.params()
-        if (x.device.type != "cpu" or x.dtype != weight.dtype or not _supported(weight.dtype)
+        # Inside a compiled graph the plain op: the compiler cannot trace oneDNN's packed weight, and plans
+        # the product itself.
+        if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != weight.dtype
+                or not _supported(weight.dtype)
                 or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
             return F.linear(x, weight, bias)
         key = (weight.data_ptr(), weight.shape, weight.dtype, _version(weight))

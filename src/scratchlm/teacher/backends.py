@@ -64,7 +64,7 @@ class LocalTeacher:
 
     def __init__(self, path: str, device: str = "auto", batch_size: int | None = None,
                  max_seq_len: int = 1024,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, compile: bool = False) -> None:
         self.name = f"local:{path}"
         self.device = pick_device(device)
         dtype = dtype or generation_dtype(self.device)
@@ -75,8 +75,7 @@ class LocalTeacher:
         if config.get("model_type") == "phi":
             model = load_hf(str(model_dir), device=self.device, dtype=dtype)
             self.engine: GenerationEngine | None = GenerationEngine(model, self.tokenizer.eot_id,
-                                                                    self.batch_size,
-                                                                    max_seq_len)
+                                                                    self.batch_size, max_seq_len, compile)
             # Score in windows of the length it was trained at: positions beyond it were never trained
             # (measured: 0.09 nats worse where a phi-tiny trained at 256 scored at 256-511).
             trained = config.get(TRAINED_BLOCK_KEY)

@@ -27,6 +27,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..config import Count, DeviceSpec, Port
+from ..devices import pick_device
 from ..serving import ServerConfig, harden
 from .answers import MAX_PROMPTS, UNSUPPORTED, Answer, CompletionRequest, stream_answer, until_done
 from .backends import Completion, LocalTeacher
@@ -56,6 +57,9 @@ class ServeModelConfig(ServerConfig):
     """Most alternatives a request may ask per token (logprobs, prompt_logprobs), as vLLM's --max-logprobs."""
     device: DeviceSpec = "auto"
     """auto, cpu, cuda or cuda:N."""
+    compile: bool | None = None
+    """Compile the decoding step before serving (torch.compile, about 30 s at start on 2 cores; about 3x
+    fewer milliseconds in the model at small widths). Default: on a CPU yes, on a GPU no."""
 
 
 def _refuse_unsupported(req: CompletionRequest, max_logprobs: int) -> None:
@@ -173,7 +177,11 @@ def serve_model(cfg: ServeModelConfig, background: bool = False):
     from ..serving import BackgroundServer, run_server
 
     api_key = cfg.checked_key("model")
-    teacher = LocalTeacher(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
+    device = pick_device(cfg.device)
+    compile = cfg.compile if cfg.compile is not None else device.type == "cpu"
+    teacher = LocalTeacher(cfg.model, device=str(device), batch_size=cfg.batch_size, compile=compile)
+    if teacher.engine is not None:
+        teacher.engine.warm_up()  # compiled before the first client waits for it
     app = create_app(teacher, cfg.served_model_name or model_id(cfg.model), api_key, cfg.max_body_bytes,
                      cfg.max_logprobs)
     if background:
