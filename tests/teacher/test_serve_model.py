@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from servers import UvicornThread
 
+from scratchlm.serving import free_port
 from scratchlm.teacher.backends import LocalTeacher
 from scratchlm.teacher.serve_model import create_app
 
@@ -153,3 +156,29 @@ def test_serve_model_schema_fuzzing_finds_no_server_error(model_server):
             case.call_and_validate(headers=KEY, checks=[not_a_server_error], timeout=120)
 
         check()
+
+
+def test_serve_model_serves_uncompiled_where_the_step_cannot_be_compiled(small_model, tmp_path):
+    # serve-model compiles its decoding step on a CPU by default; a machine without a C++ compiler (CXX names
+    # none here, and a fresh compile cache holds no kernels built before) still gets a teacher and a warning.
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "scratchlm", "serve-model", "--model", str(small_model),
+                             "--device", "cpu", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                            json={"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 5
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert "could not be compiled" in err and "decoding without compiling" in err

@@ -52,13 +52,10 @@ SCORE_TOKENS_PER_STEP = 4096
 """Scoring work done between two decoding steps (the rest waits for the next): generation keeps moving."""
 
 
-
-
 def default_batch_size(device: torch.device) -> int:
     """Sequences decoded together when not set: a GPU is busy only with hundreds, a CPU is saturated by
     tens."""
     return 256 if device.type == "cuda" else 32
-
 
 
 class GenerationEngine:
@@ -73,8 +70,7 @@ class GenerationEngine:
         self.max_seq_len = min(max_seq_len or model.config.block_size, model.config.block_size)
         self.score_window = self.max_seq_len
         """Tokens a scoring window holds (at most the cache's; the model's trained length, where known)."""
-        self.vocab_size = model.config.vocab_size
-        self.device = model.lm_head.weight.device
+        self.vocab_size, self.device = model.config.vocab_size, model.lm_head.weight.device
         # The LM head restricted to real token ids: padding rows are never sampled, so never computed.
         head = model.lm_head
         self.head = PackedLinear(lambda: (head.weight[: self.vocab_size], head.bias[: self.vocab_size]))
@@ -178,11 +174,16 @@ class GenerationEngine:
 
     def warm_up(self) -> None:
         """Compile the decoding step now (its two graphs: one sequence, several) rather than in a caller's
-        first request. Nothing to do when not compiled."""
-        if self.compiled:
-            for n in (1, 2):
-                self.generate([[self.eot_id]] * n, SamplingParams(max_new_tokens=2, temperature=0,
-                                                                   stop_at_eot=False))
+        first request. Where it cannot be compiled (no C++ compiler here, say), the plain step serves, with
+        a warning that says why."""
+        try:
+            greedy = SamplingParams(max_new_tokens=2, temperature=0, stop_at_eot=False)
+            for n in (1, 2) if self.compiled else ():
+                self.generate([[self.eot_id]] * n, greedy)
+        except Exception as err:  # a teacher that serves slower beats one that does not serve
+            log.warning("the decoding step could not be compiled (%s: %.300s); decoding without compiling",
+                        type(err).__name__, (str(err).strip().splitlines() or [""])[0])
+            self.compiled, self._decode_forward = False, self.cache.forward
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  seed: int | None = None) -> list[list[int]]:

@@ -180,8 +180,6 @@ def serve_model(cfg: ServeModelConfig, background: bool = False):
     device = pick_device(cfg.device)
     compile = cfg.compile if cfg.compile is not None else device.type == "cpu"
     teacher = LocalTeacher(cfg.model, device=str(device), batch_size=cfg.batch_size, compile=compile)
-    if teacher.engine is not None:
-        teacher.engine.warm_up()  # compiled before the first client waits for it
     app = create_app(teacher, cfg.served_model_name or model_id(cfg.model), api_key, cfg.max_body_bytes,
                      cfg.max_logprobs)
     if background:
