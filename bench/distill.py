@@ -239,7 +239,7 @@ def main() -> None:
                   f"{row['time_ratio'] or nan:>6.2f}")
         table["runs"][name] = rows
     best = _best(table)
-    table["best"], table["break_even"] = best, _break_even(table, best, soft_meta["seconds"])
+    table["best"], table["break_even"] = best, _break_even(table, soft_meta["seconds"])
     (out / "distill.json").write_text(json.dumps(table, indent=1))
     plot(runs, out / "distill.png")
 
@@ -261,20 +261,30 @@ def _best(table: dict) -> dict | None:
     return {"run": name, "control": control, "worst_token_ratio": worst[name], "held_out_gain": mean - base}
 
 
-def _break_even(table: dict, best: dict | None, scoring_seconds: float) -> dict | None:
+def _break_even(table: dict, scoring_seconds: float) -> dict | None:
     """After how many student runs over the same prepared text the offline scoring is paid back by the
-    training time each saves (to plain's final loss), for the best prepared kind."""
+    training time each saves (to plain's final loss), for the prepared kind whose worse seed needs the fewest
+    tokens."""
+    def worse_seed(name: str) -> float:
+        return max(r["token_ratio"] or float("inf") for r in table["runs"][name])
+
     prepared = [n for n in table["runs"] if n.startswith("prepared")]
-    name = best["run"] if best and best["run"].startswith("prepared") else (prepared[0] if prepared else None)
-    if name is None:
+    if not prepared:
         return None
-    rows = list(zip(table["runs"][name], table["runs"]["plain"], strict=True))  # prepared: against plain
-    saved = statistics.mean(p["train_seconds"] - r["train_seconds"] * r["token_ratio"]
-                            for r, p in rows if r["token_ratio"])
+    name = min(prepared, key=worse_seed)
+    pairs = zip(table["runs"][name], table["runs"]["plain"], strict=True)  # prepared: against plain
+    rows = [(r, p) for r, p in pairs if r["token_ratio"]]
+    if not rows:
+        print(f"\nbreak-even: no prepared run reached plain's final loss; {scoring_seconds:.0f} s of scoring "
+              "never paid back")
+        return None
+    # training time to plain's final loss, saved against plain's (the distilled step costs more per token)
+    saved = statistics.mean(p["train_seconds"] - r["train_seconds"] * r["token_ratio"] for r, p in rows)
     runs = scoring_seconds / saved if saved > 0 else None
-    print(f"break-even ({name}): scoring the text once took {scoring_seconds:.0f} s; each student run "
-          f"reaches plain's loss {saved:.0f} s of training sooner: paid back after "
-          + (f"{runs:.1f} runs" if runs else "no number of runs"))
+    print(f"break-even ({name}): scoring the text once took {scoring_seconds:.0f} s; "
+          + (f"each student run reaches plain's loss {saved:.0f} s of training sooner: paid back after "
+             f"{runs:.1f} runs" if runs else
+             f"a student run reaches plain's loss {-saved:.0f} s of training later: never paid back"))
     return {"run": name, "scoring_seconds": scoring_seconds, "saved_per_run_s": saved, "runs": runs}
 
 
