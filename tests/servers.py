@@ -59,21 +59,28 @@ class FeedThread(BackgroundServer):
             self.feed.teachers.stop()
 
 
-def spawn(corpus: str, port: int, *flags: str, timeout_s: float = 120.0) -> subprocess.Popen:
-    """Start ``scratchlm serve`` on loopback and return the process once /health answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "scratchlm", "serve", "--corpus", str(corpus), "--port",
-                             str(port), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def wait_until_healthy(proc: subprocess.Popen, port: int, timeout_s: float = 120.0) -> None:
+    """Return once the server process on loopback ``port`` answers /health; kill it and raise if it exits
+    or does not answer within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return proc
+                return
         except httpx.TransportError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"feed server on port {port} did not start")
+            raise RuntimeError(f"the server on port {port} did not start")
         time.sleep(0.2)
+
+
+def spawn(corpus: str, port: int, *flags: str, timeout_s: float = 120.0) -> subprocess.Popen:
+    """Start ``scratchlm serve`` on loopback and return the process once /health answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "scratchlm", "serve", "--corpus", str(corpus), "--port",
+                             str(port), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until_healthy(proc, port, timeout_s)
+    return proc
 
 
 def slow_completions_app(seconds_per_token: float, one_prompt_only: bool = False):

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from servers import UvicornThread, free_port
+from servers import UvicornThread, free_port, wait_until_healthy
 
 from scratchlm.config import ConfigError
 from scratchlm.feed.server import ServeConfig, build
@@ -72,14 +72,7 @@ def test_both_commands_hold_the_limits_given_on_their_command_line(command, smal
                              "--header-timeout-s", "1", "--max-connections", "4"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.2)
+        wait_until_healthy(proc, port)
         slow = []
         for _ in range(10):  # each sends half a request head and then nothing
             s = socket.create_connection(("127.0.0.1", port))

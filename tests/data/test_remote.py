@@ -16,10 +16,13 @@ def test_training_survives_three_feed_restarts(small_corpus, tmp_path):
     port = free_port()
     server = spawn(small_corpus, port, "--eval-fraction", "0.05")
     run = tmp_path / "run"
-    # 100 steps: more than the three outages take (the trainer waits through each), so all three land mid-run.
+    # 100 steps: more than the three outages take (the trainer waits through each), so all three land mid-run;
+    # a shuffle buffer of 4 blocks (260 tokens), so the trainer keeps asking (its default holds the run's
+    # 25,600 tokens, fetched before the first step, and the feed's outages would go unnoticed).
     args = train_command(f"http://127.0.0.1:{port}", run, 100, **{"lr-decay-steps": "100",
                                                                     "checkpoint-interval": "1000",
-                                                                    "feed-texts-per-request": "1"})
+                                                                    "feed-texts-per-request": "1",
+                                                                    "feed-shuffle-tokens": "260"})
     trainer = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(trainer.stdout), daemon=True).start()

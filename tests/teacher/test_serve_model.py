@@ -16,9 +16,8 @@ import schemathesis
 import torch
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
-from servers import UvicornThread
+from servers import UvicornThread, free_port, wait_until_healthy
 
-from scratchlm.serving import free_port
 from scratchlm.teacher.backends import LocalTeacher
 from scratchlm.teacher.serve_model import create_app
 
@@ -167,14 +166,7 @@ def test_serve_model_serves_uncompiled_where_the_step_cannot_be_compiled(small_m
                              "--device", "cpu", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.2)
+        wait_until_healthy(proc, port)
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                             json={"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0})
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 5
