@@ -138,18 +138,37 @@ def test_a_small_request_is_not_held_behind_a_large_one(engine):
     assert len(big.result(timeout=120)) == 30 and waited < 5
 
 
+def _same_up_to_rounding(compiled, plain) -> None:
+    """Greedy texts of two engines whose arithmetic may differ in the last bits (a compiled graph sums in
+    another order, on another CPU another way): the same log-probabilities to 1e-4 while the texts agree,
+    and where they part, only at a near tie of the plain engine's two most likely tokens."""
+    for mine, theirs in zip(compiled, plain, strict=True):
+        parted = np.flatnonzero(np.array(mine.tokens) != np.array(theirs.tokens))  # both 30 tokens long
+        same = int(parted[0]) if parted.size else len(mine.tokens)
+        np.testing.assert_allclose(mine.logprobs.token_logprobs[:same], theirs.logprobs.token_logprobs[:same],
+                                   atol=1e-4)
+        if same < len(mine.tokens):
+            top2 = theirs.logprobs.logprobs[same]
+            assert top2[0] - top2[1] < 1e-4, f"the texts part at token {same} without a tie"
+
+
 def test_the_compiled_decoding_step_writes_what_the_plain_one_writes(engine):
     # serve-model compiles the decoding step on a CPU by default: the same greedy and seeded tokens as the
     # plain engine, rows at different positions (prompts of 1 to 11 tokens) and a single row (its own graph).
     compiled = GenerationEngine(engine.model, EOT, batch_size=6, max_seq_len=96, compile=True)
     try:
         compiled.warm_up()
-        greedy = SamplingParams(max_new_tokens=30, temperature=0, stop_at_eot=False)
+        if not compiled.compiled:  # the fallback itself: tests/teacher/test_serve_model.py
+            pytest.skip("this machine cannot compile the step (no C++ compiler): nothing compiled to compare")
+        greedy = SamplingParams(max_new_tokens=30, temperature=0, stop_at_eot=False, logprobs=2)
         seeded = SamplingParams(max_new_tokens=30, temperature=0.9, top_p=0.9, top_k=20, stop_at_eot=False)
         for k in range(3):
-            assert compiled.generate(prompts_of(k), greedy) == engine.generate(prompts_of(k), greedy)
+            _same_up_to_rounding(compiled.submit(prompts_of(k), greedy).result(),
+                                 engine.submit(prompts_of(k), greedy).result())
+            # a seeded draw changes only where its uniform falls within rounding of a boundary: never, here
             assert compiled.generate(prompts_of(k), seeded, seed=k) == engine.generate(prompts_of(k), seeded,
                                                                                       seed=k)
-        assert compiled.generate(prompts_of(7)[:1], greedy) == engine.generate(prompts_of(7)[:1], greedy)
+        _same_up_to_rounding(compiled.submit(prompts_of(7)[:1], greedy).result(),
+                             engine.submit(prompts_of(7)[:1], greedy).result())
     finally:
         compiled.close()
