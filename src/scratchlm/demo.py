@@ -173,7 +173,7 @@ def _feed_runs(corpus: str, runs: dict[str, Path], students: dict, plan: DemoPla
         server.stop()
 
     _banner("3/7 the teacher served (OpenAI-compatible /v1/completions on loopback)")
-    # Not compiled: the teacher shares the 2 cores with a trainer here, and the compiler's 20-30 s at start
+    # Not compiled: the teacher shares the 2 cores with a trainer here, and the compiler's 20-40 s at start
     # was not measured against what it saves the stream run (serve-model compiles by default when alone).
     teacher = serve_model(str(runs["teacher"] / "final"), batch_size=32, device="cpu", compile=False)
     print(f"teacher: {teacher.url}")

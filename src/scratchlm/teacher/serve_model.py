@@ -58,7 +58,7 @@ class ServeModelConfig(ServerConfig):
     device: DeviceSpec = "auto"
     """auto, cpu, cuda or cuda:N."""
     compile: bool | None = None
-    """Compile the decoding step before serving (torch.compile, about 30 s at start on 2 cores; about 3x
+    """Compile the decoding step before serving (torch.compile, 20-40 s at start on 2 cores; about 3x
     fewer milliseconds in the model at small widths). Default: on a CPU yes, on a GPU no."""
 
 
