@@ -4,11 +4,13 @@ students on that text.
 
     python bench/distill.py --out runs/distill
 
-1. The teacher: --teacher-model (phi-tiny) trained on the whole corpus for --teacher-steps: the distribution
-   its students read, and well past where they will end (its own held-out loss is printed beside theirs).
-2. The students' text: the first --subset-chars of files from every part of the corpus (wikipedia, books,
-   code, arXiv; the same relative paths, so the same documents are held out), scored once by `scratchlm
-   prepare --teacher local:TEACHER --soft-labels K` (its time is the offline cost).
+1. The students' text: the first --subset-chars of files from every part of the corpus (wikipedia, books,
+   code, arXiv; the same relative paths, so the same documents are held out).
+2. The teacher: --teacher-model (phi-tiny) trained on that text (its held-out share held out) for
+   --teacher-steps, a wsd schedule: the distribution its students read, and well past where they will end
+   (its loss on their held-out share, on the corpus's held-out split and on the unseen file is printed beside
+   theirs). The text is then scored once by `scratchlm prepare --teacher local:TEACHER --soft-labels K` (its
+   time is the offline cost).
 3. Students (--model, from random weights, --steps each, two seeds: model and data order; a constant
    learning rate after the warmup, so that their curves can be read against each other), every run a
    `scratchlm` command:
@@ -22,10 +24,10 @@ students on that text.
      distilling at every token (A the last of --weights) (against feed).
 4. Every final model evaluated by `scratchlm eval` on the corpus's held-out split (all of it: 29 documents,
    53,563 tokens) and on the first 50k tokens of a file no student read (--unseen). From each run's own
-   evaluations (every 10 steps, the same held-out blocks for all): the tokens and the wall time it took to
-   reach its seed's control's final loss (plain for a corpus run, feed for a feed run). Wall time counts the
-   teacher's: for prepared labels, the scoring time of the tokens the run read; live and stream runs had the
-   teacher beside them.
+   evaluations (every 10 steps, 8 batches of 8 x 256 of their held-out share, the same blocks for all): the
+   tokens and the wall time it took to reach its seed's control's final loss (plain for a corpus run, feed
+   for a feed run). Wall time counts the teacher's: for prepared labels, the scoring time of the tokens the
+   run read; live and stream runs had the teacher beside them.
 5. Break-even: the prepared text's scoring time against the training time each distilled run saves.
 
 Alone on the machine. Runs already finished are kept; the table goes to --out/distill.json and the curves to
@@ -50,7 +52,7 @@ from scratchlm.reporting.runs import EvalRecord, reach  # noqa: E402  (the repor
 from scratchlm.serving import free_port  # noqa: E402
 
 COMMON = ["--block-size", "256", "--micro-batch-size", "8", "--lr", "2e-3", "--warmup-steps", "10",
-          "--eval-interval", "10", "--eval-batches", "4", "--checkpoint-interval", "1000", "--device", "cpu",
+          "--eval-interval", "10", "--eval-batches", "8", "--checkpoint-interval", "1000", "--device", "cpu",
           "--resume", "auto"]
 # Students at a constant learning rate after the warmup: each of a run's evaluations is then of a model
 # trained as its control was at that point, so "tokens to reach the control's final loss" reads off the two
@@ -153,7 +155,7 @@ def main() -> None:
     p.add_argument("--model", default="phi-tiny", help="the students")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--teacher-model", default="phi-tiny")
-    p.add_argument("--teacher-steps", type=int, default=600)
+    p.add_argument("--teacher-steps", type=int, default=1200)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--subset-files", nargs="+", default=SUBSET)
     p.add_argument("--subset-chars", type=int, default=400_000)
@@ -165,10 +167,12 @@ def main() -> None:
     args = p.parse_args()
     out, k = Path(args.out), str(args.top_k)
 
-    teacher = train(out / "teacher", args.corpus, args.teacher_model, args.teacher_steps, 1,
-                    schedule=TEACHER_SCHEDULE)
-    local = f"local:{teacher / 'final'}"
     text = subset(args.corpus, out, args.subset_files, args.subset_chars)
+    # The teacher reads the students' text (their held-out share held out from it too), evaluated rarely: what
+    # it knows of that distribution is what distilling can pass on.
+    teacher = train(out / "teacher", text, args.teacher_model, args.teacher_steps, 1, *STUDENT,
+                    "--eval-interval", "200", schedule=TEACHER_SCHEDULE)
+    local = f"local:{teacher / 'final'}"
     prepared = json.loads(scratchlm("prepare", "--data", text, "--teacher", local, "--soft-labels", k,
                                     "--device", "cpu", *STUDENT, capture=True))[0]
     soft_meta = json.loads((Path(prepared["soft_labels"]["folder"]) / "meta.json").read_text())
@@ -203,12 +207,14 @@ def main() -> None:
                 evaluate(run, unseen, "unseen_eval", "--split", "all", "--max-tokens", "50000"))
 
     teacher_loss = losses(teacher)
-    table = {"teacher": {"model": args.teacher_model, "steps": args.teacher_steps,
+    teacher_own = evaluations(teacher)[-1].eval_loss  # on the students' held-out share, as their curves
+    table = {"teacher": {"model": args.teacher_model, "steps": args.teacher_steps, "own": teacher_own,
                          "held_out": teacher_loss[0], "unseen": teacher_loss[1]},
              "text": {"files": args.subset_files, "chars": args.subset_chars,
                       "train_tokens": prepared["train_tokens"], "scoring_seconds": soft_meta["seconds"]},
              "runs": {}}
-    print(f"\nteacher {args.teacher_model}, {args.teacher_steps} steps: held-out {teacher_loss[0]:.4f}, "
+    print(f"\nteacher {args.teacher_model}, {args.teacher_steps} steps: the students' held-out share "
+          f"{teacher_own:.4f} (their curves' text), held-out {teacher_loss[0]:.4f}, "
           f"unseen {teacher_loss[1]:.4f}; the students' text: {prepared['train_tokens']:,} tokens, scored "
           f"in {soft_meta['seconds']:.0f} s")
     print(f"\n{'run':<16} {'seed':>4} {'held-out':>9} {'unseen':>8} {'control':>8} {'tokens to it':>13} "

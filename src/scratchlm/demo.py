@@ -59,7 +59,7 @@ class DemoPlan:
     """Share of the stream run's tokens that the teacher writes."""
     soft_labels: int = 20
     """The teacher's top-k the knowledge run learns from (what vLLM and OpenAI give at most)."""
-    distill_weight: float = 0.9
+    distill_weight: float = 0.5
     """A of the knowledge run: the share of its loss that is the KL to the teacher (bench/distill.py)."""
     teacher_sampling: Sampling = field(default_factory=Sampling)
     """How the teacher writes (the feed's --teacher-* settings)."""
