@@ -23,7 +23,7 @@ students on that text.
    - `stream` / `stream-distill`: the seed's stream (30% of tokens written by the teacher), cross-entropy, or
      distilling at every token (A the last of --weights) (against feed).
 4. Every final model evaluated by `scratchlm eval` on the corpus's held-out split (all of it: 29 documents,
-   53,563 tokens) and on the first 50k tokens of a file no student read (--unseen). From each run's own
+   53,353 tokens) and on the first 50k tokens of a file no student read (--unseen). From each run's own
    evaluations (every 10 steps, 8 batches of 8 x 256 of their held-out share, the same blocks for all): the
    tokens and the wall time it took to reach its seed's control's final loss (plain for a corpus run, feed
    for a feed run). Wall time counts the teacher's: for prepared labels, the scoring time of the tokens the
@@ -238,11 +238,9 @@ def main() -> None:
                    "time_ratio": (seconds + scoring) / plain_seconds if seconds is not None else None,
                    "train_seconds": summary["elapsed_s"], "scoring_seconds": scoring}
             rows.append(row)
-            nan = float("nan")
-            print(f"{name:<16} {seed:>4} {held_out:>9.4f} {unseen_loss:>8.4f} {control:>8} "
-                  f"{tokens or nan:>13,.0f} {row['token_ratio'] or nan:>6.2f} "
-                  f"{row['seconds_to_control'] or nan:>7.0f} "
-                  f"{row['time_ratio'] or nan:>6.2f}")
+            reached = (f"{tokens:>13,.0f} {row['token_ratio']:>6.2f} {row['seconds_to_control']:>7.0f} "
+                       f"{row['time_ratio']:>6.2f}" if tokens else f"{'not reached':>13}")
+            print(f"{name:<16} {seed:>4} {held_out:>9.4f} {unseen_loss:>8.4f} {control:>8} {reached}")
         table["runs"][name] = rows
     best = _best(table)
     table["best"], table["break_even"] = best, _break_even(table, soft_meta["seconds"])
